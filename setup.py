@@ -1,0 +1,33 @@
+"""jedi_jax: JeDi (Joint-Image Diffusion, CVPR 2024) in JAX/Flax."""
+from setuptools import find_packages, setup
+
+setup(
+    name="jedi_jax",
+    version="0.1.0",
+    description="Finetuning-free personalized text-to-image generation (JeDi) in JAX/Flax",
+    packages=find_packages(include=["jedi_jax", "jedi_jax.*"]),
+    package_data={"jedi_jax": ["assets/**/*"]},
+    include_package_data=True,
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12",
+        "ml_collections>=1.1",
+        "transformers>=5.0",  # tokenizer only: transformers v5 has no Flax models
+        "safetensors>=0.5",
+        "array_record>=0.8",
+        "numpy",
+        "pillow",
+        "tqdm",
+        "matplotlib",
+        "tensorboardX",
+    ],
+    extras_require={
+        # PyTorch references for the parity tests. torch==2.13.0 is the CPU wheel on the dev machines.
+        "test": ["torch==2.13.0", "diffusers==0.42.1", "pytest", "pytest-xdist", "nbclient", "ipykernel"],
+        # Building TFDS datasets needs TensorFlow; reading array_record does not.
+        "data": ["tensorflow-datasets>=4.9", "tensorflow-cpu"],
+    },
+)
