@@ -1,0 +1,128 @@
+"""Diffusers pipeline folder <-> jedi_jax model folder (orbax params + JSON configs).
+
+A jedi_jax model folder:
+
+    DIR/jedi_model.json            {"format": "jedi_jax", "version": 1, "components": {name: kind}}
+    DIR/<component>/config.json    the reference library's config dict (diffusers / transformers)
+    DIR/<component>/params/        orbax checkpoint of the parameter tree (our naming, float32)
+    DIR/tokenizer/ ...             copied as is (read by transformers.CLIPTokenizer)
+    DIR/scheduler/scheduler_config.json
+
+Both directions write into a temporary folder and rename it at the end: no half-written output.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from jedi_jax.convert import components as comp
+from jedi_jax.convert.param_io import atomic_directory, restore_params, save_params
+from jedi_jax.convert.torch_naming import ConversionError, params_to_torch, torch_to_params
+from jedi_jax.models.functional import Functional
+from jedi_jax.models.jedi_inputs import widen_conv_in
+
+FORMAT = {"format": "jedi_jax", "version": 1}
+MODEL_FILE = "jedi_model.json"
+
+
+def read_model_index(model_dir: str | Path) -> dict[str, str]:
+    """{component name: kind} of a jedi_jax model folder (strict)."""
+    path = Path(model_dir) / MODEL_FILE
+    if not path.exists():
+        raise ConversionError(
+            f"{model_dir} is not a jedi_jax model folder (no {MODEL_FILE}); "
+            "convert a diffusers folder first: python -m jedi_jax.convert --src DIFFUSERS_DIR --dst DIR"
+        )
+    index = json.loads(path.read_text())
+    if index.get("format") != FORMAT["format"] or index.get("version") != FORMAT["version"]:
+        raise ConversionError(f"{path}: unsupported format {index.get('format')!r} version {index.get('version')!r}")
+    return dict(index["components"])
+
+
+def write_component(folder: Path, kind: str, config, params) -> None:
+    """Writes config.json and params/ of one component into `folder` (created)."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(comp.config_to_dict(kind, config), indent=2, sort_keys=True))
+    save_params(folder / "params", params)
+
+
+def write_model_folder(dst: str | Path, parts: dict, *, extra_folders: dict[str, Path] | None = None,
+                       overwrite: bool = False, source: str | None = None) -> Path:
+    """Writes a jedi_jax model folder. parts: {name: (kind, config, params)}."""
+    with atomic_directory(dst, overwrite=overwrite) as tmp:
+        for name, (kind, config, params) in parts.items():
+            write_component(tmp / name, kind, config, params)
+        for name, folder in (extra_folders or {}).items():
+            shutil.copytree(folder, tmp / name)
+        index = dict(FORMAT, components={n: k for n, (k, _, _) in parts.items()})
+        if source:
+            index["source"] = source
+        (tmp / MODEL_FILE).write_text(json.dumps(index, indent=2))
+    return Path(dst)
+
+
+def convert_diffusers_folder(src: str | Path, dst: str | Path, *, unet_in_channels: int | None = None,
+                             variant: str | None = None, overwrite: bool = False, log=print) -> Path:
+    """Converts a diffusers-format folder (no torch needed) into a jedi_jax model folder.
+
+    unet_in_channels: widen the UNet's conv_in (e.g. 4 -> 9 for the JeDi inpainting layout) with
+    zero-initialized new input channels, so the converted model computes what the source did.
+    """
+    src = Path(src)
+    if not src.is_dir():
+        raise ConversionError(f"source folder {src} does not exist")
+    parts = {}
+    for sc in comp.list_source_components(src):
+        folder = src / sc.name
+        config = comp.config_from_dict(sc.kind, comp.read_config(folder))
+        tensors = comp.legacy_fixes(sc.kind, comp.read_safetensors(folder, comp.WEIGHT_FILES[sc.kind], variant))
+        shapes = Functional.abstract(comp.model_factory(sc.kind, config)).param_shapes()
+        params = torch_to_params(tensors, shapes, what=sc.name, ignore=comp.ignored_keys(sc.kind))
+        if sc.kind == "unet" and unet_in_channels and unet_in_channels != config.in_channels:
+            params = widen_conv_in(params, unet_in_channels)
+            config = dataclasses.replace(config, in_channels=unet_in_channels)
+        parts[sc.name] = (sc.kind, config, params)
+        log(f"  {sc.name}: {sc.kind}, {sum(int(np.size(t)) for t in tensors.values()) / 1e6:.1f} M parameters")
+    extra = {n: src / n for n in comp.COPIED_FOLDERS if (src / n).is_dir()}
+    return write_model_folder(dst, parts, extra_folders=extra, overwrite=overwrite, source=str(src))
+
+
+def load_component_params(model_dir: str | Path, name: str, kind: str, *, shardings=None, **model_kwargs):
+    """(config, Functional, params) of one component of a jedi_jax model folder.
+
+    model_kwargs go to the model (dtype; attention_kernel/remat for the UNet); shardings, a tree
+    matching the params, places them (e.g. FSDP-sharded on a mesh).
+    """
+    folder = Path(model_dir) / name
+    config = comp.config_from_dict(kind, comp.read_config(folder))
+    functional = Functional.abstract(comp.model_factory(kind, config, **model_kwargs))
+    params = restore_params(folder / "params", functional.param_shapes(), what=name, shardings=shardings)
+    return config, functional, params
+
+
+def export_diffusers_folder(src: str | Path, dst: str | Path, *, overwrite: bool = False, log=print) -> Path:
+    """Writes a jedi_jax model folder back as a diffusers-format folder (float32 safetensors)."""
+    from safetensors.numpy import save_file
+
+    src = Path(src)
+    kinds = read_model_index(src)
+    model_index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1"}
+    with atomic_directory(dst, overwrite=overwrite) as tmp:
+        for name, kind in kinds.items():
+            config, _, params = load_component_params(src, name, kind)
+            out = tmp / name
+            out.mkdir()
+            (out / "config.json").write_text(json.dumps(comp.config_to_dict(kind, config), indent=2, sort_keys=True))
+            save_file(params_to_torch(params), str(out / f"{comp.WEIGHT_FILES[kind]}.safetensors"))
+            library = "diffusers" if kind in ("unet", "vae") else "transformers"
+            model_index[name] = [library, comp.KIND_TO_CLASS[kind]]
+            log(f"  {name}: exported")
+        for name in comp.COPIED_FOLDERS:
+            if (src / name).is_dir():
+                shutil.copytree(src / name, tmp / name)
+        (tmp / "model_index.json").write_text(json.dumps(model_index, indent=2))
+    return Path(dst)
