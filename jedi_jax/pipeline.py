@@ -1,0 +1,215 @@
+"""JeDiPipeline: personalization by joint set inpainting with image guidance (JeDi, Sec. 3.4).
+
+    from jedi_jax.pipeline import JeDiPipeline
+    pipe = JeDiPipeline.from_pretrained("sd15-jedi")           # a converted folder; None = embedded default
+    out = pipe(["a photo of the dog on a beach"], references=["dog0.jpg", "dog1.jpg"], seed=0)
+    out.images[0].save("dog_beach.png"); out.grid.save("grid.png"); print(out.settings)
+
+A set of static size N = num_images + max_references holds, in order, the targets, the references
+and padding; the member mask tells which are real. One compiled program (per num_images, steps,
+sampler) serves any number of references k <= max_references. Text encoding, reference encoding,
+the whole denoising loop and decoding run inside one jax.jit.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from jedi_jax.loading import Model, load_model
+from jedi_jax.sampling import guidance
+from jedi_jax.sampling.images import from_model_range, labeled_grid, load_reference, to_model_range
+from jedi_jax.sampling.joint import SAMPLERS, JointSamplerConfig, sample_set
+from jedi_jax.schedulers.schedule import NoiseScheduleConfig, inference_timesteps, make_schedule
+
+DEFAULT_REFERENCE_PROMPT = ""
+
+
+class PipelineInputError(ValueError):
+    """Bad user input to the pipeline (one clear line, naming the problem and the limit)."""
+
+
+@dataclasses.dataclass
+class PipelineOutput:
+    images: list  # PIL images, one per prompt, in prompt order
+    references: list  # the references as the model saw them (PIL, cropped and resized)
+    grid: Image.Image  # references on top, results below, prompts as labels
+    settings: dict  # every resolved setting
+    seconds: dict  # {"compile": ..., "run": ...}
+
+
+def default_model_dir() -> Path:
+    """The embedded JeDi-mini shipped with the package."""
+    return Path(__file__).resolve().parent / "assets" / "jedi_mini"
+
+
+def encode_text(text_component, input_ids: jnp.ndarray, params, layer: str) -> jnp.ndarray:
+    """input_ids (M, T) -> embeddings (M, T, D) from the CLIP text encoder."""
+    from jedi_jax.models.clip_text import prompt_embeddings
+
+    outputs = text_component.functional.bind(params)(input_ids, output_hidden_states=(layer != "last"))
+    return prompt_embeddings(outputs, layer=layer)
+
+
+class JeDiPipeline:
+    def __init__(self, model: Model, *, max_references: int = 3, text_layer: str = "last"):
+        for name in ("unet", "vae", "text_encoder"):
+            if name not in model.components:
+                raise PipelineInputError(f"model folder {model.folder} has no {name} component")
+        if model.tokenizer is None or model.scheduler_config is None:
+            raise PipelineInputError(f"model folder {model.folder} needs tokenizer/ and scheduler/ folders")
+        self.model = model
+        self.max_references = max_references
+        self.text_layer = text_layer
+        self.schedule_config = NoiseScheduleConfig.from_diffusers(model.scheduler_config)
+        self.schedule = make_schedule(self.schedule_config)
+        vae_cfg = model.vae.config
+        self.latent_channels = vae_cfg.latent_channels
+        self.scaling_factor = vae_cfg.scaling_factor
+        self.resolution = vae_cfg.sample_size
+        self.max_length = model.text_encoder.config.max_position_embeddings
+        self._jitted = jax.jit(self._generate, static_argnames=("config", "eta"))
+        self._programs: dict = {}  # (argument shapes, config, eta) -> AOT-compiled program
+        self._bar = None  # tqdm bar of the running call, advanced by the sampler's host callback
+
+    def _on_step(self, i) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path | None = None, *, dtype=jnp.float32,
+                        attention_kernel: str = "xla", **kwargs) -> "JeDiPipeline":
+        model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
+        return cls(load_model(model_dir, dtype=dtype, attention_kernel=attention_kernel), **kwargs)
+
+    # ------------------------------------------------------------------ the compiled program
+    def _generate(self, params, input_ids, empty_ids, ref_images, member_mask, ref_mask, timesteps,
+                  image_scale, text_scale, key, *, config: JointSamplerConfig, eta: float):
+        """ref_images (B, N, H, W, 3) in [-1, 1]; input_ids (B, N, T); masks (B, N) -> images (B, N, H, W, 3)."""
+        unet, vae, text = self.model.unet, self.model.vae, self.model.text_encoder
+        b, n, t = input_ids.shape
+        context = encode_text(text, input_ids.reshape(b * n, t), params["text_encoder"], self.text_layer)
+        context = context.reshape(b, n, t, -1)  # (B, N, T, D)
+        empty = encode_text(text, empty_ids, params["text_encoder"], self.text_layer)  # (1, T, D)
+        context_empty = jnp.broadcast_to(empty[None], context.shape)  # (B, N, T, D)
+
+        vae_module = vae.functional.bind(params["vae"])
+        h, w = ref_images.shape[2:4]
+        mean, _ = vae_module.encode(ref_images.reshape((b * n, h, w, 3)))  # (B*N, h', w', C)
+        ref_latents = (mean * self.scaling_factor).reshape((b, n) + mean.shape[1:])  # (B, N, h', w', C)
+
+        x_T = jax.random.normal(jax.random.fold_in(key, 0), ref_latents.shape, jnp.float32)
+
+        def unet_fn(p, x, ts, ctx, mm):
+            return unet.functional.bind(p)(x, ts, ctx, mm)
+
+        layout = guidance.SetLayout(member_mask=member_mask, ref_mask=ref_mask)
+        latents = sample_set(unet_fn, params["unet"], self.schedule, timesteps, x_T, ref_latents, layout,
+                             context, context_empty, image_scale, text_scale, jax.random.fold_in(key, 1),
+                             config=config, eta=eta, on_step=self._on_step)
+        decoded = vae_module.decode((latents / self.scaling_factor).reshape((b * n,) + latents.shape[2:]))
+        return decoded.reshape((b, n, h, w, 3))
+
+    def compiled_programs(self) -> int:
+        """How many programs the sampler has compiled so far (one per static shape/setting)."""
+        return len(self._programs)
+
+    def _program(self, args, config: JointSamplerConfig, eta: float):
+        """The AOT-compiled program for these argument shapes; (program, compile seconds)."""
+        signature = (tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(args)), config, eta)
+        if signature in self._programs:
+            return self._programs[signature], 0.0
+        start = time.time()
+        program = self._jitted.lower(*args, config=config, eta=eta).compile()
+        self._programs[signature] = program
+        return program, time.time() - start
+
+    def _tokenize(self, prompts: Sequence[str]) -> np.ndarray:
+        tok = self.model.tokenizer(list(prompts), padding="max_length", max_length=self.max_length,
+                                   truncation=True, return_tensors="np")
+        return tok["input_ids"].astype(np.int32)
+
+    # ------------------------------------------------------------------ user API
+    def __call__(self, prompts: str | Sequence[str], references: Sequence = (), *, reference_masks=None,
+                 reference_prompts: Sequence[str] | None = None, num_images: int | None = None,
+                 num_inference_steps: int = 50, guidance_scale: float = 3.0, image_guidance_scale: float = 2.0,
+                 sampler: str = "ddim", eta: float = 0.0, seed: int = 0, replace_known: bool = True,
+                 progress: bool = False) -> PipelineOutput:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if num_images is not None:
+            if num_images < 1:
+                raise PipelineInputError(f"num_images={num_images} must be >= 1")
+            if len(prompts) == 1:
+                prompts = prompts * num_images
+            elif len(prompts) != num_images:
+                raise PipelineInputError(f"got {len(prompts)} prompts for num_images={num_images}; give 1 or {num_images}")
+        if not prompts:
+            raise PipelineInputError("no prompt given: give at least one prompt")
+        if num_inference_steps < 1:
+            raise PipelineInputError(f"steps={num_inference_steps} must be >= 1")
+        if guidance_scale < 0 or image_guidance_scale < 0:
+            raise PipelineInputError(f"guidance scales must be >= 0 (got text {guidance_scale}, image {image_guidance_scale})")
+        if sampler not in SAMPLERS:
+            raise PipelineInputError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        references = list(references)
+        k, m = len(references), len(prompts)
+        if k > self.max_references:
+            raise PipelineInputError(f"{k} references given but the set holds at most {self.max_references} "
+                                     "(raise max_references)")
+        masks = list(reference_masks) if reference_masks is not None else [None] * k
+        if len(masks) != k:
+            raise PipelineInputError(f"{len(masks)} reference masks for {k} references")
+        ref_prompts = list(reference_prompts) if reference_prompts is not None else [DEFAULT_REFERENCE_PROMPT] * k
+        if len(ref_prompts) != k:
+            raise PipelineInputError(f"{len(ref_prompts)} reference prompts for {k} references")
+
+        size, n = self.resolution, m + self.max_references
+        refs = [load_reference(r, size, mk) for r, mk in zip(references, masks)]  # uint8 (size, size, 3) each
+        ref_images = np.zeros((1, n, size, size, 3), np.float32)
+        for i, r in enumerate(refs):
+            ref_images[0, m + i] = to_model_range(r)
+        member_mask = np.zeros((1, n), bool)
+        member_mask[0, : m + k] = True
+        ref_mask = np.zeros((1, n), bool)
+        ref_mask[0, m : m + k] = True
+        captions = prompts + ref_prompts + [""] * (n - m - k)
+        input_ids = self._tokenize(captions)[None]  # (1, N, T)
+        empty_ids = self._tokenize([""])  # (1, T)
+        timesteps = jnp.asarray(inference_timesteps(self.schedule_config, num_inference_steps, sampler), jnp.int32)
+        config = JointSamplerConfig(sampler=sampler, prediction_type=self.schedule_config.prediction_type,
+                                    replace_known=replace_known)
+        params = {name: c.params for name, c in self.model.components.items()}
+        args = (params, input_ids, empty_ids, ref_images, member_mask, ref_mask, timesteps,
+                jnp.float32(image_guidance_scale), jnp.float32(guidance_scale), jax.random.key(seed))
+
+        compiled, compile_s = self._program(args, config, float(eta))
+        start = time.time()
+        self._bar = tqdm(total=num_inference_steps, desc="denoising", unit="step") if progress else None
+        try:
+            out = np.asarray(jax.block_until_ready(compiled(*args)))
+        finally:
+            if self._bar is not None:
+                self._bar.close()
+            self._bar = None
+        run_s = time.time() - start
+
+        images = [Image.fromarray(from_model_range(out[0, i])) for i in range(m)]
+        settings = dict(prompts=prompts, reference_prompts=ref_prompts, num_references=k, num_images=m,
+                        set_size=n, steps=num_inference_steps, guidance_scale=guidance_scale,
+                        image_guidance_scale=image_guidance_scale, sampler=sampler, eta=eta, seed=seed,
+                        replace_known=replace_known, resolution=size, model=str(self.model.folder),
+                        prediction_type=self.schedule_config.prediction_type, text_layer=self.text_layer)
+        grid = labeled_grid([refs or [np.full((size, size, 3), 255, np.uint8)],
+                             [from_model_range(out[0, i]) for i in range(m)]],
+                            [[f"reference {i + 1}" for i in range(k)] or ["(no references)"], prompts],
+                            cell=max(size, 128))
+        return PipelineOutput(images, [Image.fromarray(r) for r in refs], grid, settings,
+                              {"compile": compile_s, "run": run_s})

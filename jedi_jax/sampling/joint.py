@@ -1,0 +1,101 @@
+"""The joint sampler: inpaint the unknown members of a set from the known ones (JeDi, Sec. 3.3-3.4).
+
+A set of static size N holds k references (known) and m targets (generated), padded with a member
+mask, so one compiled program serves every k <= N - m. References enter through the 9-channel
+input (jedi_inputs.unet_input). In "replace" mode the noisy channel of every reference is, at each
+step, the reference noised to the current timestep (as in training); at the end the references
+come out exactly equal to their latents.
+
+The whole loop runs under one jax.jit with lax.fori_loop; parameters are arguments, and guidance
+scales are traced values (changing them does not recompile).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jedi_jax.models.jedi_inputs import unet_input
+from jedi_jax.sampling import guidance
+from jedi_jax.schedulers.ddim import ddim_prev_timesteps, ddim_step
+from jedi_jax.schedulers.dpm_solver import dpm_init_state, dpm_step
+from jedi_jax.schedulers.schedule import add_noise
+
+SAMPLERS = ("ddim", "dpmpp_2m")
+
+# unet_fn(params, latents (B, N, h, w, Cin), timesteps (B,), context (B, N, T, D), member_mask (B, N))
+#   -> model output (B, N, h, w, C)
+UNetFn = Callable[..., jnp.ndarray]
+
+
+@struct.dataclass
+class JointSamplerConfig:
+    """Static settings of one compiled sampling program."""
+
+    sampler: str = struct.field(pytree_node=False, default="ddim")
+    prediction_type: str = struct.field(pytree_node=False, default="epsilon")
+    replace_known: bool = struct.field(pytree_node=False, default=True)
+
+
+def guided_output(unet_fn: UNetFn, unet_params, x_t, t, ref_latents, layout: guidance.SetLayout,
+                  context_text, context_empty, image_scale, text_scale):
+    """One batched UNet call over the three guidance branches -> guided output (B, N, h, w, C)."""
+    batch = x_t.shape[0]
+    member_mask, ref_mask, context = guidance.branch_inputs(layout, context_text, context_empty)
+    x3 = jnp.concatenate([x_t] * guidance.NUM_BRANCHES, axis=0)  # (3B, N, h, w, C)
+    refs3 = jnp.concatenate([ref_latents] * guidance.NUM_BRANCHES, axis=0)  # (3B, N, h, w, C)
+    model_in = unet_input(x3, refs3, ref_mask)  # (3B, N, h, w, 2C+1)
+    t3 = jnp.full((guidance.NUM_BRANCHES * batch,), t, dtype=jnp.int32)  # (3B,)
+    out = unet_fn(unet_params, model_in, t3, context, member_mask)  # (3B, N, h, w, C)
+    return guidance.combine(out.astype(jnp.float32), image_scale, text_scale)
+
+
+def sample_set(unet_fn: UNetFn, unet_params, schedule, timesteps: jnp.ndarray, x_T: jnp.ndarray,
+               ref_latents: jnp.ndarray, layout: guidance.SetLayout, context_text: jnp.ndarray,
+               context_empty: jnp.ndarray, image_scale, text_scale, key: jax.Array, *,
+               config: JointSamplerConfig, eta: float = 0.0,
+               on_step: Callable[[jnp.ndarray], None] | None = None) -> jnp.ndarray:
+    """Denoises a padded set; returns clean latents (B, N, h, w, C).
+
+    timesteps: (S,) int, descending (the scheduler's inference timesteps).
+    x_T:       (B, N, h, w, C) initial noise.
+    ref_latents: (B, N, h, w, C) clean latents of the references (anything where not a reference).
+    key:       PRNG key; step i uses fold_in(key, i) (eta noise and reference re-noising).
+    on_step:   optional host callback called with the step index after each step (progress bars).
+    """
+    if config.sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {config.sampler!r}; choose one of {SAMPLERS}")
+    num_steps = timesteps.shape[0]
+    known = layout.ref_mask[:, :, None, None, None]  # (B, N, 1, 1, 1)
+
+    def renoise_known(x, t, step_key):
+        if not config.replace_known:
+            return x
+        noisy_ref = add_noise(schedule, ref_latents, jax.random.normal(step_key, x.shape, x.dtype),
+                              jnp.full((x.shape[0],), t))
+        return jnp.where(known, noisy_ref, x)
+
+    def body(i, carry):
+        x, dpm_state = carry
+        t = timesteps[i]
+        step_key = jax.random.fold_in(key, i)
+        x = renoise_known(x, t, jax.random.fold_in(step_key, 0))
+        out = guided_output(unet_fn, unet_params, x, t, ref_latents, layout, context_text, context_empty,
+                            image_scale, text_scale)
+        if config.sampler == "ddim":
+            t_prev = ddim_prev_timesteps(t, schedule.num_train_timesteps, num_steps)  # as diffusers: t - T // S
+            x = ddim_step(schedule, out, t, t_prev, x, prediction_type=config.prediction_type, eta=eta,
+                          key=jax.random.fold_in(step_key, 1))
+        else:
+            x, dpm_state = dpm_step(schedule, dpm_state, out, i, timesteps, x,
+                                    prediction_type=config.prediction_type, num_steps=num_steps)
+        if on_step is not None:
+            jax.debug.callback(on_step, i)
+        return x, dpm_state
+
+    x, _ = jax.lax.fori_loop(0, num_steps, body, (x_T, dpm_init_state(x_T)))
+    if config.replace_known:
+        x = jnp.where(known, ref_latents, x)
+    return x
