@@ -1,0 +1,274 @@
+"""The CLIP text encoder (Stable Diffusion's `text_encoder`, SDXL's `text_encoder_2`) in Flax NNX.
+
+Mirrors transformers 5.x `models/clip/modeling_clip.py`: `CLIPTextModel` (with its
+`CLIPTextEmbeddings`, `CLIPEncoder`, `CLIPEncoderLayer`, `CLIPAttention`, `CLIPMLP`) and
+`CLIPTextModelWithProjection`. Pre-LayerNorm transformer with a causal self-attention mask.
+
+Parameter paths equal the state-dict keys of the checkpoint files (docs/DESIGN.md):
+`text_model.embeddings.token_embedding.embedding`, `text_model.encoder.layers.3.self_attn.q_proj.kernel`,
+`text_model.final_layer_norm.scale`, and `text_projection.kernel` for the projection model. (The
+files were written by transformers 4, where `CLIPTextModel` nested a `text_model`; transformers 5's
+in-memory `CLIPTextModel` drops that prefix, `CLIPTextModelWithProjection` keeps it.)
+`position_ids` is a buffer in torch; here it is `arange(T)`, not a parameter.
+
+Which hidden state conditions the UNet: see `prompt_embeddings`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+_ACTS = ("quick_gelu", "gelu")
+_FIELDS_FROM_TRANSFORMERS = (
+    "vocab_size", "hidden_size", "intermediate_size", "projection_dim", "num_hidden_layers",
+    "num_attention_heads", "max_position_embeddings", "hidden_act", "layer_norm_eps",
+    "bos_token_id", "eos_token_id", "pad_token_id",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPTextConfig:
+    """transformers `CLIPTextConfig` fields we model (defaults = transformers' defaults).
+
+    SD1.x: hidden 768, 12 layers, 12 heads, quick_gelu. SD2.x (diffusers format): hidden 1024,
+    23 layers, 16 heads, gelu. SDXL text_encoder_2: hidden 1280, 32 layers, 20 heads, gelu,
+    projection 1280.
+    """
+
+    vocab_size: int = 49408
+    hidden_size: int = 512
+    intermediate_size: int = 2048
+    projection_dim: int = 512
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    bos_token_id: int = 49406
+    eos_token_id: int = 49407
+    pad_token_id: int = 1
+
+    def __post_init__(self):
+        if self.hidden_act not in _ACTS:
+            raise ValueError(f"CLIP text config: unsupported hidden_act={self.hidden_act!r} (supported: {_ACTS})")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("hidden_size must be a multiple of num_attention_heads")
+        if not isinstance(self.eos_token_id, int):
+            raise ValueError(f"CLIP text config: eos_token_id must be one int, got {self.eos_token_id!r}")
+
+    @classmethod
+    def from_transformers(cls, d: dict) -> "CLIPTextConfig":
+        """From a transformers `CLIPTextConfig` config.json dict (or a full `CLIPConfig` dict with a
+        `text_config`). Keys we do not model (attention_dropout: training only; initializer_*,
+        architectures, torch_dtype, ...) are ignored."""
+        if "text_config" in d and isinstance(d["text_config"], dict):
+            d = d["text_config"]
+        kwargs = {k: d[k] for k in _FIELDS_FROM_TRANSFORMERS if k in d and d[k] is not None}
+        return cls(**kwargs)
+
+    def to_transformers(self) -> dict:
+        """A dict that `transformers.CLIPTextConfig(**d)` accepts."""
+        return dataclasses.asdict(self)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@struct.dataclass
+class CLIPTextOutput:
+    """Mirrors transformers' `BaseModelOutputWithPooling` / `CLIPTextModelOutput` (a jax pytree)."""
+
+    last_hidden_state: jax.Array  # (B, T, D), after final_layer_norm
+    pooler_output: jax.Array  # (B, D), last_hidden_state at the eos position
+    hidden_states: tuple | None = None  # L+1 entries of (B, T, D): embeddings, then each layer (no final LN)
+    text_embeds: jax.Array | None = None  # (B, P), projection of pooler_output (WithProjection only)
+
+
+def _layer_norm(cfg: CLIPTextConfig, dtype, rngs) -> nnx.LayerNorm:
+    return nnx.LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps, use_fast_variance=False,
+                         dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
+
+def _linear(din: int, dout: int, dtype, rngs, use_bias: bool = True) -> nnx.Linear:
+    return nnx.Linear(din, dout, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
+
+class CLIPTextEmbeddings(nnx.Module):
+    def __init__(self, cfg: CLIPTextConfig, *, dtype, rngs: nnx.Rngs):
+        self.token_embedding = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+        self.position_embedding = nnx.Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=dtype,
+                                            param_dtype=jnp.float32, rngs=rngs)
+
+    def __call__(self, input_ids: jax.Array) -> jax.Array:  # (B, T) int -> (B, T, D)
+        t = input_ids.shape[-1]
+        if t > self.position_embedding.num_embeddings:
+            raise ValueError(f"sequence length {t} > max_position_embeddings {self.position_embedding.num_embeddings}")
+        return self.token_embedding(input_ids) + self.position_embedding(jnp.arange(t))[None]
+
+
+class CLIPAttention(nnx.Module):
+    """Multi-head self-attention, scale head_dim**-0.5, float32 softmax (transformers `CLIPAttention`)."""
+
+    def __init__(self, cfg: CLIPTextConfig, *, dtype, rngs: nnx.Rngs):
+        d = cfg.hidden_size
+        self.num_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
+        self.k_proj = _linear(d, d, dtype, rngs)
+        self.v_proj = _linear(d, d, dtype, rngs)
+        self.q_proj = _linear(d, d, dtype, rngs)
+        self.out_proj = _linear(d, d, dtype, rngs)
+
+    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+        """x (B, T, D); mask (B, 1, T, T) bool, True = query may attend to key -> (B, T, D)."""
+        b, t, _ = x.shape
+        split = lambda y: y.reshape(b, t, self.num_heads, self.head_dim)  # (B, T, H, Dh)
+        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * self.head_dim ** -0.5
+        # A finite fill (transformers' eager path adds finfo.min) keeps fully-masked rows NaN-free.
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)  # (B, H, T, T)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, t, -1)
+        return self.out_proj(out)
+
+
+class CLIPMLP(nnx.Module):
+    def __init__(self, cfg: CLIPTextConfig, *, dtype, rngs: nnx.Rngs):
+        self.hidden_act = cfg.hidden_act
+        self.fc1 = _linear(cfg.hidden_size, cfg.intermediate_size, dtype, rngs)
+        self.fc2 = _linear(cfg.intermediate_size, cfg.hidden_size, dtype, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = self.fc1(x)
+        if self.hidden_act == "quick_gelu":  # transformers QuickGELUActivation
+            h = h * jax.nn.sigmoid(1.702 * h)
+        else:  # transformers GELUActivation: exact (erf) gelu
+            h = jax.nn.gelu(h, approximate=False)
+        return self.fc2(h)
+
+
+class CLIPEncoderLayer(nnx.Module):
+    def __init__(self, cfg: CLIPTextConfig, *, dtype, rngs: nnx.Rngs):
+        self.self_attn = CLIPAttention(cfg, dtype=dtype, rngs=rngs)
+        self.layer_norm1 = _layer_norm(cfg, dtype, rngs)
+        self.mlp = CLIPMLP(cfg, dtype=dtype, rngs=rngs)
+        self.layer_norm2 = _layer_norm(cfg, dtype, rngs)
+
+    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:  # (B, T, D) -> (B, T, D)
+        x = x + self.self_attn(self.layer_norm1(x), mask)
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEncoder(nnx.Module):
+    def __init__(self, cfg: CLIPTextConfig, *, dtype, rngs: nnx.Rngs):
+        self.layers = nnx.List([CLIPEncoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+
+
+def attention_mask_2d(input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+    """Causal mask AND key padding mask: (B, T) ids, optional (B, T) {0,1} mask -> (B, 1, T, T) bool."""
+    t = input_ids.shape[-1]
+    mask = jnp.tril(jnp.ones((t, t), dtype=bool))[None, None]  # (1, 1, Tq, Tk)
+    if attention_mask is not None:
+        mask = mask & attention_mask.astype(bool)[:, None, None, :]
+    return jnp.broadcast_to(mask, (input_ids.shape[0], 1, t, t))
+
+
+class CLIPTextTransformer(nnx.Module):
+    """The body of transformers' `CLIPTextModel` (v4 name `CLIPTextTransformer`): embeddings,
+    encoder, final_layer_norm, eos pooling."""
+
+    def __init__(self, cfg: CLIPTextConfig, *, dtype, rngs: nnx.Rngs):
+        self.eos_token_id = cfg.eos_token_id
+        self.embeddings = CLIPTextEmbeddings(cfg, dtype=dtype, rngs=rngs)
+        self.encoder = CLIPEncoder(cfg, dtype=dtype, rngs=rngs)
+        self.final_layer_norm = _layer_norm(cfg, dtype, rngs)
+
+    def __call__(self, input_ids, attention_mask=None, output_hidden_states=False) -> CLIPTextOutput:
+        mask = attention_mask_2d(input_ids, attention_mask)
+        h = self.embeddings(input_ids)  # (B, T, D)
+        hidden = [h]
+        for layer in self.encoder.layers:
+            h = layer(h, mask)
+            hidden.append(h)
+        last = self.final_layer_norm(h)
+        if self.eos_token_id == 2:
+            # Legacy configs (before transformers PR #24773): eos is the highest id in the sequence.
+            eos_pos = jnp.argmax(input_ids, axis=-1)
+        else:  # first position holding eos_token_id (padding may equal eos)
+            eos_pos = jnp.argmax((input_ids == self.eos_token_id).astype(jnp.int32), axis=-1)
+        pooled = jnp.take_along_axis(last, eos_pos[:, None, None], axis=1)[:, 0]  # (B, D)
+        return CLIPTextOutput(last, pooled, tuple(hidden) if output_hidden_states else None)
+
+
+class CLIPTextModel(nnx.Module):
+    """transformers `CLIPTextModel`. input_ids (B, T) int -> `CLIPTextOutput`."""
+
+    def __init__(self, config: CLIPTextConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config = config
+        self.text_model = CLIPTextTransformer(config, dtype=dtype, rngs=rngs)
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                 output_hidden_states: bool = False) -> CLIPTextOutput:
+        return self.text_model(input_ids, attention_mask, output_hidden_states)
+
+
+class CLIPTextModelWithProjection(nnx.Module):
+    """transformers `CLIPTextModelWithProjection` (SDXL text_encoder_2): adds `text_embeds`
+    = text_projection(pooler_output), a bias-free Linear hidden_size -> projection_dim."""
+
+    def __init__(self, config: CLIPTextConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config = config
+        self.text_model = CLIPTextTransformer(config, dtype=dtype, rngs=rngs)
+        self.text_projection = _linear(config.hidden_size, config.projection_dim, dtype, rngs, use_bias=False)
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                 output_hidden_states: bool = False) -> CLIPTextOutput:
+        out = self.text_model(input_ids, attention_mask, output_hidden_states)
+        return out.replace(text_embeds=self.text_projection(out.pooler_output))
+
+
+def prompt_embeddings(outputs: CLIPTextOutput, layer: str | int = "last", apply_final_norm: bool | None = None,
+                      final_layer_norm: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
+    """The (B, T, D) sequence that conditions the UNet (cross-attention context).
+
+    layer="last", apply_final_norm=True (default for "last"): `last_hidden_state`
+        -> SD1.x (and SD2.x as diffusers stores it: the converted OpenCLIP-H text encoder already has
+        its last block removed, 23 layers, so its "last" IS the penultimate block + final LN).
+    layer="penultimate", apply_final_norm=False (default for "penultimate"): `hidden_states[-2]`
+        -> SDXL, both encoders (diffusers `StableDiffusionXLPipeline.encode_prompt`, clip_skip=None).
+    layer="penultimate", apply_final_norm=True: `final_layer_norm(hidden_states[-2])`
+        -> diffusers `StableDiffusionPipeline` with clip_skip=1, i.e. SD2 semantics on a full
+        24-layer OpenCLIP-H; pass `final_layer_norm=model.text_model.final_layer_norm`.
+    layer=int i: `hidden_states[i]` (e.g. -(clip_skip + 1)), normed only if apply_final_norm.
+
+    `outputs` must come from a call with output_hidden_states=True unless layer="last" with the norm.
+    """
+    if apply_final_norm is None:
+        apply_final_norm = layer == "last"
+    if layer == "last" and apply_final_norm:
+        return outputs.last_hidden_state
+    index = {"last": -1, "penultimate": -2}.get(layer, layer)
+    if not isinstance(index, int):
+        raise ValueError(f"layer must be 'last', 'penultimate' or an int, got {layer!r}")
+    if outputs.hidden_states is None:
+        raise ValueError("prompt_embeddings needs outputs from output_hidden_states=True")
+    h = outputs.hidden_states[index]
+    if apply_final_norm:
+        if final_layer_norm is None:
+            raise ValueError("apply_final_norm=True on a non-final layer needs final_layer_norm=model.text_model.final_layer_norm")
+        h = final_layer_norm(h)
+    return h
+
+
+def pooled_text_embeds(outputs: CLIPTextOutput) -> jax.Array:
+    """SDXL's pooled conditioning: `text_embeds` of text_encoder_2 (B, projection_dim)."""
+    if outputs.text_embeds is None:
+        raise ValueError("pooled_text_embeds needs a CLIPTextModelWithProjection output")
+    return outputs.text_embeds
+
+
+__all__ = ["CLIPTextConfig", "CLIPTextOutput", "CLIPTextModel", "CLIPTextModelWithProjection",
+           "prompt_embeddings", "pooled_text_embeds", "attention_mask_2d"]
