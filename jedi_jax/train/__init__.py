@@ -1,0 +1,1 @@
+"""Training: input pipeline (loader.py), losses, train step, configs."""
