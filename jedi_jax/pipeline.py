@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from jedi_jax.assets import DEFAULT_MODEL_DIR
 from jedi_jax.loading import Model, load_model
 from jedi_jax.sampling import guidance
 from jedi_jax.sampling.images import from_model_range, labeled_grid, load_reference, to_model_range
@@ -42,13 +43,14 @@ class PipelineOutput:
     images: list  # PIL images, one per prompt, in prompt order
     references: list  # the references as the model saw them (PIL, cropped and resized)
     grid: Image.Image  # references on top, results below, prompts as labels
+    set_images: np.ndarray  # uint8 (N, H, W, 3): the whole decoded set (targets, references, padding)
     settings: dict  # every resolved setting
     seconds: dict  # {"compile": ..., "run": ...}
 
 
 def default_model_dir() -> Path:
     """The embedded JeDi-mini shipped with the package."""
-    return Path(__file__).resolve().parent / "assets" / "jedi_mini"
+    return DEFAULT_MODEL_DIR
 
 
 def encode_text(text_component, input_ids: jnp.ndarray, params, layer: str) -> jnp.ndarray:
@@ -184,8 +186,9 @@ class JeDiPipeline:
         input_ids = self._tokenize(captions)[None]  # (1, N, T)
         empty_ids = self._tokenize([""])  # (1, T)
         timesteps = jnp.asarray(inference_timesteps(self.schedule_config, num_inference_steps, sampler), jnp.int32)
+        # max_references == 0: plain joint text-to-image, 2-branch classifier-free guidance.
         config = JointSamplerConfig(sampler=sampler, prediction_type=self.schedule_config.prediction_type,
-                                    replace_known=replace_known)
+                                    replace_known=replace_known, image_guidance=self.max_references > 0)
         params = {name: c.params for name, c in self.model.components.items()}
         args = (params, input_ids, empty_ids, ref_images, member_mask, ref_mask, timesteps,
                 jnp.float32(image_guidance_scale), jnp.float32(guidance_scale), jax.random.key(seed))
@@ -205,11 +208,11 @@ class JeDiPipeline:
         settings = dict(prompts=prompts, reference_prompts=ref_prompts, num_references=k, num_images=m,
                         set_size=n, steps=num_inference_steps, guidance_scale=guidance_scale,
                         image_guidance_scale=image_guidance_scale, sampler=sampler, eta=eta, seed=seed,
-                        replace_known=replace_known, resolution=size, model=str(self.model.folder),
+                        replace_known=replace_known, image_guidance=config.image_guidance, resolution=size, model=str(self.model.folder),
                         prediction_type=self.schedule_config.prediction_type, text_layer=self.text_layer)
         grid = labeled_grid([refs or [np.full((size, size, 3), 255, np.uint8)],
                              [from_model_range(out[0, i]) for i in range(m)]],
                             [[f"reference {i + 1}" for i in range(k)] or ["(no references)"], prompts],
                             cell=max(size, 128))
-        return PipelineOutput(images, [Image.fromarray(r) for r in refs], grid, settings,
+        return PipelineOutput(images, [Image.fromarray(r) for r in refs], grid, from_model_range(out[0]), settings,
                               {"compile": compile_s, "run": run_s})

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from jedi_jax.assets import DEFAULT_MODEL_DIR
 from jedi_jax.convert.torch_naming import ConversionError
 from jedi_jax.sampling.images import ImageInputError, load_reference
 
@@ -78,9 +79,10 @@ def validate(args) -> None:
         load_reference(path, 8)  # opens and decodes: missing / unreadable / not an image fail here
     if Path(args.out).exists():
         raise ValueError(f"output folder {args.out} already exists")
-    model = Path(args.model) if args.model else None
-    if model is not None and not model.is_dir():
-        raise ValueError(f"model folder {model} does not exist")
+    model = Path(args.model) if args.model else DEFAULT_MODEL_DIR
+    if not model.is_dir():
+        raise ValueError(f"model folder {model} does not exist" if args.model else
+                         "no embedded default model in this installation: pass --model DIR")
 
 
 def main(argv=None) -> int:

@@ -37,19 +37,22 @@ class JointSamplerConfig:
     sampler: str = struct.field(pytree_node=False, default="ddim")
     prediction_type: str = struct.field(pytree_node=False, default="epsilon")
     replace_known: bool = struct.field(pytree_node=False, default=True)
+    # False: plain classifier-free text guidance in 2 branches (for sets without references).
+    image_guidance: bool = struct.field(pytree_node=False, default=True)
 
 
 def guided_output(unet_fn: UNetFn, unet_params, x_t, t, ref_latents, layout: guidance.SetLayout,
-                  context_text, context_empty, image_scale, text_scale):
-    """One batched UNet call over the three guidance branches -> guided output (B, N, h, w, C)."""
-    batch = x_t.shape[0]
-    member_mask, ref_mask, context = guidance.branch_inputs(layout, context_text, context_empty)
-    x3 = jnp.concatenate([x_t] * guidance.NUM_BRANCHES, axis=0)  # (3B, N, h, w, C)
-    refs3 = jnp.concatenate([ref_latents] * guidance.NUM_BRANCHES, axis=0)  # (3B, N, h, w, C)
-    model_in = unet_input(x3, refs3, ref_mask)  # (3B, N, h, w, 2C+1)
-    t3 = jnp.full((guidance.NUM_BRANCHES * batch,), t, dtype=jnp.int32)  # (3B,)
-    out = unet_fn(unet_params, model_in, t3, context, member_mask)  # (3B, N, h, w, C)
-    return guidance.combine(out.astype(jnp.float32), image_scale, text_scale)
+                  context_text, context_empty, image_scale, text_scale, image_guidance: bool = True):
+    """One batched UNet call over all guidance branches (G = 3, or 2 without image guidance)
+    -> guided output (B, N, h, w, C)."""
+    g = guidance.num_branches(image_guidance)
+    member_mask, ref_mask, context = guidance.branch_inputs(layout, context_text, context_empty, image_guidance)
+    x_g = jnp.concatenate([x_t] * g, axis=0)  # (G*B, N, h, w, C)
+    refs_g = jnp.concatenate([ref_latents] * g, axis=0)  # (G*B, N, h, w, C)
+    model_in = unet_input(x_g, refs_g, ref_mask)  # (G*B, N, h, w, 2C+1)
+    t_g = jnp.full((g * x_t.shape[0],), t, dtype=jnp.int32)  # (G*B,)
+    out = unet_fn(unet_params, model_in, t_g, context, member_mask)  # (G*B, N, h, w, C)
+    return guidance.combine(out.astype(jnp.float32), image_scale, text_scale, image_guidance)
 
 
 def sample_set(unet_fn: UNetFn, unet_params, schedule, timesteps: jnp.ndarray, x_T: jnp.ndarray,
@@ -83,7 +86,7 @@ def sample_set(unet_fn: UNetFn, unet_params, schedule, timesteps: jnp.ndarray, x
         step_key = jax.random.fold_in(key, i)
         x = renoise_known(x, t, jax.random.fold_in(step_key, 0))
         out = guided_output(unet_fn, unet_params, x, t, ref_latents, layout, context_text, context_empty,
-                            image_scale, text_scale)
+                            image_scale, text_scale, config.image_guidance)
         if config.sampler == "ddim":
             t_prev = ddim_prev_timesteps(t, schedule.num_train_timesteps, num_steps)  # as diffusers: t - T // S
             x = ddim_step(schedule, out, t, t_prev, x, prediction_type=config.prediction_type, eta=eta,

@@ -1,0 +1,107 @@
+"""Joint sampler and pipeline invariants on a tiny random JeDi (JeDi Sec. 3.3-3.4)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jedi_jax.models.jedi_inputs import unet_input
+from jedi_jax.sampling import guidance
+from jedi_jax.sampling.images import from_model_range, to_model_range
+from jedi_jax.sampling.joint import guided_output
+
+PROMPT = "a photo of the dog on the beach"
+
+
+def _refs(seed, n=2, size=32):
+    rng = np.random.default_rng(seed)
+    return [(rng.random((size + 8, size, 3)) * 255).astype(np.uint8) for _ in range(n)]
+
+
+def test_same_seed_same_images_different_seed_differs(tiny_pipeline):
+    run = lambda seed: tiny_pipeline([PROMPT], _refs(0, 1), num_inference_steps=3, seed=seed).set_images
+    a, b, c = run(0), run(0), run(1)
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a[0].astype(int) - c[0].astype(int)).mean() > 1.0
+
+
+def _branch_setup(pipe, seed=0):
+    unet = pipe.model.unet
+    key = jax.random.key(seed)
+    b, n, h, c = 1, 3, 8, 4
+    x_t = jax.random.normal(jax.random.fold_in(key, 0), (b, n, h, h, c))
+    refs = jax.random.normal(jax.random.fold_in(key, 1), (b, n, h, h, c))
+    d = pipe.model.text_encoder.config.hidden_size
+    ctx = jax.random.normal(jax.random.fold_in(key, 2), (b, n, 5, d))
+    empty = jax.random.normal(jax.random.fold_in(key, 3), (b, n, 5, d))
+    layout = guidance.SetLayout(member_mask=jnp.array([[True, True, False]]), ref_mask=jnp.array([[False, True, False]]))
+    fn = lambda p, x, t, cx, mm: unet.functional.bind(p)(x, t, cx, mm)
+    return unet, fn, x_t, refs, ctx, empty, layout
+
+
+def test_unit_scales_equal_fully_conditioned_branch(tiny_pipeline):
+    unet, fn, x_t, refs, ctx, empty, layout = _branch_setup(tiny_pipeline)
+    t = jnp.int32(500)
+    guided = guided_output(fn, unet.params, x_t, t, refs, layout, ctx, empty, 1.0, 1.0)
+    direct = fn(unet.params, unet_input(x_t, refs, layout.ref_mask), jnp.full((1,), t), ctx, layout.member_mask)
+    np.testing.assert_allclose(np.asarray(guided), np.asarray(direct), atol=2e-5)
+    # And the scales matter: (2, 3) differs from (1, 1).
+    other = guided_output(fn, unet.params, x_t, t, refs, layout, ctx, empty, 2.0, 3.0)
+    assert float(jnp.abs(other - guided)[0, 0].max()) > 1e-3
+
+
+def test_zero_scales_ignore_references_and_prompts(tiny_pipeline):
+    unet, fn, x_t, refs, ctx, empty, layout = _branch_setup(tiny_pipeline)
+    t = jnp.int32(300)
+    a = guided_output(fn, unet.params, x_t, t, refs, layout, ctx, empty, 0.0, 0.0)
+    b = guided_output(fn, unet.params, x_t, t, refs * -3.0 + 1.0, layout, ctx * 2.0 - 1.0, empty, 0.0, 0.0)
+    np.testing.assert_allclose(np.asarray(a[:, 0]), np.asarray(b[:, 0]), atol=1e-5)  # the target member
+    # Through the whole pipeline: other reference pixels and another prompt give the same target image.
+    run = lambda refs, prompt: tiny_pipeline([prompt], refs, num_inference_steps=3, seed=0, guidance_scale=0.0,
+                                             image_guidance_scale=0.0).set_images[0]
+    x = run(_refs(0), PROMPT)
+    y = run(_refs(7), "a red ball in the snow")
+    assert np.abs(x.astype(int) - y.astype(int)).max() <= 1
+    z = tiny_pipeline([PROMPT], _refs(7), num_inference_steps=3, seed=0).set_images[0]  # default scales
+    assert np.abs(x.astype(int) - z.astype(int)).max() > 1
+
+
+def test_replacement_mode_returns_the_references(tiny_pipeline):
+    refs = _refs(3)
+    out = tiny_pipeline([PROMPT], refs, num_inference_steps=2, seed=0, replace_known=True)
+    vae = tiny_pipeline.model.vae
+    module = vae.functional.bind(vae.params)
+    x = jnp.asarray(np.stack([to_model_range(np.asarray(r)) for r in out.references]))
+    mean, _ = module.encode(x)
+    expected = from_model_range(module.decode(mean))  # encode -> decode of the references
+    got = out.set_images[1:3]  # layout: target, reference 1, reference 2
+    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_changing_k_reuses_one_compiled_program(tiny_model_dir):
+    from jedi_jax.pipeline import JeDiPipeline
+
+    pipe = JeDiPipeline.from_pretrained(tiny_model_dir, max_references=3)
+    compiles = []
+    listener = lambda name, *a, **k: compiles.append(name) if "backend_compile" in name else None
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        pipe([PROMPT], _refs(0, 1), num_inference_steps=2)
+        after_first = len(compiles)
+        for k in (2, 3, 0):
+            pipe([PROMPT], _refs(k, k), num_inference_steps=2, seed=k)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert after_first >= 1
+    assert len(compiles) == after_first, f"k=2,3,0 compiled {len(compiles) - after_first} new programs"
+    assert pipe.compiled_programs() == 1
+
+
+def test_bad_pipeline_input(tiny_pipeline):
+    from jedi_jax.pipeline import PipelineInputError
+
+    with pytest.raises(PipelineInputError, match="at most 2"):
+        tiny_pipeline([PROMPT], _refs(0, 3))
+    with pytest.raises(PipelineInputError, match="steps"):
+        tiny_pipeline([PROMPT], num_inference_steps=0)
+    with pytest.raises(PipelineInputError, match="no prompt"):
+        tiny_pipeline([])
