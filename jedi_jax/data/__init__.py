@@ -1,0 +1,1 @@
+"""Data: the procedural mini world, its tokenizer files, TFDS same-subject sets and set sources."""

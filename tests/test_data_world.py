@@ -1,0 +1,194 @@
+"""The procedural mini world: determinism, splits, identity, captions/tokenizer, speed, assets."""
+import filecmp
+import os
+import time
+
+import numpy as np
+import pytest
+
+from jedi_jax.data import examples, mini_world as mw, tokenizer_files
+from jedi_jax.data.set_source import MiniWorldSource
+
+
+def test_lists_and_sizes():
+    assert len(mw.CATEGORIES) >= 8 and len(set(mw.CATEGORIES)) == len(mw.CATEGORIES)
+    assert len(mw.BACKGROUNDS) >= 8 and len(set(mw.BACKGROUNDS)) == len(mw.BACKGROUNDS)
+    assert len(mw.PLACEMENTS) >= 3
+    s = mw.make_set("train", 0, n=5)
+    assert s["images"].shape == (5, 64, 64, 3) and s["images"].dtype == np.uint8
+    assert s["masks"].shape == (5, 64, 64) and s["masks"].dtype == bool
+    assert len(s["captions"]) == 5 and isinstance(s["subject"], str)
+    for k in ("category", "background", "placement", "size", "orientation", "subject_id"):
+        assert s["labels"][k].shape == (5,)
+
+
+def test_determinism():
+    a, b = mw.make_set("train", 7, n=4), mw.make_set("train", 7, n=4)
+    assert np.array_equal(a["images"], b["images"]) and np.array_equal(a["masks"], b["masks"])
+    assert a["captions"] == b["captions"] and a["subject"] == b["subject"]
+    mw.subject_for.cache_clear()  # also from a cold cache
+    c = mw.make_set("train", 7, n=4)
+    assert np.array_equal(a["images"], c["images"])
+    subj, ctx = mw.sample_subject(123), mw.make_context("beach", "left", "large", "tilted", seed=5)
+    assert subj == mw.sample_subject(123)
+    assert np.array_equal(mw.render(subj, ctx)[0], mw.render(subj, ctx)[0])
+    assert not np.array_equal(a["images"], mw.make_set("train", 8, n=4)["images"])
+    assert not np.array_equal(a["images"], mw.make_set("test", 7, n=4)["images"])
+
+
+def test_train_test_subjects_disjoint():
+    train = [mw.subject_for("train", i) for i in range(300)]
+    test = [mw.subject_for("test", i) for i in range(300)]
+    assert not {s.name for s in train} & {s.name for s in test}
+    assert not {s.seed for s in train} & {s.seed for s in test}
+    assert not {s.colors for s in train} & {s.colors for s in test}
+    assert {s.category for s in train} == set(range(len(mw.CATEGORIES)))
+    assert mw.subject_from_name(test[5].name) == test[5]
+    # heldout shares the test subjects
+    assert mw.make_set("heldout", 3, n=2)["subject"] == mw.make_set("test", 3, n=2)["subject"]
+
+
+def test_heldout_contexts_never_in_train():
+    held = set(mw.HELDOUT_COMBO_IDS)
+    assert len(held) >= 6 and not held & set(mw.TRAIN_COMBOS)
+    # every background and every placement is still seen in training, only the pairs are new
+    assert {b for b, _ in mw.TRAIN_COMBOS} == set(range(len(mw.BACKGROUNDS)))
+    assert {p for _, p in mw.TRAIN_COMBOS} == set(range(len(mw.PLACEMENTS)))
+    seen_train, seen_test = set(), set()
+    for i in range(150):
+        lab = mw.make_set("train", i, n=4)["labels"]
+        seen_train |= set(zip(lab["background"].tolist(), lab["placement"].tolist()))
+        lab = mw.make_set("test", i, n=4)["labels"]
+        seen_test |= set(zip(lab["background"].tolist(), lab["placement"].tolist()))
+    assert not seen_train & held
+    assert seen_train == set(mw.TRAIN_COMBOS)
+    assert held <= seen_test
+    rng = np.random.default_rng(0)
+    assert all((c.background, c.placement) in held
+               for c in (mw.sample_context(rng, "heldout") for _ in range(50)))
+
+
+def test_same_category_subjects_differ_clearly():
+    ctx = mw.make_context("studio", "center", "large", "upright", jitter=False)
+    for cat in range(len(mw.CATEGORIES)):
+        for k in range(4):
+            a = mw.sample_subject(1000 * cat + 2 * k, category=cat)
+            b = mw.sample_subject(1000 * cat + 2 * k + 1, category=cat)
+            (ia, ma), (ib, mb) = mw.render(a, ctx), mw.render(b, ctx)
+            both = ma & mb
+            assert both.sum() > 200
+            diff = np.abs(ia.astype(np.float32) - ib)[both].mean()
+            assert diff > 30, (mw.CATEGORIES[cat], k, diff)  # /255 per channel, on the object
+
+
+def test_masks_and_labels_match_the_pixels():
+    subj = mw.sample_subject(5, category="box")
+    xs, areas = {}, {}
+    for p in range(3):
+        for s in range(2):
+            ctx = mw.make_context("grass", p, s, "upright", jitter=False)
+            img, mask = mw.render(subj, ctx)
+            bg = mw.render_background(ctx)
+            frac = mask.mean()
+            assert 0.04 < frac < 0.6
+            # pixels outside the (slightly grown) mask are the background's
+            grown = mask.copy()
+            for ax in (0, 1):
+                for sh in (-2, -1, 1, 2):
+                    grown |= np.roll(mask, sh, axis=ax)
+            assert np.array_equal(img[~grown], bg[~grown])
+            xs[p, s] = np.nonzero(mask)[1].mean()
+            areas[p, s] = mask.sum()
+            extent = np.nonzero(mask.any(1))[0]
+            assert 0.3 <= (extent[-1] - extent[0] + 1) / 64 <= 0.62  # object height 30-60%
+    for s in range(2):
+        assert xs[0, s] < xs[1, s] - 6 < xs[2, s] - 12
+    for p in range(3):
+        assert areas[p, 1] > 1.8 * areas[p, 0]
+
+
+def test_captions_vocabulary_and_tokenizer():
+    vocab = set(mw.vocabulary())
+    tok = tokenizer_files.load_tokenizer()
+    ids_of = {w: tok(w, add_special_tokens=False).input_ids for w in vocab}
+    assert all(len(ids) == 1 for ids in ids_of.values()), {w: i for w, i in ids_of.items() if len(i) != 1}
+    assert len(set(i[0] for i in ids_of.values())) == len(vocab)
+    assert len(tok) < 400
+    for i in range(60):
+        s = mw.make_set("train" if i % 2 else "test", i, n=4)
+        for c, cat, bg in zip(s["captions"], s["labels"]["category"], s["labels"]["background"]):
+            words = c.split()
+            assert set(words) <= vocab, c
+            assert mw.CATEGORIES[cat] in words and f" {mw.BACKGROUNDS[bg]} " in f" {c} ", c
+            assert mw.parse_caption(c)["category"] == cat and mw.parse_caption(c)["background"] == bg
+            ids = tok(c).input_ids
+            assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+            assert len(ids) == len(words) + 2 <= mw.max_caption_words() + 2, c
+            assert tok.decode(ids, skip_special_tokens=True) == c
+    ctx = mw.make_context("night sky", "right", "small", "tilted")
+    assert mw.parse_caption(mw.prompt_for("kite", ctx)) == dict(
+        category=mw.CATEGORIES.index("kite"), background=ctx.background, placement=2, size=0, orientation=1)
+
+
+def test_shipped_tokenizer_is_up_to_date(tmp_path):
+    tokenizer_files.write_tokenizer_folder(str(tmp_path))
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        assert filecmp.cmp(tmp_path / name, os.path.join(tokenizer_files.PACKAGED_DIR, name), shallow=False), name
+
+
+def test_render_speed():
+    mw.make_set("train", 10_000, n=4)
+    times = []
+    for i in range(15):
+        t = time.process_time()
+        mw.make_set("train", 10_001 + i, n=4)  # fresh subjects: includes subject sampling
+        times.append(time.process_time() - t)
+    best, median = min(times), float(np.median(times))
+    print(f"set of 4 renders: best {best * 1e3:.2f} ms, median {median * 1e3:.2f} ms (CPU time)")
+    assert median < 0.010
+
+
+def test_examples_assets():
+    total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(examples.EXAMPLES_DIR) for f in fs)
+    tok_total = sum(os.path.getsize(os.path.join(tokenizer_files.PACKAGED_DIR, f))
+                    for f in os.listdir(tokenizer_files.PACKAGED_DIR))
+    assert total + tok_total < 500_000
+    exs = examples.load_examples()
+    assert len(exs) == 3 and len({e["category"] for e in exs}) == 3
+    held = set(mw.HELDOUT_COMBO_IDS)
+    for e in exs:
+        assert e["name"].startswith("test_") and e["images"].shape == (3, 64, 64, 3)
+        for img, ctx, cap in zip(e["images"], e["reference_contexts"], e["captions"]):
+            again, _ = mw.render(e["subject"], ctx)
+            d = np.abs(again.astype(int) - img)
+            assert d.max() <= 3 and (d > 0).mean() < 0.01  # assets match the current world
+            assert (ctx.background, ctx.placement) not in held
+            assert e["category"] in cap.split()
+        for p in e["prompts"]:
+            ctx = mw.Context(**p["context"])
+            assert (ctx.background, ctx.placement) in held and p["heldout"]
+            assert mw.parse_caption(p["prompt"]) == dict(category=mw.CATEGORIES.index(e["category"]),
+                                                         **ctx.labels)
+            gt, mask = mw.render_in_context(e["subject"], ctx)
+            assert gt.shape == (64, 64, 3) and mask.any()
+
+
+def test_render_in_context_from_labels():
+    subj = mw.subject_for("test", 1)
+    a, ma = mw.render_in_context(subj, background="snow", placement="right", size="large")
+    b, mb = mw.render(subj, mw.make_context("snow", "right", "large", "upright", jitter=False))
+    assert np.array_equal(a, b) and np.array_equal(ma, mb)
+
+
+def test_mini_world_source():
+    src = MiniWorldSource("train", num_sets=10, set_size=3, num_subjects=4, with_labels=True)
+    assert len(src) == 10
+    r = src[5]
+    assert set(r) >= {"images", "captions", "masks", "subject"}
+    assert r["images"].shape == (3, 64, 64, 3) and r["masks"].dtype == bool
+    assert r["subject"] == src[1]["subject"]  # 5 % 4 == 1: same subject, other contexts
+    assert not np.array_equal(r["images"], src[1]["images"])
+    assert r["labels"]["subject_id"].tolist() == [1, 1, 1]
+    with pytest.raises(IndexError):
+        src[10]
+    assert "masks" not in MiniWorldSource("test", 2, with_masks=False)[0]
