@@ -99,7 +99,15 @@ _LEGACY_VAE_RE = re.compile(r"^(.*\.attentions\.\d+\.)(query|key|value|proj_attn
 
 
 def legacy_fixes(kind: str, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Renames legacy keys to the current naming and squeezes 1x1-conv attention weights."""
+    """Brings keys to the naming our models use.
+
+    VAE: legacy attention names, 1x1-conv attention weights squeezed. CLIP text: transformers v5
+    saves `CLIPTextModel` without the `text_model.` prefix that v4 files (every SD checkpoint) have.
+    """
+    if kind.startswith("clip_text"):
+        if any(k.startswith("text_model.") for k in tensors):
+            return tensors
+        return {k if k.startswith("text_projection.") else "text_model." + k: v for k, v in tensors.items()}
     if kind != "vae":
         return tensors
     out = {}
