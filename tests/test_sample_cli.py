@@ -1,0 +1,61 @@
+"""`python -m jedi_jax.sample`: bad input is one line, exit code 2, no output; good input writes everything."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def _run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "jedi_jax.sample", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("inputs")
+    Image.fromarray((np.random.default_rng(0).random((40, 30, 3)) * 255).astype(np.uint8)).save(d / "ref.png")
+    (d / "notimage.png").write_text("this is not an image")
+    (d / "folder").mkdir()
+    return d
+
+
+BAD = {
+    "missing file": (["--ref", "{d}/nope.png", "--prompt", "x"], "does not exist"),
+    "not an image": (["--ref", "{d}/notimage.png", "--prompt", "x"], "not a readable image"),
+    "a folder": (["--ref", "{d}/folder", "--prompt", "x"], "not a file"),
+    "zero prompts": (["--ref", "{d}/ref.png"], "no --prompt"),
+    "too many references": (["--ref", "{d}/ref.png"] * 3 + ["--prompt", "x", "--max-references", "2"], "at most 2"),
+    "steps < 1": (["--prompt", "x", "--steps", "0"], "--steps 0 must be >= 1"),
+    "negative guidance": (["--prompt", "x", "--guidance", "-1"], "must be >= 0"),
+    "negative image guidance": (["--prompt", "x", "--image-guidance", "-0.5"], "must be >= 0"),
+    "missing model": (["--prompt", "x", "--model", "{d}/no_model"], "does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_is_one_line_exit_2_no_output(files, tmp_path, case):
+    args, message = BAD[case]
+    out = tmp_path / "out"
+    r = _run(*[a.format(d=files) for a in args], "--out", out)
+    assert r.returncode == 2, r.stderr
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
+    assert not out.exists()
+
+
+def test_cli_writes_images_grid_and_settings(files, tmp_path, tiny_model_dir):
+    out = tmp_path / "out"
+    r = _run("--ref", files / "ref.png", "--prompt", "a photo of the dog on the beach", "--num", "2", "--steps", "2",
+             "--seed", "3", "--model", tiny_model_dir, "--max-references", "2", "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "image_00.png", "image_01.png", "settings.json"]
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["seed"] == 3 and settings["steps"] == 2 and settings["num_references"] == 1
+    assert settings["set_size"] == 4 and settings["prompts"] == ["a photo of the dog on the beach"] * 2
+    assert "compiled in" in r.stdout
+    # the existing output folder is now refused
+    r2 = _run("--prompt", "x", "--model", tiny_model_dir, "--out", out)
+    assert r2.returncode == 2 and "already exists" in r2.stderr
