@@ -62,7 +62,10 @@ def encode_text(text_component, input_ids: jnp.ndarray, params, layer: str) -> j
 
 
 class JeDiPipeline:
-    def __init__(self, model: Model, *, max_references: int = 3, text_layer: str = "last"):
+    def __init__(self, model: Model, *, max_references: int = 3, text_layer: str = "last",
+                 coupled_attention: bool = True):
+        """coupled_attention=False is an ablation: every member is run as its own set of one, so
+        self-attention no longer crosses images and references cannot reach the targets."""
         for name in ("unet", "vae", "text_encoder"):
             if name not in model.components:
                 raise PipelineInputError(f"model folder {model.folder} has no {name} component")
@@ -71,6 +74,7 @@ class JeDiPipeline:
         self.model = model
         self.max_references = max_references
         self.text_layer = text_layer
+        self.coupled_attention = coupled_attention
         self.schedule_config = NoiseScheduleConfig.from_diffusers(model.scheduler_config)
         self.schedule = make_schedule(self.schedule_config)
         vae_cfg = model.vae.config
@@ -111,7 +115,12 @@ class JeDiPipeline:
         x_T = jax.random.normal(jax.random.fold_in(key, 0), ref_latents.shape, jnp.float32)
 
         def unet_fn(p, x, ts, ctx, mm):
-            return unet.functional.bind(p)(x, ts, ctx, mm)
+            if self.coupled_attention:
+                return unet.functional.bind(p)(x, ts, ctx, mm)
+            bb, nn = x.shape[:2]  # ablation: (B, N, ...) -> (B*N, 1, ...), each member its own set
+            out = unet.functional.bind(p)(x.reshape((bb * nn, 1) + x.shape[2:]), jnp.repeat(ts, nn),
+                                          ctx.reshape((bb * nn, 1) + ctx.shape[2:]), jnp.ones((bb * nn, 1), bool))
+            return out.reshape((bb, nn) + out.shape[2:])
 
         layout = guidance.SetLayout(member_mask=member_mask, ref_mask=ref_mask)
         latents = sample_set(unet_fn, params["unet"], self.schedule, timesteps, x_T, ref_latents, layout,
@@ -209,7 +218,8 @@ class JeDiPipeline:
                         set_size=n, steps=num_inference_steps, guidance_scale=guidance_scale,
                         image_guidance_scale=image_guidance_scale, sampler=sampler, eta=eta, seed=seed,
                         replace_known=replace_known, image_guidance=config.image_guidance, resolution=size, model=str(self.model.folder),
-                        prediction_type=self.schedule_config.prediction_type, text_layer=self.text_layer)
+                        prediction_type=self.schedule_config.prediction_type, text_layer=self.text_layer,
+                        coupled_attention=self.coupled_attention)
         grid = labeled_grid([refs or [np.full((size, size, 3), 255, np.uint8)],
                              [from_model_range(out[0, i]) for i in range(m)]],
                             [[f"reference {i + 1}" for i in range(k)] or ["(no references)"], prompts],
