@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from jedi_jax.assets import DEFAULT_MODEL_DIR
 from jedi_jax.loading import Model, load_model
+from jedi_jax.models.vae import scale_latents, unscale_latents
 from jedi_jax.sampling import guidance
 from jedi_jax.sampling.images import from_model_range, labeled_grid, load_reference, to_model_range
 from jedi_jax.sampling.joint import SAMPLERS, JointSamplerConfig, sample_set
@@ -79,7 +80,6 @@ class JeDiPipeline:
         self.schedule = make_schedule(self.schedule_config)
         vae_cfg = model.vae.config
         self.latent_channels = vae_cfg.latent_channels
-        self.scaling_factor = vae_cfg.scaling_factor
         self.resolution = vae_cfg.sample_size
         self.max_length = model.text_encoder.config.max_position_embeddings
         self._jitted = jax.jit(self._generate, static_argnames=("config", "eta"))
@@ -110,7 +110,7 @@ class JeDiPipeline:
         vae_module = vae.functional.bind(params["vae"])
         h, w = ref_images.shape[2:4]
         mean, _ = vae_module.encode(ref_images.reshape((b * n, h, w, 3)))  # (B*N, h', w', C)
-        ref_latents = (mean * self.scaling_factor).reshape((b, n) + mean.shape[1:])  # (B, N, h', w', C)
+        ref_latents = scale_latents(mean, vae.config).reshape((b, n) + mean.shape[1:])  # (B, N, h', w', C)
 
         x_T = jax.random.normal(jax.random.fold_in(key, 0), ref_latents.shape, jnp.float32)
 
@@ -126,7 +126,7 @@ class JeDiPipeline:
         latents = sample_set(unet_fn, params["unet"], self.schedule, timesteps, x_T, ref_latents, layout,
                              context, context_empty, image_scale, text_scale, jax.random.fold_in(key, 1),
                              config=config, eta=eta, on_step=self._on_step)
-        decoded = vae_module.decode((latents / self.scaling_factor).reshape((b * n,) + latents.shape[2:]))
+        decoded = vae_module.decode(unscale_latents(latents, vae.config).reshape((b * n,) + latents.shape[2:]))
         return decoded.reshape((b, n, h, w, 3))
 
     def compiled_programs(self) -> int:
