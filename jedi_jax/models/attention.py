@@ -120,7 +120,11 @@ def checked_seq_lengths(key_mask) -> tuple[jax.Array, jax.Array]:
 
 
 def cudnn_attention(q, k, v, key_mask=None):
-    """cuDNN flash attention (GPU only). A key mask must be a prefix mask (see module doc)."""
+    """cuDNN flash attention (GPU only; bf16/fp16; head dim a multiple of 8, <= 128, <= 256 on Hopper).
+
+    A key mask must be a prefix mask (see module doc)."""
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"cudnn attention kernel needs bfloat16/float16 inputs (UNet dtype=bfloat16), got {q.dtype}")
     if key_mask is None:
         return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
     lengths, is_prefix = checked_seq_lengths(key_mask)  # (B,), (B,)
