@@ -1,0 +1,110 @@
+"""The mini-world VAE trainer (jedi_jax/train/vae_trainer.py): one tiny seeded run (~20-30 s on a CPU)
+checked for learning, export round trip and the latent scaling factor."""
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs import mini_vae  # noqa: E402
+from jedi_jax.convert.pipeline_folder import load_component_params, read_model_index  # noqa: E402
+from jedi_jax.models.functional import Functional  # noqa: E402
+from jedi_jax.models.vae import sample_latent  # noqa: E402
+from jedi_jax.train import vae_trainer as vt  # noqa: E402
+
+
+def _tiny_config():
+    c = mini_vae.get_config("tiny")
+    c.data.pool_size = 8  # one fixed set of 8 renders: every batch is drawn from it
+    c.data.batch_size = 8
+    c.data.hflip = 0.0
+    c.data.eval_renders = 8
+    c.data.eval_batch = 8
+    c.data.scale_renders = 8  # one batch: the scaling latents are fold_in(scale_key, 0) samples
+    c.train.steps = 30
+    c.train.lr = 3e-3
+    c.checkpoint.every = 30
+    return c
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("vae_run")
+    config = _tiny_config()
+    result = vt.train(config, workdir, log_fn=lambda s: None)
+    return config, workdir, result
+
+
+def test_loss_decreases_on_a_fixed_batch(tiny_run):
+    config, _, result = tiny_run
+    vae = Functional.abstract(vt.vae_factory(result["vae_config"]))
+    x = vt.to_float(jnp.asarray(vt.make_renders("train", 8, set_size=config.data.set_size)))
+    loss = jax.jit(lambda p: vt.vae_loss(vae, p, x, jax.random.key(7), config.train)[0])
+    before = float(loss(vt.init_params(vae, config.seed)))
+    after = float(loss(result["params"]))
+    assert np.isfinite(before) and np.isfinite(after)
+    print(f"fixed-batch loss {before:.4f} -> {after:.4f}")
+    assert after < 0.75 * before, (before, after)
+
+
+def test_outputs_and_metrics(tiny_run):
+    _, workdir, result = tiny_run
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    assert [r["step"] for r in train_rows] == [10, 20, 30]
+    assert all(k in train_rows[0] for k in ("loss", "l1", "kl", "psnr", "steps_per_s", "lr"))
+    assert rows[-1]["kind"] == "final" and rows[-1]["test_psnr"] == pytest.approx(result["test_psnr"])
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["step"] == 30 and summary["scaling_factor"] == pytest.approx(result["scaling_factor"])
+    assert (workdir / "reconstructions.png").stat().st_size > 0
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["30"]
+
+
+def test_export_loads_back_and_reconstructs_the_same(tiny_run):
+    config, workdir, result = tiny_run
+    export = workdir / "vae_export"
+    assert read_model_index(export) == {"vae": "vae"}
+    vae_config, functional, params = load_component_params(export, "vae", "vae")
+    assert vae_config == result["vae_config"]
+    assert vae_config.sample_size == 64 and vae_config.downsample_factor == 4 and vae_config.latent_channels == 4
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(result["params"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    test = vt.make_renders("test", config.data.eval_renders, set_size=config.data.set_size)
+    reconstruct = vt.make_reconstruct(functional)
+    recon = vt.reconstruct_all(reconstruct, params, test, config.data.eval_batch)
+    assert recon.shape == test.shape
+    # the same reconstruction the trainer evaluated: its test PSNR is reproduced from the folder
+    x = test.astype(np.float32) / 127.5 - 1.0
+    psnr = float(np.mean(np.asarray(vt.psnr(jnp.asarray(x), jnp.asarray(recon)))))
+    assert psnr == pytest.approx(result["test_psnr"], abs=1e-4)
+
+
+def test_scaling_factor_is_one_over_latent_std(tiny_run):
+    config, _, result = tiny_run
+    vae = Functional.abstract(vt.vae_factory(result["vae_config"]))
+    images = vt.make_renders("train", config.data.scale_renders, set_size=config.data.set_size)
+    _, scale_key = vt.run_keys(config.seed)
+    mean, logvar = jax.jit(lambda p, x: vae.bind(p).encode(vt.to_float(x)))(result["params"], images)
+    assert mean.shape == (len(images), 16, 16, 4)  # 64x64x3 -> 16x16x4
+    z = np.asarray(sample_latent(mean, logvar, jax.random.fold_in(scale_key, 0)), np.float64)
+    expected = 1.0 / z.std()
+    assert result["vae_config"].scaling_factor == pytest.approx(expected, rel=1e-5)
+    assert result["scaling_factor"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_config_is_locked_and_variants_exist():
+    for arg in ("cpu", "gpu", "tiny"):
+        c = mini_vae.get_config(arg)
+        vt.validate_config(c)
+        assert len(c.model.block_out_channels) == 3  # 64 -> 16: 16x16x4 latents
+    c = mini_vae.get_config("cpu")
+    c.lock()
+    with pytest.raises(AttributeError):
+        c.train.stepz = 10
+    with pytest.raises(ValueError):
+        mini_vae.get_config("tpu")
