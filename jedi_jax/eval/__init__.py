@@ -1,0 +1,10 @@
+"""Evaluation of personalization on the mini world (MiniBench).
+
+    identity_encoder.py     contrastive identity CNN (DreamBench's DINO score, ours), shipped weights
+    context_classifier.py   background / placement / size / orientation CNN (prompt fidelity), shipped
+    cnn.py                  the small CNN both use, host-side augmentations, weight files
+    metrics.py              per-image scores, normalization, bootstrap CIs
+    dreambooth.py           the finetuning baseline (same model, plain denoising loss)
+    minibench.py            the benchmark: `python -m jedi_jax.eval.minibench`, and `quick_identity`
+                            for training learning curves
+"""
