@@ -79,3 +79,54 @@ def from_config(data_cfg) -> RenderPool:
     num_subjects = int(data_cfg.num_subjects) or None
     cache = str(data_cfg.get("pool_cache", "") or "") or None
     return RenderPool(str(data_cfg.split), int(data_cfg.num_sets), n, num_subjects=num_subjects, cache=cache)
+
+
+class LatentPool:
+    """A RenderPool encoded once by a frozen VAE: records carry 'latents' (R, h, w, C), scaled for the
+    UNet (`scale_latents` of the posterior mean), instead of pixels. Encoding the pool once removes
+    the VAE encoder from every training step (on CPUs it is a large share of a small model's step)."""
+
+    def __init__(self, renders: RenderPool, vae_folder: str, *, batch: int = 256, cache: str | None = None,
+                 log=print):
+        self.captions, self.subjects = renders.captions, renders.subjects
+        if cache and Path(cache).exists():
+            self.latents = np.load(cache)["latents"]
+            log(f"pool: loaded latents {self.latents.shape} from {cache}")
+            return
+        import jax
+
+        from jedi_jax.loading import load_component
+        from jedi_jax.models.vae import scale_latents
+
+        vae = load_component(vae_folder, "vae")
+        encode = jax.jit(lambda p, x: scale_latents(vae.functional.bind(p).encode(x)[0], vae.config))
+        flat = renders.images.reshape((-1,) + renders.images.shape[2:])  # (S*R, 64, 64, 3) uint8
+        start, out = time.time(), []
+        for i in range(0, flat.shape[0], batch):
+            x = flat[i:i + batch].astype(np.float32) / 127.5 - 1.0
+            if x.shape[0] < batch:  # one compiled shape
+                x = np.concatenate([x, np.zeros((batch - x.shape[0],) + x.shape[1:], np.float32)])
+            out.append(np.asarray(encode(vae.params, x))[: min(batch, flat.shape[0] - i)])
+        latents = np.concatenate(out)
+        self.latents = latents.reshape(renders.images.shape[:2] + latents.shape[1:])  # (S, R, h, w, C)
+        log(f"pool: encoded {flat.shape[0]} renders with {vae_folder} in {time.time() - start:.1f} s")
+        if cache:
+            tmp = f"{cache}.tmp.npz"
+            np.savez(tmp, latents=self.latents)
+            os.replace(tmp, cache)
+
+    def __len__(self) -> int:
+        return int(self.latents.shape[0])
+
+    def __getitem__(self, i: int) -> dict:
+        return {"latents": self.latents[i], "captions": [str(c) for c in self.captions[i]],
+                "subject": str(self.subjects[i])}
+
+
+def latents_from_config(data_cfg) -> LatentPool:
+    """data.source hook: from_config's pool, encoded by the VAE of data.latent_vae (a model folder)."""
+    if not str(data_cfg.latent_vae):
+        raise ValueError("data.source=jedi_jax.data.pool:latents_from_config needs data.latent_vae (a model folder)")
+    renders = from_config(data_cfg)
+    cache = str(data_cfg.get("pool_cache", "") or "")
+    return LatentPool(renders, str(data_cfg.latent_vae), cache=f"{cache}.latents.npz" if cache else None)

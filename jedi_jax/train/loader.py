@@ -152,6 +152,40 @@ def swap_words(caption: str, pairs: Sequence[tuple[str, str]]) -> str:
     return re.sub(pattern, sub, caption, flags=re.IGNORECASE)
 
 
+def _draw_members(n: int, rng: np.random.Generator, cfg: AugmentConfig):
+    """Which of the n renders fill the N slots, which are references, which captions stay."""
+    N = cfg.set_size
+    valid = min(n, N)
+    members = rng.choice(n, size=valid, replace=False)
+    drop_refs = rng.random() < cfg.ref_dropout
+    k_max = max(0, min(cfg.max_ref, valid - 1))
+    k = int(rng.integers(0, k_max + 1))
+    if drop_refs:
+        k = 0
+    refs = rng.choice(valid, size=k, replace=False)
+    keep_caption = rng.random(N) >= cfg.caption_dropout
+    member_mask = np.arange(N) < valid
+    ref_mask = np.zeros(N, bool)
+    ref_mask[refs] = True
+    return members, member_mask, ref_mask, keep_caption
+
+
+def _process_latent_set(record: Mapping[str, Any], rng: np.random.Generator, cfg: AugmentConfig) -> dict:
+    """A record with precomputed 'latents' float32 (n, h, w, C) (already scaled for the UNet)."""
+    if cfg.hflip > 0 or tuple(cfg.crop_scale) != (1.0, 1.0):
+        raise ValueError("precomputed latents cannot be flipped or cropped: set hflip=0, crop_scale=(1, 1)")
+    latents = np.asarray(record["latents"], np.float32)
+    captions = list(record["captions"])
+    if latents.ndim != 4 or len(captions) != latents.shape[0]:
+        raise ValueError(f"'latents' must be (n, h, w, C) with n captions, got {latents.shape}, {len(captions)}")
+    members, member_mask, ref_mask, keep_caption = _draw_members(latents.shape[0], rng, cfg)
+    out = np.zeros((cfg.set_size,) + latents.shape[1:], np.float32)
+    out[: len(members)] = latents[members]
+    out_captions = [captions[m] if keep_caption[slot] else "" for slot, m in enumerate(members)]
+    out_captions += [""] * (cfg.set_size - len(members))
+    return {"latents": out, "captions": out_captions, "member_mask": member_mask, "ref_mask": ref_mask}
+
+
 def process_set(record: Mapping[str, Any], rng: np.random.Generator, cfg: AugmentConfig) -> dict:
     """One source record -> one set of the batch (uint8, not yet normalized).
 
@@ -160,6 +194,8 @@ def process_set(record: Mapping[str, Any], rng: np.random.Generator, cfg: Augmen
     The draw order is fixed: members, ref dropout, k, which refs, caption dropout, flips, then per
     member the crop -- so results depend only on the record and the Generator's seed.
     """
+    if "latents" in record:  # precomputed VAE latents: the same draws, no pixel augmentation
+        return _process_latent_set(record, rng, cfg)
     images = np.asarray(record["images"])
     captions = list(record["captions"])
     n = images.shape[0]
@@ -178,21 +214,9 @@ def process_set(record: Mapping[str, Any], rng: np.random.Generator, cfg: Augmen
             raise ValueError(f"'masks' {masks.shape} does not match images {images.shape[:3]}")
 
     N, S = cfg.set_size, cfg.image_size
-    valid = min(n, N)
-    members = rng.choice(n, size=valid, replace=False)
-    drop_refs = rng.random() < cfg.ref_dropout
-    k_max = max(0, min(cfg.max_ref, valid - 1))
-    k = int(rng.integers(0, k_max + 1))
-    if drop_refs:
-        k = 0
-    refs = rng.choice(valid, size=k, replace=False)
-    keep_caption = rng.random(N) >= cfg.caption_dropout
+    members, member_mask, ref_mask, keep_caption = _draw_members(n, rng, cfg)
     flip_u, set_flip_u = rng.random(N), rng.random()
     flips = np.full(N, set_flip_u < cfg.hflip) if cfg.flip_mode == "set" else flip_u < cfg.hflip
-
-    member_mask = np.arange(N) < valid
-    ref_mask = np.zeros(N, bool)
-    ref_mask[refs] = True
     out_images = np.zeros((N, S, S, 3), np.uint8)
     out_masks = np.zeros((N, S, S), np.uint8) if cfg.with_masks else None
     out_captions = [""] * N
@@ -340,7 +364,10 @@ class SetLoader:
 
     def _assemble(self, epoch: int, position: int, jobs: list) -> dict[str, np.ndarray]:
         N, S, B = self.cfg.set_size, self.cfg.image_size, self.local_batch_size
-        images = np.zeros((B, N, S, S, 3), np.uint8)
+        results = [None if j is None else (j.result() if isinstance(j, cf.Future) else j) for j in jobs]
+        first = next((r for r in results if r is not None), None)
+        pixel = first is None or "latents" not in first
+        images = np.zeros((B, N, S, S, 3), np.uint8) if pixel else np.zeros((B, N) + first["latents"].shape[1:], np.float32)
         masks = np.zeros((B, N, S, S), np.uint8) if self.cfg.with_masks else None
         member_mask = np.zeros((B, N), bool)
         ref_mask = np.zeros((B, N), bool)
@@ -348,19 +375,19 @@ class SetLoader:
         set_index = np.full((B,), -1, np.int32)
         captions = [""] * (B * N)
         perm = self._perm(epoch)
-        for b, (pos, job) in enumerate(zip(self._local_positions(position), jobs)):
-            if job is None:
+        for b, (pos, ex) in enumerate(zip(self._local_positions(position), results)):
+            if ex is None:
                 continue
-            ex = job.result() if isinstance(job, cf.Future) else job
-            images[b] = ex["images"]
+            images[b] = ex["images"] if pixel else ex["latents"]
             if masks is not None:
                 masks[b] = ex["masks"]
             member_mask[b], ref_mask[b] = ex["member_mask"], ex["ref_mask"]
             set_mask[b], set_index[b] = True, perm[pos]
             captions[b * N:(b + 1) * N] = ex["captions"]
-        images = images.astype(np.float32) * np.float32(1 / 127.5) - np.float32(1.0)
+        if pixel:
+            images = images.astype(np.float32) * np.float32(1 / 127.5) - np.float32(1.0)
         images[~member_mask] = 0.0
-        batch = {"images": images,
+        batch = {"images" if pixel else "latents": images,
                  "member_mask": member_mask, "ref_mask": ref_mask,
                  "set_mask": set_mask, "set_index": set_index}
         if masks is not None:
