@@ -52,7 +52,8 @@ class RenderPool:
         bounds = np.linspace(0, num_sets, min(num_sets, processes * 4) + 1).astype(int)
         chunks = [(split, int(a), int(b), set_size, num_subjects) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
         if processes > 1:
-            with mp.get_context("fork").Pool(processes) as pool:
+            # spawn, not fork: the trainer has started JAX threads, and forking a threaded process can deadlock
+            with mp.get_context("spawn").Pool(processes) as pool:
                 parts = pool.map(_render_chunk, chunks)
         else:
             parts = [_render_chunk(c) for c in chunks]

@@ -37,17 +37,24 @@ def _program(models, schedule_cfg, num_steps):
     return _PROGRAMS[key]
 
 
-def _generate(models, schedule_cfg, num_steps, unet_params, frozen, images, input_ids, empty_ids, member_mask,
-              ref_mask, image_scale, text_scale, key):
-    """images (B, N, H, W, 3) in [-1, 1] -> the set with non-references regenerated (B, N, H, W, 3)."""
-    b, n, h, w, _ = images.shape
+def _generate(models, schedule_cfg, num_steps, unet_params, frozen, images, latents, input_ids, empty_ids,
+              member_mask, ref_mask, image_scale, text_scale, key):
+    """images (B, N, H, W, 3) in [-1, 1], or their scaled latents (B, N, h', w', C) when `images` is
+    None -> (the real set, the set with non-references regenerated), both (B, N, H, W, 3)."""
+    b, n = member_mask.shape
     t = input_ids.shape[-1]
     context = models.encode_text(frozen["text_encoder"], input_ids.reshape(b * n, t)).reshape(b, n, t, -1)
     empty = models.encode_text(frozen["text_encoder"], empty_ids)  # (1, T, D)
     vae = models.vae.bind(frozen["vae"])
-    mean, _ = vae.encode(images.reshape(b * n, h, w, 3))
-    latents = scale_latents(mean.astype(jnp.float32), models.vae_config)
-    latents = latents.reshape((b, n) + latents.shape[1:])  # (B, N, h', w', C)
+
+    def decode(z):  # (B, N, h', w', C) -> (B, N, H, W, 3)
+        x = vae.decode(unscale_latents(z, models.vae_config).reshape((b * n,) + z.shape[2:]))
+        return x.reshape((b, n) + x.shape[1:]).astype(jnp.float32)
+
+    if images is not None:
+        mean, _ = vae.encode(images.reshape((b * n,) + images.shape[2:]))
+        latents = scale_latents(mean.astype(jnp.float32), models.vae_config)
+        latents = latents.reshape((b, n) + latents.shape[1:])  # (B, N, h', w', C)
     schedule = make_schedule(schedule_cfg)
     timesteps = jnp.asarray(inference_timesteps(schedule_cfg, num_steps, "ddim"), jnp.int32)
     x_T = jax.random.normal(jax.random.fold_in(key, 0), latents.shape, jnp.float32)
@@ -56,23 +63,23 @@ def _generate(models, schedule_cfg, num_steps, unet_params, frozen, images, inpu
                      jnp.broadcast_to(empty[None], context.shape), image_scale, text_scale,
                      jax.random.fold_in(key, 1),
                      config=JointSamplerConfig(prediction_type=schedule_cfg.prediction_type))
-    decoded = vae.decode(unscale_latents(out, models.vae_config).reshape((b * n,) + out.shape[2:]))
-    return decoded.reshape(b, n, h, w, 3).astype(jnp.float32)
+    return (images if images is not None else decode(latents)), decode(out)
 
 
 def sample_grid(*, step, workdir, config, models, unet_params, frozen, batch, tokenizer, mesh):
     """Writes the sample grid of `step`; returns its path (process 0) or None."""
-    k = min(int(config.sample.num_sets), batch["images"].shape[0])
-    images = jnp.asarray(batch["images"][:k])
+    k = min(int(config.sample.num_sets), batch["member_mask"].shape[0])
+    images = jnp.asarray(batch["images"][:k]) if "images" in batch else None
+    latents = jnp.asarray(batch["latents"][:k]) if images is None else None
     member_mask = jnp.asarray(batch["member_mask"][:k])
     ref_mask = jnp.asarray(batch["ref_mask"][:k])
     schedule_cfg = NoiseScheduleConfig.from_diffusers(dict(config.schedule))
     empty_ids = jnp.asarray(tokenizer([""]))  # (1, T)
-    out = _program(models, schedule_cfg, int(config.sample.num_steps))(unet_params, frozen, images,
-                    jnp.asarray(batch["input_ids"][:k]), empty_ids, member_mask, ref_mask,
+    real, out = _program(models, schedule_cfg, int(config.sample.num_steps))(
+                    unet_params, frozen, images, latents, jnp.asarray(batch["input_ids"][:k]), empty_ids, member_mask, ref_mask,
                     jnp.float32(config.sample.get("image_guidance_scale", 2.0)),
                     jnp.float32(config.sample.guidance_scale), jax.random.fold_in(jax.random.key(config.seed), step))
-    out, real = np.asarray(out), np.asarray(images)
+    out, real = np.asarray(out), np.asarray(real)
     generated = np.asarray(member_mask & ~ref_mask)
     mse = float(((out - real) ** 2).mean(axis=(2, 3, 4))[generated].mean()) if generated.any() else float("nan")
     if jax.process_index() != 0:
