@@ -1,0 +1,101 @@
+"""Export a training run as a jedi_jax model folder (what JeDiPipeline / the demo / MiniBench load).
+
+    python -m jedi_jax.train.export --workdir runs/mini --dst jedi_jax/assets/jedi_mini [--step N]
+        [--no-ema] [--store-dtype bfloat16] [--overwrite]
+
+The folder gets the UNet of the checkpoint (EMA weights unless --no-ema), the frozen VAE and text
+encoder exactly as the run built them (from config.model.pretrained, or the seeded random init),
+the run's tokenizer and its noise schedule as a diffusers DDIMScheduler config. --store-dtype
+bfloat16 halves the files (loading restores float32), for models shipped inside the package.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from jedi_jax.convert.pipeline_folder import write_model_folder
+from jedi_jax.train import checkpoint as ckpt_lib
+from jedi_jax.train import models as models_lib
+from jedi_jax.train import sharding as shd
+from jedi_jax.train import state as state_lib
+
+
+def tokenizer_folder(model_cfg) -> Path:
+    """The tokenizer the run used (same rule as jedi_jax.train.models: explicit folder, else the
+    pretrained folder's, else the packaged mini-world tokenizer)."""
+    from jedi_jax.data.tokenizer_files import PACKAGED_DIR
+
+    if model_cfg.tokenizer:
+        return Path(model_cfg.tokenizer)
+    if model_cfg.pretrained and (Path(model_cfg.pretrained) / "tokenizer").is_dir():
+        return Path(model_cfg.pretrained) / "tokenizer"
+    return Path(PACKAGED_DIR)
+
+
+def export_run(workdir: str | Path, dst: str | Path, *, step: int | None = None, use_ema: bool = True,
+               store_dtype=None, overwrite: bool = False, log=print) -> Path:
+    workdir = Path(workdir)
+    config = ml_collections.ConfigDict(ckpt_lib.read_json_item(workdir / "checkpoints", "config", step))
+    mesh = shd.make_mesh(("data", "fsdp"), (1, 1), devices=jax.devices()[:1])
+    rules = tuple(tuple(r) for r in config.mesh.rules)
+    bundle = models_lib.build(config.model, mesh=mesh, rules=rules, seed=config.seed, load_unet=False)
+    models = bundle.models
+    tx, _ = state_lib.make_optimizer(config.train)
+    abstract = jax.eval_shape(lambda p: state_lib.create_state(p, tx, config.train.ema_decay > 0),
+                              models.unet.param_shapes())
+    checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", async_save=False)
+    try:
+        shardings = state_lib.state_shardings_for(abstract, tx, mesh, rules)
+        state, _, _ = checkpointer.restore(step, shd.with_shardings(abstract, shardings))
+    finally:
+        checkpointer.close()
+    unet = state.ema_params if use_ema and state.ema_params is not None else state.params
+    cast = (lambda t: jax.tree.map(lambda x: jnp.asarray(x, store_dtype), t)) if store_dtype else (lambda t: t)
+    parts = {
+        "unet": ("unet", models.unet_config, cast(unet)),
+        "vae": ("vae", models.vae_config, cast(bundle.frozen["vae"])),
+        "text_encoder": ("clip_text", models.text_config, cast(bundle.frozen["text_encoder"])),
+    }
+    tokenizer_dir = tokenizer_folder(config.model)
+    with tempfile.TemporaryDirectory() as tmp:
+        sched = Path(tmp) / "scheduler"
+        sched.mkdir()
+        (sched / "scheduler_config.json").write_text(json.dumps(dict(config.schedule.to_dict(),
+                                                                     _class_name="DDIMScheduler"), indent=2))
+        tok = Path(tmp) / "tokenizer"
+        shutil.copytree(tokenizer_dir, tok)
+        out = write_model_folder(dst, parts, extra_folders={"tokenizer": tok, "scheduler": sched},
+                                 overwrite=overwrite,
+                                 source=f"{workdir} step {int(state.step)} ({'EMA' if use_ema else 'raw'} UNet)")
+    log(f"exported step {int(state.step)} of {workdir} to {out}")
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--dst", required=True)
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
+    p.add_argument("--store-dtype", default=None, choices=[None, "bfloat16", "float16"])
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        export_run(args.workdir, args.dst, step=args.step, use_ema=not args.no_ema,
+                   store_dtype=getattr(jnp, args.store_dtype) if args.store_dtype else None, overwrite=args.overwrite)
+    except (FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
