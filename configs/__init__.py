@@ -1,0 +1,1 @@
+"""Training configs: `python -m jedi_jax.train --config configs/<file>.py:<variant> --workdir DIR`."""

@@ -1,0 +1,78 @@
+"""`python -m jedi_jax.train --config configs/sd15.py:tiny --workdir runs/tiny [--config.train.steps=100]`
+
+Trains JeDi (see jedi_jax/train/trainer.py). Re-running the same command in the same workdir
+resumes from the latest checkpoint. SIGTERM: checkpoint at the next step boundary, exit 0.
+
+Multi-host: every process runs the same command. `jax.distributed.initialize` is called when
+  * --coordinator=HOST:PORT --num_processes=P --process_id=I are given (any platform; on CPU the
+    collectives use gloo), or
+  * --distributed is given or auto-detected: a TPU VM slice with several workers
+    (TPU_WORKER_HOSTNAMES), or a SLURM job step with several tasks (SLURM_NTASKS > 1), where JAX
+    finds the coordinator itself.
+See launch/README.md.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/sd15.py:tiny", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "output folder (checkpoints, metrics, samples)")
+_COORDINATOR = flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0 (multi-process runs)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processes")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", None, "call jax.distributed.initialize() with auto-detection "
+                                 "(default: auto on multi-worker TPU VMs and multi-task SLURM steps)")
+
+
+def _auto_distributed() -> bool:
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    if "," in hosts:
+        return True
+    try:
+        return int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_ID" in os.environ
+    except ValueError:
+        return False
+
+
+def initialize_distributed() -> None:
+    """jax.distributed.initialize() when this is a multi-process run (see module docstring)."""
+    import jax
+
+    if _COORDINATOR.value:
+        if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
+            raise app.UsageError("--coordinator needs --num_processes and --process_id")
+        if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS") == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    elif _DISTRIBUTED.value or (_DISTRIBUTED.value is None and _auto_distributed()):
+        jax.distributed.initialize()
+
+
+def main(argv) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not _WORKDIR.value:
+        raise app.UsageError("--workdir is required")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stdout, force=True)
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes at INFO
+    initialize_distributed()
+    import jax
+
+    if jax.process_index() != 0:  # keep other processes' logs to warnings
+        logging.getLogger().setLevel(logging.WARNING)
+    from jedi_jax.train.trainer import train
+
+    summary = train(_CONFIG.value, _WORKDIR.value)
+    logging.getLogger("jedi_jax.train").info("finished: %s", {k: summary[k] for k in ("status", "step") if k in summary})
+    return 0
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config"])
+    app.run(main)

@@ -1,0 +1,246 @@
+"""The three networks of a JeDi training run, built from the config (random init) and/or from a
+converted model folder (`jedi_jax.loading`), with their parameters placed on the mesh.
+
+    bundle = build(config.model, mesh=mesh, rules=rules, seed=config.seed)
+    bundle.models            Models: Functionals + static settings (closed over by the train step)
+    bundle.unet_params       float32 UNet params (sharded), or None for a random init -- then
+    bundle.unet_init         key -> params, traced under jit with out_shardings (born sharded)
+    bundle.frozen            {'vae': params, 'text_encoder': params} (sharded, frozen)
+    bundle.tokenizer         callable list[str] -> int32 (len, T)
+
+JeDi (Sec. 4) fine-tunes the UNet of Stable Diffusion 1.5 with the 9-channel inpainting input;
+the VAE and the CLIP text encoder stay frozen. A 4-channel SD UNet is widened to 2C+1 input
+channels with zero weights (`widen_conv_in`), so training starts exactly at SD.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from jedi_jax.models.functional import Functional
+from jedi_jax.models.jedi_inputs import num_input_channels, widen_conv_in
+from jedi_jax.train import sharding as shd
+from jedi_jax.train.state import nnx_init_fn
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def dtype_of(name: str):
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(DTYPES)}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Models:
+    """Static description of the networks (no arrays): safe to close over in jitted functions."""
+
+    unet: Functional
+    vae: Functional
+    text_encoder: Functional
+    unet_config: Any  # UNetConfig
+    vae_config: Any  # VAEConfig
+    text_config: Any  # CLIPTextConfig
+    text_layer: Any = "last"  # prompt_embeddings(layer=...)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae_config.latent_channels)
+
+    @property
+    def vae_factor(self) -> int:
+        return int(self.vae_config.downsample_factor)
+
+    def encode_images(self, vae_params, images: jax.Array, key: jax.Array) -> jax.Array:
+        """images (M, H, W, 3) in [-1, 1] -> diffusion latents (M, H/f, W/f, C), float32:
+        a posterior sample, shifted and scaled (`scale_latents`), as diffusers' training scripts."""
+        from jedi_jax.models.vae import sample_latent, scale_latents
+
+        mean, logvar = self.vae.bind(vae_params).encode(images)
+        z = sample_latent(mean.astype(jnp.float32), logvar.astype(jnp.float32), key)
+        return scale_latents(z, self.vae_config)
+
+    def encode_text(self, text_params, input_ids: jax.Array) -> jax.Array:
+        """input_ids (M, T) int -> cross-attention context (M, T, D) float32."""
+        from jedi_jax.models.clip_text import prompt_embeddings
+
+        model = self.text_encoder.bind(text_params)
+        hidden = self.text_layer != "last"
+        out = model(input_ids, output_hidden_states=hidden)
+        norm = model.text_model.final_layer_norm if hidden else None
+        ctx = prompt_embeddings(out, layer=self.text_layer, final_layer_norm=norm)
+        return ctx.astype(jnp.float32)
+
+    def unet_apply(self, unet_params, latents, timesteps, context, member_mask) -> jax.Array:
+        """(B, N, h, w, 2C+1), (B,), (B, N, T, D), (B, N) -> prediction (B, N, h, w, C) float32."""
+        return self.unet.bind(unet_params)(latents, timesteps, context, member_mask)
+
+
+@dataclasses.dataclass
+class Bundle:
+    models: Models
+    unet_params: Any | None  # loaded (sharded) UNet params, or None when randomly initialized
+    unet_init: Callable[[jax.Array], Any] | None  # key -> params (traceable), for random init
+    frozen: dict  # {'vae': ..., 'text_encoder': ...}
+    frozen_shardings: dict
+    tokenizer: Callable[[list[str]], Any] | None
+    source: str  # "random" or the folder
+
+
+def _unet_kwargs(model_cfg) -> dict:
+    return dict(dtype=dtype_of(model_cfg.dtype), attention_kernel=model_cfg.attention_kernel, remat=model_cfg.remat)
+
+
+def configs_from_dicts(model_cfg):
+    """(UNetConfig, VAEConfig, CLIPTextConfig) of the random-init description in the config."""
+    from jedi_jax.models.clip_text import CLIPTextConfig
+    from jedi_jax.models.unet import UNetConfig
+    from jedi_jax.models.vae import VAEConfig
+
+    return (UNetConfig.from_diffusers(model_cfg.unet.to_dict()), VAEConfig.from_diffusers(model_cfg.vae.to_dict()),
+            CLIPTextConfig.from_transformers(model_cfg.text_encoder.to_dict()))
+
+
+def _factories(model_cfg, unet_config, vae_config, text_config):
+    from jedi_jax.models.clip_text import CLIPTextModel
+    from jedi_jax.models.unet import UNet
+    from jedi_jax.models.vae import AutoencoderKL
+
+    ukw = _unet_kwargs(model_cfg)
+    return (lambda r: UNet(unet_config, rngs=r, **ukw),
+            lambda r: AutoencoderKL(vae_config, dtype=dtype_of(model_cfg.vae_dtype), rngs=r),
+            lambda r: CLIPTextModel(text_config, dtype=dtype_of(model_cfg.dtype), rngs=r))
+
+
+def check_compatible(unet_config, vae_config, text_config) -> None:
+    """The sizes that must agree for JeDi training (raises ValueError naming both sides)."""
+    c = vae_config.latent_channels
+    if unet_config.in_channels != num_input_channels(c):
+        raise ValueError(f"unet.in_channels={unet_config.in_channels} must be 2*latent_channels+1="
+                         f"{num_input_channels(c)} (JeDi input: noisy | known-mask | reference latents)")
+    if unet_config.out_channels != c:
+        raise ValueError(f"unet.out_channels={unet_config.out_channels} must equal vae.latent_channels={c}")
+    bad = [d for d in unet_config.cross_attention_dim if d != text_config.hidden_size]
+    if bad:
+        raise ValueError(f"unet.cross_attention_dim={unet_config.cross_attention_dim} must equal "
+                         f"text_encoder.hidden_size={text_config.hidden_size}")
+
+
+COMPONENTS = ("unet", "vae", "text_encoder")
+_KINDS = {"unet": "unet", "vae": "vae", "text_encoder": "clip_text"}
+
+
+def build(model_cfg, *, mesh, rules, seed: int, load_unet: bool = True) -> Bundle:
+    """Builds the networks of `model_cfg`.
+
+    Each of unet / vae / text_encoder comes from the converted folder `model_cfg.pretrained` when
+    the folder has it (its config.json wins over the config's dict), else it is randomly
+    initialized from `model_cfg.<name>` -- e.g. the mini world: a trained VAE folder
+    (jedi_jax.train.vae_trainer's vae_export/) with a random UNet and text encoder. A loaded UNet
+    with fewer input channels than 2C+1 is widened with zero weights (JeDi from SD).
+    load_unet=False skips reading the UNet's weights (a resumed run restores them from its checkpoint).
+    """
+    folder = Path(model_cfg.pretrained) if model_cfg.pretrained else None
+    kinds = {}
+    if folder is not None:
+        from jedi_jax.convert.pipeline_folder import read_model_index
+
+        kinds = read_model_index(folder)
+        for name in COMPONENTS:
+            if name in kinds and kinds[name] != _KINDS[name]:
+                raise ValueError(f"{folder}: component {name!r} is a {kinds[name]!r}, expected {_KINDS[name]!r}")
+    random_cfgs = dict(zip(COMPONENTS, configs_from_dicts(model_cfg)))
+    configs, loaded_from = {}, {}
+    for name in COMPONENTS:
+        if name in kinds:
+            from jedi_jax.convert import components as comp
+
+            configs[name] = comp.config_from_dict(kinds[name], comp.read_config(folder / name))
+            loaded_from[name] = str(folder)
+        else:
+            configs[name] = random_cfgs[name]
+            if folder is not None:
+                log.warning("%s has no %r component: random init from config.model.%s", folder, name, name)
+    want_in = num_input_channels(configs["vae"].latent_channels)
+    unet_src = configs["unet"]
+    if "unet" in loaded_from and unet_src.in_channels != want_in:
+        configs["unet"] = dataclasses.replace(unet_src, in_channels=want_in)
+    check_compatible(configs["unet"], configs["vae"], configs["text_encoder"])
+
+    factories = dict(zip(COMPONENTS, _factories(model_cfg, configs["unet"], configs["vae"], configs["text_encoder"])))
+    functionals = {n: Functional.abstract(f) for n, f in factories.items()}
+    shardings = {n: shd.param_shardings(fm.param_shapes(), mesh, rules) for n, fm in functionals.items()}
+    keys = dict(zip(COMPONENTS, jax.random.split(jax.random.fold_in(jax.random.key(seed), 1), 3)))
+    params: dict[str, Any] = {}
+    for name in ("vae", "text_encoder"):
+        if name in loaded_from:
+            params[name] = _load(folder, name, model_cfg, shardings[name])
+        else:
+            params[name] = jax.jit(nnx_init_fn(factories[name]), out_shardings=shardings[name])(keys[name])
+    unet_params, unet_init = None, None
+    if "unet" in loaded_from and not load_unet:
+        pass
+    elif "unet" in loaded_from:
+        if unet_src.in_channels == want_in:
+            unet_params = _load(folder, "unet", model_cfg, shardings["unet"])
+        else:  # SD text-to-image UNet: 4 -> 2C+1 input channels, new weights zero
+            log.info("widening unet conv_in %d -> %d input channels (zero-init)", unet_src.in_channels, want_in)
+            src_shapes = Functional.abstract(_factories(model_cfg, unet_src, configs["vae"],
+                                                        configs["text_encoder"])[0]).param_shapes()
+            src = _load(folder, "unet", model_cfg, shd.param_shardings(src_shapes, mesh, rules))
+            unet_params = jax.jit(lambda p: widen_conv_in(p, want_in), out_shardings=shardings["unet"])(src)
+    else:
+        unet_init = nnx_init_fn(factories["unet"])
+
+    models = Models(functionals["unet"], functionals["vae"], functionals["text_encoder"], configs["unet"],
+                    configs["vae"], configs["text_encoder"], _text_layer(model_cfg.text_layer))
+    tok_dir = model_cfg.tokenizer
+    if not tok_dir and folder is not None and (folder / "tokenizer").is_dir():
+        tok_dir = str(folder / "tokenizer")
+    tokenizer = _tokenizer(tok_dir, model_cfg.max_text_len, configs["text_encoder"])
+    source = ", ".join(f"{n}: {loaded_from.get(n, 'random')}" for n in COMPONENTS)
+    return Bundle(models, unet_params, unet_init, {n: params[n] for n in ("vae", "text_encoder")},
+                  {n: shardings[n] for n in ("vae", "text_encoder")}, tokenizer, source)
+
+
+def _load(folder: Path, name: str, model_cfg, shardings):
+    """Params of one component of a converted folder (jedi_jax.loading), placed with `shardings`."""
+    from jedi_jax.loading import load_component
+
+    kw = {"dtype": dtype_of(model_cfg.vae_dtype if name == "vae" else model_cfg.dtype)}
+    if name == "unet":
+        kw = _unet_kwargs(model_cfg)
+    return load_component(folder, name, shardings=shardings, **kw).params
+
+
+def _text_layer(value):
+    if isinstance(value, str) and value.lstrip("-").isdigit():
+        return int(value)
+    return value
+
+
+def _tokenizer(folder, max_len: int, text_config):
+    """CLIP tokenizer from `folder`, or the packaged mini-world tokenizer when folder is empty
+    (every mini-world word is one token; for random-weight runs)."""
+    from jedi_jax.data.tokenizer_files import load_tokenizer
+    from jedi_jax.models.tokenizer import tokenize
+
+    tok = load_tokenizer(str(folder) if folder else None)
+    if len(tok) > text_config.vocab_size:
+        raise ValueError(f"tokenizer has {len(tok)} tokens > text_encoder.vocab_size={text_config.vocab_size}")
+    return lambda captions: tokenize(tok, list(captions), max_len)
+
+
+def count(tree) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(tree))
+
+
+__all__ = ["Models", "Bundle", "build", "check_compatible", "configs_from_dicts", "dtype_of"]

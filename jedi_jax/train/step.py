@@ -1,0 +1,183 @@
+"""The JeDi train step: one jitted, sharded, donated, ahead-of-time compiled function.
+
+Loss (JeDi, Zeng et al., CVPR 2024, Sec. 3): a set of N images of one subject is a single sample
+of the joint distribution; the UNet (coupled self-attention across the set) denoises all members
+at ONE diffusion time t per set. Personalization is inpainting of the set: a random subset of
+members are references (known), given clean through the 9-channel input
+(`jedi_inputs.unet_input`: [x_t | known-mask | clean reference latents]); the others are
+generated. The denoising loss (epsilon or v, Ho et al. 2020 / Salimans & Ho 2022) is averaged
+over the GENERATED members only -- references and padding members carry no loss:
+
+    x0     = scale(VAE.encode(images))                 (B, N, h, w, C)   (or batch['latents'])
+    t      ~ U{0..T-1}                                 (B,)   one per set
+    x_t    = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
+    pred   = UNet([x_t | ref | x0 * ref], t, CLIP(captions), member_mask)
+    w      = member_mask & ~ref_mask                    (B, N)
+    loss   = sum_{b,n} w * mean_{h,w,c} (pred - target)^2 / sum w
+
+PRNG: the step's key is `fold_in(base_key, state.step)`, so a resumed run draws exactly the
+noise of an uninterrupted one.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jedi_jax.models.jedi_inputs import unet_input
+from jedi_jax.schedulers.schedule import NoiseSchedule, add_noise, v_target
+from jedi_jax.train import state as state_lib
+from jedi_jax.train.models import Models
+
+log = logging.getLogger(__name__)
+
+BATCH_KEYS = ("images", "latents", "input_ids", "member_mask", "ref_mask")
+
+# Dense bf16 peak FLOP/s per chip (no sparsity), matched by substring of `device.device_kind`.
+PEAK_FLOPS = (
+    ("H200", 989e12),
+    ("H100", 989e12),
+    ("A100", 312e12),
+    ("L4", 121e12),
+    ("TPU v6", 918e12),
+    ("TPU v5 lite", 197e12),
+    ("TPU v5e", 197e12),
+    ("TPU v5p", 459e12),
+    ("TPU v5", 459e12),
+    ("TPU v4", 275e12),
+    ("TPU v3", 123e12),
+)
+
+
+def peak_flops_per_chip(device=None) -> float | None:
+    """Peak bf16 FLOP/s of one chip, or None when unknown (CPU)."""
+    device = device or jax.devices()[0]
+    if device.platform == "cpu":
+        return None
+    kind = getattr(device, "device_kind", "")
+    for name, flops in PEAK_FLOPS:
+        if name.lower() in kind.lower():
+            return flops
+    return None
+
+
+def select_batch(batch: dict) -> dict:
+    """The arrays the step consumes (images OR latents, input_ids, member_mask, ref_mask)."""
+    out = {k: batch[k] for k in BATCH_KEYS if k in batch}
+    if "latents" in out:
+        out.pop("images", None)
+    missing = [k for k in ("input_ids", "member_mask", "ref_mask") if k not in out]
+    if missing or not ({"images", "latents"} & out.keys()):
+        raise KeyError(f"batch lacks {missing or ['images or latents']} (has {sorted(batch)})")
+    return out
+
+
+def jedi_loss(models: Models, schedule: NoiseSchedule, prediction_type: str, unet_params, frozen: dict,
+              batch: dict, key: jax.Array) -> tuple[jax.Array, dict]:
+    """The JeDi denoising loss of one batch (see module docstring). Returns (loss, aux)."""
+    member = batch["member_mask"].astype(bool)  # (B, N)
+    ref = batch["ref_mask"].astype(bool) & member  # (B, N)
+    B, N = member.shape
+    k_t, k_noise, k_vae = jax.random.split(key, 3)
+
+    if "latents" in batch:  # precomputed, already scaled
+        x0 = batch["latents"].astype(jnp.float32)  # (B, N, h, w, C)
+    else:
+        images = batch["images"]  # (B, N, H, W, 3)
+        flat = images.reshape((B * N,) + images.shape[2:])  # (B*N, H, W, 3)
+        z = models.encode_images(frozen["vae"], flat, k_vae)  # (B*N, h, w, C)
+        x0 = jax.lax.stop_gradient(z.reshape((B, N) + z.shape[1:]))  # (B, N, h, w, C)
+    ids = batch["input_ids"]  # (B, N, T)
+    ctx = models.encode_text(frozen["text_encoder"], ids.reshape(B * N, ids.shape[-1]))  # (B*N, T, D)
+    ctx = jax.lax.stop_gradient(ctx.reshape((B, N) + ctx.shape[1:]))  # (B, N, T, D)
+
+    t = jax.random.randint(k_t, (B,), 0, schedule.num_train_timesteps)  # (B,) one time per set
+    noise = jax.random.normal(k_noise, x0.shape, jnp.float32)  # (B, N, h, w, C)
+    noisy = add_noise(schedule, x0, noise, t)  # t (B,) broadcasts over (N, h, w, C)
+    x_in = unet_input(noisy, x0, ref)  # (B, N, h, w, 2C+1)
+    if prediction_type == "epsilon":
+        target = noise
+    elif prediction_type == "v_prediction":
+        target = v_target(schedule, x0, noise, t)
+    else:
+        raise ValueError(f"prediction_type={prediction_type!r}: use 'epsilon' or 'v_prediction'")
+
+    pred = models.unet_apply(unet_params, x_in, t, ctx, member)  # (B, N, h, w, C) float32
+    per_member = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=(2, 3, 4))  # (B, N)
+    weight = (member & ~ref).astype(jnp.float32)  # (B, N): generated members only
+    num = jnp.sum(weight)
+    loss = jnp.sum(per_member * weight) / jnp.maximum(num, 1.0)
+    return loss, {"generated": num, "references": jnp.sum(ref.astype(jnp.float32))}
+
+
+def make_train_step(models: Models, schedule: NoiseSchedule, tx: optax.GradientTransformation,
+                    lr_schedule: optax.Schedule, *, prediction_type: str, ema_decay: float) -> Callable:
+    """(state, batch, frozen, base_key) -> (state, metrics). Pure; jit it with `compile_train_step`.
+
+    base_key: uint32 key data (`jax.random.key_data(jax.random.key(seed))`), replicated.
+    """
+
+    def train_step(state: state_lib.TrainState, batch: dict, frozen: dict, base_key: jax.Array):
+        key = jax.random.fold_in(jax.random.wrap_key_data(base_key), state.step)
+        loss_fn = lambda p: jedi_loss(models, schedule, prediction_type, p, frozen, batch, key)  # noqa: E731
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        lr = lr_schedule(state_lib.optimizer_updates(tx, state.opt_state, state.step))
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = state.ema_params
+        if ema is not None:
+            ema = state_lib.ema_update(ema, params, ema_decay, state_lib.did_update(tx, opt_state))
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": jnp.asarray(lr, jnp.float32), **aux}
+        return new_state, metrics
+
+    return train_step
+
+
+def compile_train_step(train_step: Callable, *, abstract_state, state_shardings, abstract_batch: dict,
+                       batch_sharding, abstract_frozen, frozen_shardings, mesh) -> tuple[Any, dict]:
+    """jax.jit with explicit in/out shardings and a donated state, lowered and compiled now.
+
+    abstract_*: ShapeDtypeStruct trees (GLOBAL shapes). Returns (compiled, info) where info has
+    'compile_s' and 'flops' (per device per step, from XLA's cost analysis; None if unavailable).
+    """
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    rep = NamedSharding(mesh, P())
+    batch_sh = {k: batch_sharding for k in abstract_batch}
+    jitted = jax.jit(
+        train_step,
+        in_shardings=(state_shardings, batch_sh, frozen_shardings, rep),
+        out_shardings=(state_shardings, rep),
+        donate_argnums=(0,),
+    )
+    key_spec = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))  # (2,) uint32 for threefry
+    t0 = time.perf_counter()
+    lowered = jitted.lower(abstract_state, abstract_batch, abstract_frozen, key_spec)
+    compiled = lowered.compile()
+    info = {"compile_s": time.perf_counter() - t0, "flops": step_flops(compiled)}
+    return compiled, info
+
+
+def step_flops(compiled) -> float | None:
+    """FLOPs of one step on one device, from XLA's cost analysis of the (partitioned) program."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # some backends do not implement it
+        return None
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    if not cost or "flops" not in cost:
+        return None
+    flops = float(cost["flops"])
+    return flops if flops > 0 else None
+
+
+def abstract_batch(local_batch: dict, process_count: int) -> dict:
+    """Global ShapeDtypeStructs of a batch whose process-local leading dim is B / process_count."""
+    return {k: jax.ShapeDtypeStruct((v.shape[0] * process_count,) + tuple(v.shape[1:]), v.dtype)
+            for k, v in local_batch.items()}

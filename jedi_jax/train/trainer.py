@@ -1,0 +1,359 @@
+"""The JeDi training loop (big_vision / MaxDiffusion style): validate, build, restore-or-init,
+compile ahead of time, loop, checkpoint, exit cleanly on SIGTERM.
+
+    from jedi_jax.train.trainer import train
+    result = train(config, "runs/tiny")     # what `python -m jedi_jax.train` calls
+
+Outputs in WORKDIR:
+    checkpoints/<step>/    orbax checkpoints (state, config JSON, data iterator state)
+    metrics.jsonl          one JSON object per log line (process 0)
+    tb/                    TensorBoard event files (process 0)
+    samples/               sample grids, when `sample.every` > 0 (jedi_jax.train.hooks.sample_grid)
+
+A run in a WORKDIR that holds a checkpoint resumes from the latest one: train state, data position
+and PRNG stream (keys are fold_in(base_key, step)) continue exactly, so an interrupted run ends with
+the parameters an uninterrupted one would have.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from jedi_jax.train import checkpoint as ckpt_lib
+from jedi_jax.train import models as models_lib
+from jedi_jax.train import sharding as shd
+from jedi_jax.train import state as state_lib
+from jedi_jax.train import step as step_lib
+
+log = logging.getLogger("jedi_jax.train")
+
+
+# ----------------------------------------------------------------------------- config checks
+
+
+def validate_config(config) -> None:
+    """Checks that do not need the models (run before anything is built). Raises ValueError."""
+    t, d, m, c = config.train, config.data, config.mesh, config.checkpoint
+    errors = []
+    if t.steps < 1:
+        errors.append(f"train.steps={t.steps} must be >= 1")
+    if t.grad_accum < 1:
+        errors.append(f"train.grad_accum={t.grad_accum} must be >= 1")
+    if t.decay not in ("cosine", "constant"):
+        errors.append(f"train.decay={t.decay!r} must be 'cosine' or 'constant'")
+    if not 0.0 <= t.ema_decay < 1.0:
+        errors.append(f"train.ema_decay={t.ema_decay} must be in [0, 1)")
+    if t.log_every < 1 or c.every < 1:
+        errors.append("train.log_every and checkpoint.every must be >= 1")
+    if config.schedule.prediction_type not in ("epsilon", "v_prediction"):
+        errors.append(f"schedule.prediction_type={config.schedule.prediction_type!r}")
+    if d.set_size < 1 or d.batch_size < 1:
+        errors.append("data.set_size and data.batch_size must be >= 1")
+    if not d.source:
+        errors.append("data.source is empty: set e.g. --config.data.source=array_record:/data/sets "
+                      "(or mini_world)")
+    if d.batch_size % jax.process_count():
+        errors.append(f"data.batch_size={d.batch_size} must be divisible by the {jax.process_count()} processes")
+    if len(m.axes) != len(m.shape):
+        errors.append(f"mesh.shape={tuple(m.shape)} must have one entry per mesh.axes={tuple(m.axes)}")
+    try:
+        shd.check_rules(m.rules, m.axes)
+    except ValueError as e:
+        errors.append(str(e))
+    if m.dcn_shape and len(m.dcn_shape) != len(m.axes):
+        errors.append(f"mesh.dcn_shape={tuple(m.dcn_shape)} must have one entry per mesh axis")
+    if c.best_mode not in ("min", "max"):
+        errors.append(f"checkpoint.best_mode={c.best_mode!r}")
+    if config.sample.every > 0 and load_sample_hook() is None:
+        errors.append("sample.every > 0 but jedi_jax.train.hooks (sample_grid) does not exist; set sample.every=0")
+    if errors:
+        raise ValueError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def validate_models(config, models: models_lib.Models, mesh) -> None:
+    """Checks that need the resolved model configs and the mesh."""
+    d = config.data
+    errors = []
+    f = models.vae_factor
+    levels = len(models.unet_config.block_out_channels) - 1
+    if d.image_size % (f * 2 ** levels):
+        errors.append(f"data.image_size={d.image_size} must be divisible by vae factor {f} x 2^{levels} UNet "
+                      f"downsamplings = {f * 2 ** levels}")
+    if config.model.max_text_len > models.text_config.max_position_embeddings:
+        errors.append(f"model.max_text_len={config.model.max_text_len} > text encoder's "
+                      f"max_position_embeddings={models.text_config.max_position_embeddings}")
+    div = shd.batch_divisor(mesh, config.mesh.rules)
+    if d.batch_size % div:
+        errors.append(f"data.batch_size={d.batch_size} must be divisible by the {div} devices of the batch axes")
+    if errors:
+        raise ValueError("invalid config:\n  " + "\n  ".join(errors))
+
+
+# ----------------------------------------------------------------------------- sample-grid seam
+
+
+def load_sample_hook() -> Callable | None:
+    """`jedi_jax.train.hooks.sample_grid` if that module exists (written with the sampler), else None.
+
+    Called as sample_grid(step=, workdir=, config=, models=, unet_params=, frozen=, batch=,
+    tokenizer=, mesh=) -> path of the written grid (or None); `batch` is this process's numpy batch
+    (references + captions to personalize from), `unet_params` the EMA params when enabled.
+    """
+    try:
+        module = importlib.import_module("jedi_jax.train.hooks")
+    except ModuleNotFoundError as e:
+        if e.name in ("jedi_jax.train.hooks",):
+            return None
+        raise
+    return getattr(module, "sample_grid", None)
+
+
+# ----------------------------------------------------------------------------- metrics output
+
+
+class MetricsWriter:
+    """metrics.jsonl + TensorBoard (process 0 only; other processes write nothing)."""
+
+    def __init__(self, workdir: Path, enabled: bool):
+        self.enabled = enabled
+        self._jsonl = open(workdir / "metrics.jsonl", "a") if enabled else None
+        self._tb = None
+        if enabled:
+            try:
+                from tensorboardX import SummaryWriter
+
+                self._tb = SummaryWriter(str(workdir / "tb"))
+            except ImportError:  # pragma: no cover
+                log.warning("tensorboardX is not installed: no TensorBoard logs")
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step), **{k: (None if v is None else float(v)) for k, v in scalars.items()}}
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in scalars.items():
+                if v is not None and math.isfinite(v):
+                    self._tb.add_scalar(f"train/{k}", v, step)
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._jsonl:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _fmt_time(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(config, workdir: str | Path) -> dict[str, Any]:
+    """Trains `config` in `workdir` (resuming from its latest checkpoint). Returns a summary dict:
+    {'status': 'done' | 'preempted', 'step', 'loss', 'steps_per_s', 'sets_per_s', 'compile_s', ...}."""
+    config.lock()  # unknown keys are errors from here on
+    validate_config(config)
+    guard = ckpt_lib.PreemptionGuard(config.checkpoint.preemption_sync_every)  # SIGTERM from here on: flag
+    try:
+        return _train(config, workdir, guard)
+    finally:
+        guard.restore_handlers()
+
+
+def _train(config, workdir, guard: ckpt_lib.PreemptionGuard) -> dict[str, Any]:
+    workdir = Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    is_main = jax.process_index() == 0
+    pc = jax.process_count()
+
+    mesh = shd.mesh_from_config(config.mesh)
+    rules = tuple(tuple(r) for r in config.mesh.rules)
+    log.info("mesh %s over %d devices (%d processes), %s", dict(mesh.shape), mesh.size, pc, jax.devices()[0].device_kind)
+
+    ck = config.checkpoint
+    checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=ck.keep, keep_best=ck.keep_best,
+                                         best_metric=ck.best_metric, best_mode=ck.best_mode,
+                                         async_save=ck.async_save)
+    latest = checkpointer.latest_step()
+    bundle = models_lib.build(config.model, mesh=mesh, rules=rules, seed=config.seed, load_unet=latest is None)
+    models = bundle.models
+    validate_models(config, models, mesh)
+    from jedi_jax.schedulers.schedule import NoiseScheduleConfig, make_schedule
+
+    schedule = make_schedule(NoiseScheduleConfig(**config.schedule.to_dict()))
+    tx, lr_schedule = state_lib.make_optimizer(config.train)
+    ema = config.train.ema_decay > 0
+    init_key, step_key = jax.random.split(jax.random.key(config.seed))
+
+    # Abstract-first: shapes and shardings of the whole state before any array exists.
+    create = lambda p: state_lib.create_state(p, tx, ema)  # noqa: E731
+    abstract = jax.eval_shape(create, models.unet.param_shapes())
+    state_sh = state_lib.state_shardings_for(abstract, tx, mesh, rules)
+    log.info("UNet: %.2fM trainable params (%s); frozen VAE %.2fM, text encoder %.2fM",
+             models_lib.count(abstract.params) / 1e6, bundle.source,
+             models_lib.count(bundle.frozen["vae"]) / 1e6, models_lib.count(bundle.frozen["text_encoder"]) / 1e6)
+
+    loader = _make_loader(config, bundle)
+    resolved_config = ckpt_lib.config_to_json(config)
+    if latest is not None:
+        t0 = time.perf_counter()
+        state, saved_config, data_state = checkpointer.restore(latest, shd.with_shardings(abstract, state_sh))
+        if data_state:
+            loader.set_state(data_state)
+        _log_config_changes(saved_config, resolved_config)
+        log.info("resumed from %s/checkpoints/%d in %.1fs", workdir, latest, time.perf_counter() - t0)
+    elif bundle.unet_params is not None:  # loaded (and widened) weights: optimizer state + EMA born sharded
+        state = jax.jit(create, out_shardings=state_sh)(bundle.unet_params)
+    else:  # random init, created directly in its shardings
+        state = jax.jit(lambda k: create(bundle.unet_init(k)), out_shardings=state_sh)(init_key)
+    bundle.unet_params = None  # the state owns the params now
+    step = int(jax.device_get(state.step))
+
+    summary: dict[str, Any] = {"status": "done", "step": step, "workdir": str(workdir)}
+    total = int(config.train.steps)
+    if step >= total:
+        log.info("step %d >= train.steps %d: nothing to do", step, total)
+        checkpointer.close()
+        _close(loader)
+        return summary
+
+    # Ahead-of-time compilation on the first batch's shapes.
+    bsh = shd.batch_sharding(mesh, rules)
+    first = step_lib.select_batch(next(loader))
+    train_step = step_lib.make_train_step(models, schedule, tx, lr_schedule,
+                                          prediction_type=config.schedule.prediction_type,
+                                          ema_decay=float(config.train.ema_decay))
+    compiled, info = step_lib.compile_train_step(
+        train_step, abstract_state=abstract, state_shardings=state_sh,
+        abstract_batch=step_lib.abstract_batch(first, pc), batch_sharding=bsh,
+        abstract_frozen=jax.eval_shape(lambda f: f, bundle.frozen), frozen_shardings=bundle.frozen_shardings,
+        mesh=mesh)
+    peak = float(config.train.peak_flops_per_chip) or step_lib.peak_flops_per_chip()
+    flops = info["flops"]
+    log.info("compiled train step in %.1fs; %s GFLOP/step/device; peak %s", info["compile_s"],
+             "?" if flops is None else f"{flops / 1e9:.2f}", "n/a (cpu)" if peak is None else f"{peak / 1e12:.0f} TFLOP/s")
+    summary.update(compile_s=info["compile_s"], flops_per_step_per_device=flops)
+
+    base_key = jax.device_put(jax.random.key_data(step_key), shd.replicated(mesh))
+    frozen = bundle.frozen
+    writer = MetricsWriter(workdir, enabled=is_main)
+    hook = load_sample_hook() if config.sample.every > 0 else None
+    sets_per_step = int(config.data.batch_size)
+    images_per_step = sets_per_step * int(config.data.set_size)
+
+    def save(at_step: int, loss: float | None) -> None:
+        checkpointer.save(at_step, state, config=resolved_config, data_state=loader.get_state(),
+                          metrics=None if loss is None else {ck.best_metric: loss})
+
+    pending: list = []  # device metrics since the last log line
+    window_losses: list[float] = []
+    last_saved = step if latest is not None else -1
+    t_log, step_log, t_start, step_start = time.perf_counter(), step, time.perf_counter(), step
+    batch_np = first
+    if guard.should_stop(step, sync=True):  # SIGTERM during start-up: nothing new to save
+        log.warning("pre-empted during start-up: exiting at step %d without training", step)
+        summary["status"] = "preempted"
+        total = step
+    try:
+        while step < total:
+            batch = shd.global_batch(batch_np, bsh)
+            state, metrics = compiled(state, batch, frozen, base_key)
+            step += 1
+            pending.append(metrics)
+
+            if step % config.train.log_every == 0 or step == total:
+                values = jax.device_get(pending)
+                pending = []
+                now = time.perf_counter()
+                sps = (step - step_log) / max(now - t_log, 1e-9)
+                t_log, step_log = now, step
+                mean = {k: float(np.mean([v[k] for v in values])) for k in values[0]}
+                window_losses.append(mean["loss"])
+                row = {"loss": mean["loss"], "lr": values[-1]["lr"], "grad_norm": mean["grad_norm"],
+                       "steps_per_s": sps, "sets_per_s": sps * sets_per_step,
+                       "images_per_s_per_chip": sps * images_per_step / mesh.size,
+                       "mfu": (flops * sps / peak) if (flops and peak) else None}
+                writer.write(step, row)
+                eta = (total - step) / max(sps, 1e-9)
+                if is_main:
+                    mfu = "n/a" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
+                    log.info("step %d/%d | loss %.4f | lr %.2e | gnorm %.3f | %.2f steps/s | %.1f sets/s | "
+                             "%.1f img/s/chip | MFU %s | ETA %s", step, total, row["loss"], row["lr"],
+                             row["grad_norm"], sps, row["sets_per_s"], row["images_per_s_per_chip"], mfu,
+                             _fmt_time(eta))
+                summary.update(loss=row["loss"], steps_per_s=sps, sets_per_s=row["sets_per_s"],
+                               images_per_s_per_chip=row["images_per_s_per_chip"], mfu=row["mfu"])
+
+            if step % ck.every == 0 or step == total:
+                save(step, float(np.mean(window_losses)) if window_losses else None)
+                window_losses, last_saved = [], step
+
+            if hook is not None and step % config.sample.every == 0:
+                t_hook = time.perf_counter()
+                params = state.ema_params if (ema and config.sample.use_ema) else state.params
+                out = hook(step=step, workdir=workdir, config=config, models=models, unet_params=params,
+                           frozen=frozen, batch=batch_np, tokenizer=bundle.tokenizer, mesh=mesh)
+                t_log += time.perf_counter() - t_hook  # sampling time is not training throughput
+                if out is not None and is_main:
+                    log.info("step %d: samples -> %s (%.1fs)", step, out, time.perf_counter() - t_hook)
+
+            if guard.should_stop(step):
+                if last_saved != step:
+                    save(step, None)
+                    last_saved = step
+                summary["status"] = "preempted"
+                log.warning("pre-empted: checkpoint of step %d written, exiting", step)
+                break
+            if step < total:
+                batch_np = step_lib.select_batch(next(loader))
+    finally:
+        checkpointer.close()  # waits for pending async saves: checkpoints are complete or absent
+        writer.close()
+        _close(loader)
+    elapsed = time.perf_counter() - t_start
+    summary.update(step=step, wall_s=elapsed,
+                   mean_steps_per_s=(step - step_start) / max(elapsed, 1e-9))
+    if is_main:
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def _make_loader(config, bundle):
+    from jedi_jax.train.data import make_loader
+
+    if bundle.tokenizer is None:
+        raise ValueError("no tokenizer: set model.tokenizer to a CLIP tokenizer folder")
+    return make_loader(config.data, tokenize_fn=bundle.tokenizer, seed=config.seed,
+                       process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def _close(loader) -> None:
+    close = getattr(loader, "close", None)
+    if close:
+        close()
+
+
+def _log_config_changes(saved: dict, current: dict, prefix: str = "") -> None:
+    for k in sorted(set(saved) | set(current)):
+        a, b = saved.get(k), current.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            _log_config_changes(a, b, prefix + k + ".")
+        elif a != b:
+            log.warning("config differs from the checkpoint's: %s%s: %r -> %r", prefix, k, a, b)

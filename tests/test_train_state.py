@@ -1,0 +1,192 @@
+"""Train-step pieces, in process and fast: the JeDi loss masking (Sec. 3: loss on generated members
+only), targets, optimizer schedule, gradient accumulation + EMA, and conv_in widening from a
+converted SD-layout folder (a converted 4-channel model starts as exactly that model)."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from jedi_jax.schedulers.schedule import NoiseScheduleConfig, add_noise, make_schedule, v_target
+from jedi_jax.train import state as state_lib
+from jedi_jax.train import step as step_lib
+
+B, N, H, C = 2, 4, 4, 4
+FROZEN = {"vae": {}, "text_encoder": {}}
+
+
+@dataclasses.dataclass(frozen=True)
+class EchoModels:
+    """Stand-in networks: the 'UNet' returns params['pred'] (so d loss / d pred is observable) and
+    records nothing else; text and VAE are fixed functions."""
+
+    def encode_images(self, vae_params, images, key):
+        return images[..., :1].repeat(C, -1) * 0.5
+
+    def encode_text(self, text_params, ids):
+        return jnp.ones(ids.shape + (3,), jnp.float32)
+
+    def unet_apply(self, params, latents, t, ctx, member_mask):
+        assert latents.shape == (B, N, H, H, 2 * C + 1) and ctx.shape == (B, N, 5, 3) and t.shape == (B,)
+        return params["pred"] + 0.0 * latents[..., :C]
+
+
+def _batch():
+    rng = np.random.default_rng(0)
+    member = np.array([[True, True, True, False], [True, True, True, True]])
+    ref = np.array([[True, False, False, False], [False, True, True, False]])
+    return {"latents": jnp.asarray(rng.normal(size=(B, N, H, H, C)), jnp.float32),
+            "input_ids": jnp.zeros((B, N, 5), jnp.int32), "member_mask": jnp.asarray(member),
+            "ref_mask": jnp.asarray(ref)}
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_loss_only_on_generated_members(prediction_type):
+    schedule = make_schedule(NoiseScheduleConfig())
+    batch = _batch()
+    key = jax.random.key(3)
+    pred = jnp.asarray(np.random.default_rng(1).normal(size=(B, N, H, H, C)), jnp.float32)
+
+    def loss(p):
+        return step_lib.jedi_loss(EchoModels(), schedule, prediction_type, {"pred": p}, FROZEN, batch, key)[0]
+
+    value, grad = jax.value_and_grad(loss)(pred)
+    gen = np.asarray(batch["member_mask"] & ~batch["ref_mask"])  # (B, N)
+    g = np.abs(np.asarray(grad)).sum(axis=(2, 3, 4))
+    assert (g[~gen] == 0).all(), "references / padding must get no gradient"
+    assert (g[gen] > 0).all()
+    # Reproduce the target with the step's own key split: one t per SET.
+    k_t, k_noise, _ = jax.random.split(key, 3)
+    t = jax.random.randint(k_t, (B,), 0, 1000)
+    noise = jax.random.normal(k_noise, batch["latents"].shape)
+    target = noise if prediction_type == "epsilon" else v_target(schedule, batch["latents"], noise, t)
+    per = np.mean((np.asarray(pred) - np.asarray(target)) ** 2, axis=(2, 3, 4))
+    np.testing.assert_allclose(float(value), per[gen].mean(), rtol=1e-6)
+    _, aux = step_lib.jedi_loss(EchoModels(), schedule, prediction_type, {"pred": pred}, FROZEN, batch, key)
+    assert int(aux["generated"]) == gen.sum() and int(aux["references"]) == 3
+
+
+def test_unet_input_carries_references_clean_and_noisy_channel_for_all():
+    schedule = make_schedule(NoiseScheduleConfig())
+    batch = _batch()
+    seen = {}
+
+    @dataclasses.dataclass(frozen=True)
+    class Spy(EchoModels):
+        def unet_apply(self, params, latents, t, ctx, member_mask):
+            seen["x"], seen["t"] = latents, t
+            return params["pred"]
+
+    key = jax.random.key(0)
+    step_lib.jedi_loss(Spy(), schedule, "epsilon", {"pred": jnp.zeros((B, N, H, H, C))}, FROZEN, batch, key)
+    x, x0 = np.asarray(seen["x"]), np.asarray(batch["latents"])
+    ref = np.asarray(batch["ref_mask"] & batch["member_mask"])
+    k_t, k_noise, _ = jax.random.split(key, 3)
+    noisy = add_noise(schedule, batch["latents"], jax.random.normal(k_noise, x0.shape), seen["t"])
+    np.testing.assert_allclose(x[..., :C], np.asarray(noisy), atol=1e-6)  # x_t for every member
+    np.testing.assert_array_equal(x[..., C], np.broadcast_to(ref[:, :, None, None], x.shape[:4]).astype(np.float32))
+    np.testing.assert_array_equal(x[..., C + 1:][ref], x0[ref])  # clean reference latents
+    assert (x[..., C + 1:][~ref] == 0).all()
+
+
+def _train_cfg(**kw):
+    base = dict(lr=1e-2, grad_accum=1, steps=100, warmup_steps=10, decay="cosine", end_lr_factor=0.1,
+                grad_clip=1.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
+    return ml_collections.ConfigDict({**base, **kw})
+
+
+def test_lr_schedule_warmup_then_cosine_or_constant():
+    sched = state_lib.learning_rate_schedule(_train_cfg())
+    np.testing.assert_allclose([float(sched(s)) for s in (0, 4, 9, 10)], [1e-3, 5e-3, 1e-2, 1e-2], rtol=1e-6)
+    np.testing.assert_allclose(float(sched(100)), 1e-3, rtol=1e-5)  # lr * end_lr_factor
+    const = state_lib.learning_rate_schedule(_train_cfg(decay="constant"))
+    assert float(const(50)) == pytest.approx(1e-2)
+    accum = state_lib.learning_rate_schedule(_train_cfg(grad_accum=4))  # horizon in optimizer updates
+    np.testing.assert_allclose(float(accum(25)), 1e-3, rtol=1e-5)
+
+
+def test_grad_accumulation_and_ema_update_only_on_optimizer_steps():
+    cfg = _train_cfg(grad_accum=2, warmup_steps=0, decay="constant")
+    tx, sched = state_lib.make_optimizer(cfg)
+    schedule = make_schedule(NoiseScheduleConfig())
+    step_fn = jax.jit(step_lib.make_train_step(EchoModels(), schedule, tx, sched, prediction_type="epsilon",
+                                               ema_decay=0.5))
+    params = {"pred": jnp.zeros((B, N, H, H, C))}
+    state = state_lib.create_state(params, tx, ema=True)
+    key = jax.random.key_data(jax.random.key(0))
+    history = []
+    for _ in range(4):
+        state, metrics = step_fn(state, _batch(), FROZEN, key)
+        history.append((np.asarray(state.params["pred"]).copy(), np.asarray(state.ema_params["pred"]).copy()))
+        assert np.isfinite(float(metrics["loss"])) and float(metrics["lr"]) == pytest.approx(1e-2)
+    assert int(state.step) == 4
+    (p1, e1), (p2, e2), (p3, e3), (p4, e4) = history
+    assert (p1 == 0).all() and (e1 == 0).all()  # first micro-step: accumulate only
+    assert np.abs(p2).max() > 0 and np.allclose(e2, 0.5 * p2)  # update + EMA
+    np.testing.assert_array_equal(p3, p2)
+    np.testing.assert_array_equal(e3, e2)  # no EMA drift between updates
+    np.testing.assert_allclose(e4, 0.5 * e2 + 0.5 * p4, rtol=1e-6)
+
+
+def _write_t2i_folder(dst):
+    """A converted random-weight text-to-image (4-channel UNet) SD-layout folder. Weights are numpy
+    normals of the right shapes (no XLA compile: initializers do not matter here)."""
+    from jedi_jax.convert import components as comp
+    from jedi_jax.convert.pipeline_folder import write_model_folder
+    from jedi_jax.models.clip_text import CLIPTextConfig
+    from jedi_jax.models.tiny import TINY_WORDS
+    from jedi_jax.models.tokenizer import write_test_tokenizer
+    from jedi_jax.models.unet import UNetConfig
+    from jedi_jax.models.vae import VAEConfig
+
+    configs = {  # the :micro networks, with SD's 4-channel text-to-image UNet input
+        "unet": UNetConfig(in_channels=4, out_channels=4, block_out_channels=(16,),
+                           down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",),
+                           layers_per_block=(1,), transformer_layers_per_block=(1,), num_heads=(2,),
+                           cross_attention_dim=(16,), norm_num_groups=8),
+        "vae": VAEConfig(block_out_channels=(8,), norm_num_groups=4),
+        "text_encoder": CLIPTextConfig(vocab_size=1000, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, max_position_embeddings=8),
+    }
+    kinds = {"unet": "unet", "vae": "vae", "text_encoder": "clip_text"}
+    from jedi_jax.models.functional import Functional
+
+    rng = np.random.default_rng(0)
+    parts = {}
+    for name, cfg in configs.items():
+        shapes = Functional.abstract(comp.model_factory(kinds[name], cfg)).param_shapes()
+        params = jax.tree.map(lambda s: (0.2 * rng.standard_normal(s.shape)).astype(np.float32), shapes)
+        parts[name] = (kinds[name], cfg, params)
+    write_test_tokenizer(dst.parent / "tok", TINY_WORDS)
+    return write_model_folder(dst, parts, extra_folders={"tokenizer": dst.parent / "tok"})
+
+
+def test_widen_conv_in_from_converted_4_channel_folder(tmp_path):
+    """A converted text-to-image (4-channel) SD-layout folder becomes a 9-channel JeDi UNet whose
+    output ignores the new channels at init: it computes what the source model computed."""
+    from configs import sd15
+    from jedi_jax.loading import load_component
+    from jedi_jax.train import models as models_lib
+    from jedi_jax.train import sharding as shd
+
+    folder = _write_t2i_folder(tmp_path / "t2i")
+    cfg = sd15.get_config("micro")
+    cfg.model.pretrained = str(folder)
+    mesh = shd.make_mesh(("data", "fsdp"), (1, 1), devices=jax.devices()[:1])
+    bundle = models_lib.build(cfg.model, mesh=mesh, rules=shd.DEFAULT_RULES, seed=0)
+    assert bundle.unet_init is None and bundle.models.unet_config.in_channels == 9
+    src = load_component(folder, "unet")
+    k_new, k_old = bundle.unet_params["conv_in"]["kernel"], src.params["conv_in"]["kernel"]
+    assert k_new.shape == (3, 3, 9, 16) and k_old.shape == (3, 3, 4, 16)
+    np.testing.assert_array_equal(np.asarray(k_new[:, :, :4]), np.asarray(k_old))
+    assert (np.asarray(k_new[:, :, 4:]) == 0).all()
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1, 2, 8, 8, 4)).astype(np.float32)
+    extra = rng.normal(size=(1, 2, 8, 8, 5)).astype(np.float32)  # mask + reference channels: ignored
+    ctx = rng.normal(size=(1, 2, 8, 16)).astype(np.float32)
+    t = np.array([500])
+    ours = jax.jit(bundle.models.unet_apply)(bundle.unet_params, np.concatenate([x, extra], -1), t, ctx, None)
+    ref = jax.jit(lambda p, *a: src.functional.bind(p)(*a))(src.params, x, t, ctx, None)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=1e-5)
