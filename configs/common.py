@@ -18,15 +18,7 @@ import ml_collections
 
 # Logical axis -> mesh axes (see jedi_jax/train/sharding.py). Data parallel over ('data', 'fsdp'),
 # parameters / moments ZeRO-3-split over 'fsdp' along the `in` dim of linears, `out` dim of convs.
-DEFAULT_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("embed", "fsdp"),
-    ("mlp", None),
-    ("conv_in", None),
-    ("conv_out", "fsdp"),
-    ("vocab", None),
-    ("norm", None),
-)
+from jedi_jax.train.sharding import DEFAULT_RULES  # noqa: E402  (the rules live with the code that applies them)
 
 # Stable Diffusion 1.x scheduler (diffusers scheduler_config.json of runwayml/stable-diffusion-v1-5).
 SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from jedi_jax.assets import DEFAULT_MODEL_DIR
 from jedi_jax.loading import Model, load_model
+from jedi_jax.models.clip_text import encode_prompts
 from jedi_jax.models.vae import scale_latents, unscale_latents
 from jedi_jax.sampling import guidance
 from jedi_jax.sampling.images import from_model_range, labeled_grid, load_reference, to_model_range
@@ -52,14 +53,6 @@ class PipelineOutput:
 def default_model_dir() -> Path:
     """The embedded JeDi-mini shipped with the package."""
     return DEFAULT_MODEL_DIR
-
-
-def encode_text(text_component, input_ids: jnp.ndarray, params, layer: str) -> jnp.ndarray:
-    """input_ids (M, T) -> embeddings (M, T, D) from the CLIP text encoder."""
-    from jedi_jax.models.clip_text import prompt_embeddings
-
-    outputs = text_component.functional.bind(params)(input_ids, output_hidden_states=(layer != "last"))
-    return prompt_embeddings(outputs, layer=layer)
 
 
 class JeDiPipeline:
@@ -102,9 +95,10 @@ class JeDiPipeline:
         """ref_images (B, N, H, W, 3) in [-1, 1]; input_ids (B, N, T); masks (B, N) -> images (B, N, H, W, 3)."""
         unet, vae, text = self.model.unet, self.model.vae, self.model.text_encoder
         b, n, t = input_ids.shape
-        context = encode_text(text, input_ids.reshape(b * n, t), params["text_encoder"], self.text_layer)
+        text_model = text.functional.bind(params["text_encoder"])
+        context = encode_prompts(text_model, input_ids.reshape(b * n, t), self.text_layer)
         context = context.reshape(b, n, t, -1)  # (B, N, T, D)
-        empty = encode_text(text, empty_ids, params["text_encoder"], self.text_layer)  # (1, T, D)
+        empty = encode_prompts(text_model, empty_ids, self.text_layer)  # (1, T, D)
         context_empty = jnp.broadcast_to(empty[None], context.shape)  # (B, N, T, D)
 
         vae_module = vae.functional.bind(params["vae"])

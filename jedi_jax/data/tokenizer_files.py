@@ -21,6 +21,8 @@ import string
 import sys
 from typing import Iterable, Sequence
 
+from jedi_jax.models.tokenizer import bpe_merge
+
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
 EOW = "</w>"
@@ -33,25 +35,8 @@ PACKAGED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 
 
 def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
-    """CLIP's BPE of one lower-case word: symbols = chars, last one with </w>; merge best pair."""
-    symbols = list(word[:-1]) + [word[-1] + EOW]
-    while len(symbols) > 1:
-        pairs = [(ranks.get((a, b), None), i) for i, (a, b) in enumerate(zip(symbols, symbols[1:]))]
-        pairs = [(r, i) for r, i in pairs if r is not None]
-        if not pairs:
-            break
-        best = min(pairs)[0]
-        a, b = next((symbols[i], symbols[i + 1]) for r, i in pairs if r == best)
-        out, i = [], 0
-        while i < len(symbols):  # merge every occurrence of the pair, left to right
-            if i < len(symbols) - 1 and symbols[i] == a and symbols[i + 1] == b:
-                out.append(a + b)
-                i += 2
-            else:
-                out.append(symbols[i])
-                i += 1
-        symbols = out
-    return symbols
+    """CLIP's BPE of one lower-case word: symbols = chars, the last one with </w>, then the merge loop."""
+    return bpe_merge(list(word[:-1]) + [word[-1] + EOW], ranks)
 
 
 def build_vocab(words: Iterable[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:

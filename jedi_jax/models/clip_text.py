@@ -263,6 +263,15 @@ def prompt_embeddings(outputs: CLIPTextOutput, layer: str | int = "last", apply_
     return h
 
 
+def encode_prompts(model: "CLIPTextModel", input_ids: jax.Array, layer: str | int = "last") -> jax.Array:
+    """Token ids (M, T) -> the UNet's cross-attention context (M, T, D) in float32, taken at `layer`
+    (see prompt_embeddings). The one place pipelines and training turn prompts into context."""
+    hidden = layer != "last"
+    outputs = model(input_ids, output_hidden_states=hidden)
+    norm = model.text_model.final_layer_norm if hidden else None
+    return prompt_embeddings(outputs, layer=layer, final_layer_norm=norm).astype(jnp.float32)
+
+
 def pooled_text_embeds(outputs: CLIPTextOutput) -> jax.Array:
     """SDXL's pooled conditioning: `text_embeds` of text_encoder_2 (B, projection_dim)."""
     if outputs.text_embeds is None:
@@ -271,4 +280,4 @@ def pooled_text_embeds(outputs: CLIPTextOutput) -> jax.Array:
 
 
 __all__ = ["CLIPTextConfig", "CLIPTextOutput", "CLIPTextModel", "CLIPTextModelWithProjection",
-           "prompt_embeddings", "pooled_text_embeds", "attention_mask_2d"]
+           "prompt_embeddings", "encode_prompts", "pooled_text_embeds", "attention_mask_2d"]

@@ -48,7 +48,7 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs)))
 
 
-def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+def bpe_merge(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     """The BPE merge loop (lowest rank first, all occurrences), as CLIP's tokenizer runs it."""
     while len(symbols) > 1:
         pairs = {(a, b) for a, b in zip(symbols, symbols[1:])}
@@ -96,7 +96,7 @@ def write_test_tokenizer(directory: str | os.PathLike, words: Sequence[str]) -> 
     for _ in range(100):
         done = True
         for w, syms in encoded.items():
-            pieces = _bpe(syms[:-1] + [syms[-1] + EOW], ranks)
+            pieces = bpe_merge(syms[:-1] + [syms[-1] + EOW], ranks)
             if len(pieces) > 1:
                 done = False
                 acc = pieces[0]

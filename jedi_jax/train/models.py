@@ -70,14 +70,9 @@ class Models:
 
     def encode_text(self, text_params, input_ids: jax.Array) -> jax.Array:
         """input_ids (M, T) int -> cross-attention context (M, T, D) float32."""
-        from jedi_jax.models.clip_text import prompt_embeddings
+        from jedi_jax.models.clip_text import encode_prompts
 
-        model = self.text_encoder.bind(text_params)
-        hidden = self.text_layer != "last"
-        out = model(input_ids, output_hidden_states=hidden)
-        norm = model.text_model.final_layer_norm if hidden else None
-        ctx = prompt_embeddings(out, layer=self.text_layer, final_layer_norm=norm)
-        return ctx.astype(jnp.float32)
+        return encode_prompts(self.text_encoder.bind(text_params), input_ids, self.text_layer)
 
     def unet_apply(self, unet_params, latents, timesteps, context, member_mask) -> jax.Array:
         """(B, N, h, w, 2C+1), (B,), (B, N, T, D), (B, N) -> prediction (B, N, h, w, C) float32."""
