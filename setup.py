@@ -10,12 +10,14 @@ setup(
     include_package_data=True,
     python_requires=">=3.11",
     install_requires=[
-        "jax>=0.10",
-        "flax>=0.12.8",
-        "optax>=0.2.8",
-        "orbax-checkpoint>=0.12",
+        # Tested with jax 0.10.2, flax 0.12.8, optax 0.2.8, orbax 0.12.8; the bounds keep CI on
+        # minor versions whose NNX / orbax APIs we use.
+        "jax>=0.10,<0.12",
+        "flax>=0.12.8,<0.14",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12,<0.13",
         "ml_collections>=1.1",
-        "transformers>=5.0",  # tokenizer only: transformers v5 has no Flax models
+        "transformers>=5.0,<6",  # tokenizer only: transformers v5 has no Flax models
         "safetensors>=0.5",
         "array_record>=0.8",
         "numpy",
