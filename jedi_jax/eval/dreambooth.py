@@ -67,7 +67,7 @@ class DreamBooth:
     """Finetunes `pipe`'s UNet on (images, captions); one compiled train step reused for every subject."""
 
     def __init__(self, pipe, *, steps: int = 200, lr: float = 5e-5, seed: int = 0):
-        from jedi_jax.pipeline import encode_text
+        from jedi_jax.models.clip_text import encode_prompts
         from jedi_jax.models.vae import scale_latents
 
         self.pipe, self.steps, self.lr, self.seed = pipe, int(steps), float(lr), int(seed)
@@ -89,7 +89,7 @@ class DreamBooth:
             (k, 1, h, w, C) and caption embeddings (k, 1, T, D), computed once per subject."""
             mean, _ = model.vae.functional.bind(vae_params).encode(images)
             latents = scale_latents(mean.astype(jnp.float32), model.vae.config)
-            context = encode_text(model.text_encoder, input_ids, text_params, pipe.text_layer)
+            context = encode_prompts(model.text_encoder.functional.bind(text_params), input_ids, pipe.text_layer)
             return latents[:, None], context.astype(jnp.float32)[:, None]
 
         self._jitted = jax.jit(train_step)
