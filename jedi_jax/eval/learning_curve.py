@@ -1,0 +1,89 @@
+"""The learning curve of the real metric: normalized encoder identity of a run's checkpoints.
+
+    python -m jedi_jax.eval.learning_curve --workdir runs/mini [--steps 1250,1500,2000] [--subjects 8]
+
+For each checkpoint (default: all in WORKDIR/checkpoints) the EMA UNet is evaluated with
+`minibench.quick_identity` (k = 3 references, held-out prompts, 20 DDIM steps) inside ONE pipeline
+(the sampler compiles once; only the UNet parameters change). Writes WORKDIR/identity_curve.json
+and identity_curve.png (normalized identity and background/placement accuracy against steps, with
+the training loss from metrics.jsonl on a second axis).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def checkpoint_unet(workdir: Path, step: int) -> dict:
+    """The EMA UNet params of checkpoint `step`, through the exporter (strict restore)."""
+    from jedi_jax.loading import load_component
+    from jedi_jax.train.export import export_run
+
+    with tempfile.TemporaryDirectory() as tmp:
+        export_run(workdir, Path(tmp) / "m", step=step, log=lambda *_: None)
+        return load_component(Path(tmp) / "m", "unet").params
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--steps", default="", help="comma-separated checkpoint steps (default: all)")
+    p.add_argument("--subjects", type=int, default=8)
+    p.add_argument("--sampling-steps", type=int, default=20)
+    args = p.parse_args(argv)
+
+    from jedi_jax.eval.minibench import quick_identity
+    from jedi_jax.pipeline import JeDiPipeline
+    from jedi_jax.train.checkpoint import Checkpointer
+    from jedi_jax.train.export import export_run
+
+    workdir = Path(args.workdir)
+    ck = Checkpointer(workdir / "checkpoints", async_save=False)
+    steps = [int(s) for s in args.steps.split(",") if s] or ck.all_steps()
+    ck.close()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        base = export_run(workdir, Path(tmp) / "latest", step=max(steps), log=lambda *_: None)
+        pipe = JeDiPipeline.from_pretrained(base, max_references=3)
+        for step in sorted(steps):
+            params = checkpoint_unet(workdir, step)
+            r = quick_identity(pipe, n_subjects=args.subjects, steps=args.sampling_steps, unet_params=params)
+            rows.append(dict(step=step, **{k: float(v) for k, v in r.items() if np.isscalar(v)}))
+            print(json.dumps(rows[-1]), flush=True)
+    (workdir / "identity_curve.json").write_text(json.dumps(rows, indent=2))
+    _plot(workdir, rows)
+    print(f"wrote {workdir / 'identity_curve.json'} and identity_curve.png")
+    return 0
+
+
+def _plot(workdir: Path, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    steps = [r["step"] for r in rows]
+    ax.plot(steps, [r["normalized"] for r in rows], "o-", label="normalized identity (k=3)")
+    for key in ("background_acc", "placement_acc"):
+        if key in rows[0]:
+            ax.plot(steps, [r[key] for r in rows], "s--", label=key.replace("_", " "))
+    ax.set_xlabel("training step")
+    ax.axhline(0, color="grey", lw=0.5)
+    metrics = workdir / "metrics.jsonl"
+    if metrics.exists():
+        train = [json.loads(l) for l in metrics.read_text().splitlines() if '"loss"' in l]
+        ax2 = ax.twinx()
+        ax2.plot([t["step"] for t in train], [t["loss"] for t in train], color="grey", alpha=0.4, label="loss")
+        ax2.set_ylabel("training loss")
+    ax.legend(loc="upper left", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(workdir / "identity_curve.png", dpi=120)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
