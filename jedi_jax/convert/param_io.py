@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Iterator, Mapping
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
-from jedi_jax.convert.torch_naming import ConversionError, flatten, unflatten
+from jedi_jax.convert.torch_naming import ConversionError, flatten
 
 
 def _str_keys(tree: Mapping) -> dict[str, object]:
@@ -95,6 +94,3 @@ def atomic_directory(dst: str | os.PathLike, *, overwrite: bool = False) -> Iter
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
-
-def to_numpy_tree(params: Mapping) -> dict:
-    return unflatten({p: np.asarray(v) for p, v in flatten(params).items()})

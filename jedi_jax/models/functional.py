@@ -48,9 +48,5 @@ class Functional:
         return nnx.merge(self.graphdef, state)
 
 
-def init_params(factory: Callable[[nnx.Rngs], nnx.Module], seed: int = 0) -> tuple[Functional, Params]:
-    return Functional.create(factory, seed)
-
-
 def count_params(params: Params) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(params))
