@@ -16,7 +16,7 @@ from jedi_jax.convert.torch_naming import torch_to_params
 from jedi_jax.models.clip_text import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, pooled_text_embeds,
                                        prompt_embeddings)
 from jedi_jax.models.functional import Functional
-from jedi_jax.models.tokenizer import load_tokenizer, tokenize, write_test_tokenizer
+from jedi_jax.models.tokenizer import CachedTokenize, load_tokenizer, tokenize, write_test_tokenizer
 
 TOL = 1e-4
 VOCAB = 100
@@ -151,6 +151,17 @@ def test_test_tokenizer_one_token_per_word(tmp_path):
     long = tokenize(tok, [" ".join(["dog"] * 20)], max_length=8)[0]  # truncation keeps eos last
     assert long.tolist() == [tok.bos_token_id] + [vocab["dog</w>"]] * 6 + [tok.eos_token_id]
 
+
+
+def test_cached_tokenize_equals_tokenize(tmp_path):
+    write_test_tokenizer(tmp_path, WORDS)
+    tok = load_tokenizer(tmp_path)
+    prompts = ["a photo of sks dog", "zebra", "a photo of sks dog", "dog dog", "zebra"]
+    cached = CachedTokenize(tok, max_length=10, max_entries=2)
+    for _ in range(2):  # cold, then from the memo (which is full at 2 entries: the third is recomputed)
+        np.testing.assert_array_equal(cached(prompts), tokenize(tok, prompts, max_length=10))
+    assert len(cached._rows) == 2
+    assert cached("zebra").shape == (1, 10) and cached([]).shape == (0, 10)
 
 def test_real_prompts_through_both_encoders(tmp_path):
     """SD1 (last), SD2/clip_skip (penultimate + final LN) and SDXL (penultimate, no LN; pooled text_embeds)."""

@@ -226,12 +226,12 @@ def _tokenizer(folder, max_len: int, text_config):
     """CLIP tokenizer from `folder`, or the packaged mini-world tokenizer when folder is empty
     (every mini-world word is one token; for random-weight runs)."""
     from jedi_jax.data.tokenizer_files import load_tokenizer
-    from jedi_jax.models.tokenizer import tokenize
+    from jedi_jax.models.tokenizer import CachedTokenize
 
     tok = load_tokenizer(str(folder) if folder else None)
     if len(tok) > text_config.vocab_size:
         raise ValueError(f"tokenizer has {len(tok)} tokens > text_encoder.vocab_size={text_config.vocab_size}")
-    return lambda captions: tokenize(tok, list(captions), max_len)
+    return CachedTokenize(tok, max_len)
 
 
 def count(tree) -> int:
