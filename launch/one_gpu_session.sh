@@ -27,7 +27,7 @@ flags=$(mktemp -d)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
 "$py" -c "import jax, flax, orbax.checkpoint as o; print('jax', jax.__version__, 'flax', flax.__version__, 'orbax', o.__version__, jax.devices())"
 
-( timeout -s TERM "$secs" "$py" -m jedi_jax.train --config "${MINI_CONFIG:-configs/mini.py:gpu}" --workdir "$run" \
+( timeout --foreground -s TERM "$secs" "$py" -m jedi_jax.train --config "${MINI_CONFIG:-configs/mini.py:gpu}" --workdir "$run" \
     --config.model.pretrained=jedi_jax/assets/jedi_mini --config.data.latent_vae=jedi_jax/assets/jedi_mini \
     ${MINI_ARGS:-} >"$out/train.log" 2>&1
   echo "train exit $?" >>"$out/train.log"; touch "$flags/train.done" ) &

@@ -155,6 +155,25 @@ def test_coupled_member_mask_is_prefix_for_valid_members_first():
     assert np.asarray(ok).all()
 
 
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_pad_keys_to_multiple_of_8_keeps_attention_and_prefix(with_mask):
+    """The cuDNN path pads CLIP's 77 keys to 80 (odd key lengths fail its backward): masked padding
+    must leave attention unchanged (checked with the xla kernel) and a prefix mask a prefix mask."""
+    q, k, v = _qkv(3, 2, 6, 77, 2, 8)
+    mask = jnp.asarray(np.arange(77)[None, :] < np.array([[77], [40]])) if with_mask else None
+    k2, v2, m2 = A.pad_keys(k, v, mask)
+    assert k2.shape == v2.shape == (2, 80, 2, 8) and m2.shape == (2, 80)
+    assert not np.asarray(m2)[:, 77:].any() and (np.asarray(k2)[:, 77:] == 0).all()
+    lengths, ok = A.key_mask_to_seq_lengths(m2)
+    np.testing.assert_array_equal(np.asarray(lengths), [77, 40] if with_mask else [77, 77])
+    assert np.asarray(ok).all()
+    want = A.dot_product_attention(q, k, v, key_mask=mask, kernel="xla")
+    got = A.dot_product_attention(q, k2, v2, key_mask=m2, kernel="xla")
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
+    k3, v3, m3 = A.pad_keys(k2, v2, m2)  # already a multiple: untouched
+    assert k3 is k2 and m3 is m2
+
 def _has_gpu():
     try:
         return jax.default_backend() in ("gpu", "cuda") or any(d.platform in ("gpu", "cuda") for d in jax.devices())
@@ -179,6 +198,18 @@ def test_cudnn_equals_xla_on_gpu(head_dim):
     ref = A.coupled_self_attention(qs, ks, vs, num_members=2, member_mask=member_mask, kernel="xla")
     assert float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32)))) < 2e-2
 
+
+
+@pytest.mark.skipif(not _has_gpu(), reason="cuDNN attention needs a GPU")
+def test_cudnn_gradient_with_77_clip_keys_on_gpu():
+    """SD cross-attention under training: 4096 queries, 77 keys (failed before keys were padded)."""
+    q, k, v = (x.astype(jnp.bfloat16) for x in _qkv(7, 2, 256, 77, 2, 40))
+    loss = lambda kern: lambda q, k, v: jnp.sum(A.dot_product_attention(q, k, v, kernel=kern).astype(jnp.float32) ** 2)
+    g = jax.jit(jax.grad(loss("cudnn"), argnums=(0, 1, 2)))(q, k, v)
+    ref = jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(g, ref):
+        scale = float(jnp.max(jnp.abs(b.astype(jnp.float32))))
+        assert float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))) < 3e-2 * scale
 
 # ---------------------------------------------------------------------- coupled self-attention
 def _naive_coupled(q, k, v, N, member_mask):

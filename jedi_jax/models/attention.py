@@ -119,12 +119,35 @@ def checked_seq_lengths(key_mask) -> tuple[jax.Array, jax.Array]:
     return lengths, is_prefix
 
 
+CUDNN_KEY_MULTIPLE = 8
+
+
+def pad_keys(k, v, key_mask=None, multiple: int = CUDNN_KEY_MULTIPLE):
+    """Pads k / v (B, Lk, H, D) along Lk to a multiple of `multiple`, the padding masked out.
+
+    cuDNN's training (backward) kernels reject odd key lengths, e.g. the 77 CLIP tokens of SD's
+    cross-attention ("Unsupported sequence length Q 4096, KV 77" on an H200). Padded keys are
+    invalid keys at the END of each row, so a prefix mask stays a prefix mask. Returns
+    (k, v, key_mask) with key_mask (B, Lk') bool, or the inputs unchanged when no padding is needed.
+    """
+    lk = k.shape[1]
+    pad = (-lk) % multiple
+    if pad == 0:
+        return k, v, key_mask
+    widths = ((0, 0), (0, pad), (0, 0), (0, 0))
+    if key_mask is None:
+        key_mask = jnp.ones(k.shape[:2], bool)  # (B, Lk)
+    key_mask = jnp.pad(jnp.asarray(key_mask).astype(bool), ((0, 0), (0, pad)))  # (B, Lk + pad), pad False
+    return jnp.pad(k, widths), jnp.pad(v, widths), key_mask
+
+
 def cudnn_attention(q, k, v, key_mask=None):
     """cuDNN flash attention (GPU only; bf16/fp16; head dim a multiple of 8, <= 128, <= 256 on Hopper).
 
-    A key mask must be a prefix mask (see module doc)."""
+    A key mask must be a prefix mask (see module doc). Key lengths are padded to a multiple of 8."""
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         raise ValueError(f"cudnn attention kernel needs bfloat16/float16 inputs (UNet dtype=bfloat16), got {q.dtype}")
+    k, v, key_mask = pad_keys(k, v, key_mask)
     if key_mask is None:
         return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
     lengths, is_prefix = checked_seq_lengths(key_mask)  # (B,), (B,)
