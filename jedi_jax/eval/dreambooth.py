@@ -8,8 +8,8 @@ plain and explicit:
 * each reference is its own set of ONE member with its own caption (``member_mask`` true,
   ``ref_mask`` false: nothing is known, so the 9-channel input carries no reference -- exactly
   text-to-image training), and the loss is the plain denoising MSE (epsilon or v, per the model's
-  scheduler) at a uniform random t -- the repository's training loss (``train.step.jedi_loss``)
-  for that case, re-stated here (``denoising_loss``) so this baseline depends only on the model;
+  scheduler) at a uniform random t -- the repository's training loss (``train.step.latent_set_loss``,
+  the core of ``jedi_loss``) for that case (``denoising_loss``);
 * all k references form one batch per step (VAE posterior means and caption embeddings computed
   once); AdamW (no weight decay), global-norm clipping 1.0, constant learning rate, ``steps``
   steps; only the UNet changes (VAE, text encoder frozen);
@@ -31,9 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jedi_jax.models.jedi_inputs import unet_input
 from jedi_jax.sampling.images import load_reference, to_model_range
-from jedi_jax.schedulers.schedule import add_noise, v_target
 
 
 @contextlib.contextmanager
@@ -49,18 +47,16 @@ def unet_params_swapped(pipe, unet_params):
 
 
 def denoising_loss(unet, schedule, prediction_type: str, params, latents, context, key):
-    """Plain diffusion loss on sets of one member with nothing known (the training loss of
-    ``jedi_jax.train.step.jedi_loss`` restricted to that case): latents (B, 1, h, w, C),
-    context (B, 1, T, D); one t per set, uniform over the training timesteps."""
+    """The training loss (``jedi_jax.train.step.latent_set_loss``) on sets of one member with
+    nothing known: latents (B, 1, h, w, C), context (B, 1, T, D)."""
+    from jedi_jax.train.step import latent_set_loss
+
     b = latents.shape[0]
     k_t, k_noise = jax.random.split(key)
-    t = jax.random.randint(k_t, (b,), 0, schedule.num_train_timesteps)
-    noise = jax.random.normal(k_noise, latents.shape, jnp.float32)
-    known = jnp.zeros((b, 1), bool)
-    x_in = unet_input(add_noise(schedule, latents, noise, t), latents, known)  # (B, 1, h, w, 2C+1)
-    pred = unet.functional.bind(params)(x_in, t, context, jnp.ones((b, 1), bool)).astype(jnp.float32)
-    target = noise if prediction_type == "epsilon" else v_target(schedule, latents, noise, t)
-    return jnp.mean(jnp.square(pred - target))
+    apply = lambda p, x, t, c, m: unet.functional.bind(p)(x, t, c, m).astype(jnp.float32)  # noqa: E731
+    loss, _ = latent_set_loss(apply, schedule, prediction_type, params, latents, context,
+                              jnp.ones((b, 1), bool), jnp.zeros((b, 1), bool), k_t, k_noise)
+    return loss
 
 
 class DreamBooth:

@@ -95,6 +95,22 @@ def jedi_loss(models: Models, schedule: NoiseSchedule, prediction_type: str, une
     ctx = models.encode_text(frozen["text_encoder"], ids.reshape(B * N, ids.shape[-1]))  # (B*N, T, D)
     ctx = jax.lax.stop_gradient(ctx.reshape((B, N) + ctx.shape[1:]))  # (B, N, T, D)
 
+    apply = lambda p, x, t, c, m: models.unet_apply(p, x, t, c, m)  # noqa: E731
+    loss, num = latent_set_loss(apply, schedule, prediction_type, unet_params, x0, ctx, member, ref, k_t, k_noise)
+    return loss, {"generated": num, "references": jnp.sum(ref.astype(jnp.float32))}
+
+
+def latent_set_loss(unet_apply: Callable, schedule: NoiseSchedule, prediction_type: str, unet_params,
+                    x0: jax.Array, ctx: jax.Array, member: jax.Array, ref: jax.Array, k_t: jax.Array,
+                    k_noise: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The denoising loss of latent sets (JeDi section 3): one timestep per set, references clean
+    in the 2C+1 input, the mean squared error over the generated members only.
+
+    unet_apply(params, x_in (B, N, h, w, 2C+1), t (B,), ctx (B, N, T, D), member (B, N)) -> (B, N, h, w, C).
+    x0 (B, N, h, w, C) scaled latents; member / ref (B, N) bool. Returns (loss, number of generated members).
+    Also the DreamBooth baseline's loss (eval/dreambooth.py: sets of one, nothing known).
+    """
+    B = x0.shape[0]
     t = jax.random.randint(k_t, (B,), 0, schedule.num_train_timesteps)  # (B,) one time per set
     noise = jax.random.normal(k_noise, x0.shape, jnp.float32)  # (B, N, h, w, C)
     noisy = add_noise(schedule, x0, noise, t)  # t (B,) broadcasts over (N, h, w, C)
@@ -106,12 +122,11 @@ def jedi_loss(models: Models, schedule: NoiseSchedule, prediction_type: str, une
     else:
         raise ValueError(f"prediction_type={prediction_type!r}: use 'epsilon' or 'v_prediction'")
 
-    pred = models.unet_apply(unet_params, x_in, t, ctx, member)  # (B, N, h, w, C) float32
+    pred = unet_apply(unet_params, x_in, t, ctx, member)  # (B, N, h, w, C)
     per_member = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=(2, 3, 4))  # (B, N)
     weight = (member & ~ref).astype(jnp.float32)  # (B, N): generated members only
     num = jnp.sum(weight)
-    loss = jnp.sum(per_member * weight) / jnp.maximum(num, 1.0)
-    return loss, {"generated": num, "references": jnp.sum(ref.astype(jnp.float32))}
+    return jnp.sum(per_member * weight) / jnp.maximum(num, 1.0), num
 
 
 def make_train_step(models: Models, schedule: NoiseSchedule, tx: optax.GradientTransformation,
