@@ -6,8 +6,8 @@ input (jedi_inputs.unet_input). In "replace" mode the noisy channel of every ref
 step, the reference noised to the current timestep (as in training); at the end the references
 come out exactly equal to their latents.
 
-The whole loop runs under one jax.jit with lax.fori_loop; parameters are arguments, and guidance
-scales are traced values (changing them does not recompile).
+The whole loop runs under one jax.jit with lax.fori_loop (schedulers.loop.sample_loop); parameters
+are arguments, and guidance scales are traced values (changing them does not recompile).
 """
 from __future__ import annotations
 
@@ -19,11 +19,8 @@ from flax import struct
 
 from jedi_jax.models.jedi_inputs import unet_input
 from jedi_jax.sampling import guidance
-from jedi_jax.schedulers.ddim import ddim_prev_timesteps, ddim_step
-from jedi_jax.schedulers.dpm_solver import dpm_init_state, dpm_step
-from jedi_jax.schedulers.schedule import add_noise
-
-SAMPLERS = ("ddim", "dpmpp_2m")
+from jedi_jax.schedulers.loop import sample_loop
+from jedi_jax.schedulers.schedule import SAMPLERS, add_noise
 
 # unet_fn(params, latents (B, N, h, w, Cin), timesteps (B,), context (B, N, T, D), member_mask (B, N))
 #   -> model output (B, N, h, w, C)
@@ -65,40 +62,29 @@ def sample_set(unet_fn: UNetFn, unet_params, schedule, timesteps: jnp.ndarray, x
     timesteps: (S,) int, descending (the scheduler's inference timesteps).
     x_T:       (B, N, h, w, C) initial noise.
     ref_latents: (B, N, h, w, C) clean latents of the references (anything where not a reference).
-    key:       PRNG key; step i uses fold_in(key, i) (eta noise and reference re-noising).
+    key:       PRNG key, split into the DDIM eta noise stream and the reference re-noising stream;
+               step i uses fold_in(stream, i).
     on_step:   optional host callback called with the step index after each step (progress bars).
+
+    The loop itself is `schedulers.loop.sample_loop`; this function supplies the guided set
+    denoiser and, in replace mode, the re-noising of the known members as its `pre_step`.
     """
     if config.sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {config.sampler!r}; choose one of {SAMPLERS}")
-    num_steps = timesteps.shape[0]
     known = layout.ref_mask[:, :, None, None, None]  # (B, N, 1, 1, 1)
+    eta_key, known_key = jax.random.split(key)
 
-    def renoise_known(x, t, step_key):
-        if not config.replace_known:
-            return x
-        noisy_ref = add_noise(schedule, ref_latents, jax.random.normal(step_key, x.shape, x.dtype),
-                              jnp.full((x.shape[0],), t))
-        return jnp.where(known, noisy_ref, x)
+    def renoise_known(x, t, i):  # the references noised to t, as in training
+        noise = jax.random.normal(jax.random.fold_in(known_key, i), x.shape, x.dtype)
+        return jnp.where(known, add_noise(schedule, ref_latents, noise, jnp.full((x.shape[0],), t)), x)
 
-    def body(i, carry):
-        x, dpm_state = carry
-        t = timesteps[i]
-        step_key = jax.random.fold_in(key, i)
-        x = renoise_known(x, t, jax.random.fold_in(step_key, 0))
-        out = guided_output(unet_fn, unet_params, x, t, ref_latents, layout, context_text, context_empty,
-                            image_scale, text_scale, config.image_guidance)
-        if config.sampler == "ddim":
-            t_prev = ddim_prev_timesteps(t, schedule.num_train_timesteps, num_steps)  # as diffusers: t - T // S
-            x = ddim_step(schedule, out, t, t_prev, x, prediction_type=config.prediction_type, eta=eta,
-                          key=jax.random.fold_in(step_key, 1))
-        else:
-            x, dpm_state = dpm_step(schedule, dpm_state, out, i, timesteps, x,
-                                    prediction_type=config.prediction_type, num_steps=num_steps)
-        if on_step is not None:
-            jax.debug.callback(on_step, i)
-        return x, dpm_state
+    def denoise(x, t, i):
+        return guided_output(unet_fn, unet_params, x, t, ref_latents, layout, context_text, context_empty,
+                             image_scale, text_scale, config.image_guidance)
 
-    x, _ = jax.lax.fori_loop(0, num_steps, body, (x_T, dpm_init_state(x_T)))
+    x = sample_loop(denoise, x_T, timesteps, schedule, sampler=config.sampler,
+                    prediction_type=config.prediction_type, eta=eta, key=eta_key,
+                    pre_step=renoise_known if config.replace_known else None, on_step=on_step)
     if config.replace_known:
         x = jnp.where(known, ref_latents, x)
     return x
