@@ -106,3 +106,25 @@ def test_quick_minibench_end_to_end(tiny64_pipeline, tmp_path):
     q = quick_identity(tiny64_pipeline, n_subjects=1, steps=5,
                        unet_params=tiny64_pipeline.model.unet.params)
     assert np.isfinite(q["jedi"]) and np.isfinite(q["text_only"]) and q["ground_truth"] > 0.5
+
+
+def test_prompt_probe_cases_and_ground_truth_ceiling(tiny64_pipeline):
+    """The probe's cases are what they claim (pairs seen / held out, wording names both labels);
+    the world's own renders read back correctly (the ceiling); a model run yields one row per cell."""
+    from jedi_jax.eval.context_classifier import load_context_classifier
+    from jedi_jax.eval.prompt_probe import probe_cases, run_probe, table
+
+    for template in ("full", "4", "6", "7"):
+        for pairs, combos in (("seen", mw.TRAIN_COMBOS), ("held-out", mw.HELDOUT_COMBO_IDS)):
+            cases = probe_cases(template, pairs, 6)
+            for c in cases:
+                assert (c["background"], c["placement"]) in combos
+                assert mw.PLACEMENTS[c["placement"]] in c["prompt"].split()
+                assert mw.BACKGROUNDS[c["background"]].split()[0] in c["prompt"]
+    assert not set(map(tuple, mw.TRAIN_COMBOS)) & set(map(tuple, mw.HELDOUT_COMBO_IDS))
+    classifier = load_context_classifier()
+    gt = run_probe(None, classifier, templates=("full", "7"), samples=8, ground_truth=True)
+    assert len(gt) == 4 and all(r["both_acc"] >= 0.85 for r in gt), gt
+    rows = run_probe(tiny64_pipeline, classifier, templates=("7",), samples=2, steps=2)
+    assert [r["pairs"] for r in rows] == ["seen", "held-out"] and all(0 <= r["both_acc"] <= 1 for r in rows)
+    assert "| 7 |" in table(rows)
