@@ -29,7 +29,10 @@ Variants (`get_config(arg)`):
     Several nodes: launch/gpu_slurm.sh (mesh.dcn_shape = (nodes, 1)). The per-GPU batch is an
     estimate not yet measured on hardware: on OOM set --config.model.remat=True or lower
     data.batch_size; `python -m jedi_jax.train.bench --config configs/sd15.py:h100x8
-    --config.model.pretrained=` reports step time, MFU and peak memory without data or weights.
+    --config.model.pretrained= [--config.mesh.shape='(1,-1)' for one GPU]` reports step time, MFU,
+    peak memory and the largest batch the compiled step's memory extrapolates to, without data or
+    weights. On one H200 (2026-11-26) the first attempt hit cuDNN's odd-key-length limit (CLIP's 77
+    tokens, now padded to 80) and a chunked-attention retry did not finish init + compile in 270 s.
 
   :v5e-64    a v5e-64 TPU slice (16 hosts x 4 chips, 16 GB HBM each): FSDP over all 64 chips,
       2 sets per chip, remat on. Launch on every worker with launch/tpu_vm.sh.
