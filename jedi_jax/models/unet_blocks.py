@@ -26,25 +26,28 @@ Dtype = Any
 
 
 class ResnetBlock2D(nnx.Module):
-    """diffusers `ResnetBlock2D` (pre-norm, time_embedding_norm="default", SiLU, optional 1x1 shortcut)."""
+    """diffusers `ResnetBlock2D` (pre-norm, time_embedding_norm="default", SiLU, optional 1x1 shortcut).
+    temb_channels=None: no time embedding (the VAE's blocks)."""
 
-    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, *, groups: int = 32,
+    def __init__(self, in_channels: int, out_channels: int, temb_channels: Optional[int], *, groups: int = 32,
                  eps: float = 1e-6, output_scale_factor: float = 1.0, dtype: Dtype = jnp.float32,
                  rngs: nnx.Rngs):
         self.output_scale_factor = output_scale_factor
         self.norm1 = group_norm(in_channels, groups, eps, dtype=dtype, rngs=rngs)
         self.conv1 = conv(in_channels, out_channels, 3, dtype=dtype, rngs=rngs)
-        self.time_emb_proj = linear(temb_channels, out_channels, dtype=dtype, rngs=rngs)
+        self.time_emb_proj = (linear(temb_channels, out_channels, dtype=dtype, rngs=rngs)
+                              if temb_channels is not None else None)
         self.norm2 = group_norm(out_channels, groups, eps, dtype=dtype, rngs=rngs)
         self.conv2 = conv(out_channels, out_channels, 3, dtype=dtype, rngs=rngs)
         self.conv_shortcut = (conv(in_channels, out_channels, 1, dtype=dtype, rngs=rngs)
                               if in_channels != out_channels else None)
 
-    def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
-        """x (B*N, h, w, Cin), temb (B*N, Ct) -> (B*N, h, w, Cout)."""
+    def __call__(self, x: jax.Array, temb: Optional[jax.Array] = None) -> jax.Array:
+        """x (B*N, h, w, Cin), temb (B*N, Ct) or None -> (B*N, h, w, Cout)."""
         h = self.conv1(jax.nn.silu(self.norm1(x)))  # (B*N, h, w, Cout)
-        t = self.time_emb_proj(jax.nn.silu(temb))  # (B*N, Cout)
-        h = h + t[:, None, None, :]  # (B*N, h, w, Cout)
+        if self.time_emb_proj is not None:
+            t = self.time_emb_proj(jax.nn.silu(temb))  # (B*N, Cout)
+            h = h + t[:, None, None, :]  # (B*N, h, w, Cout)
         h = self.conv2(jax.nn.silu(self.norm2(h)))  # dropout p=0 omitted
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)  # (B*N, h, w, Cout)

@@ -4,7 +4,8 @@ Mirrors diffusers 0.42 `diffusers.models.autoencoders.autoencoder_kl.Autoencoder
 `vae.Encoder` / `vae.Decoder`, `unet_2d_blocks.DownEncoderBlock2D` / `UpDecoderBlock2D` /
 `UNetMidBlock2D`, `resnet.ResnetBlock2D` (no time embedding), `downsampling.Downsample2D`
 (padding 0, name "op"), `upsampling.Upsample2D` and the mid-block `attention_processor.Attention`
-(`_from_deprecated_attn_block=True`, run by `AttnProcessor2_0`).
+(`_from_deprecated_attn_block=True`, run by `AttnProcessor2_0`). The ResNet, down- and upsampling
+blocks are the UNet's (`unet_blocks.py`; ResnetBlock2D with temb_channels=None).
 
 Parameter paths equal the diffusers state-dict keys (docs/DESIGN.md), e.g.
 `encoder.down_blocks.0.resnets.0.conv1.kernel`, `encoder.down_blocks.0.downsamplers.0.conv.kernel`,
@@ -29,6 +30,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from jedi_jax.models.layers import conv, group_norm
+from jedi_jax.models.unet_blocks import Downsample2D, ResnetBlock2D, Upsample2D
 
 _DIFFUSERS_DEFAULTS: dict[str, Any] = {  # AutoencoderKL.__init__ defaults
     "in_channels": 3,
@@ -133,65 +137,13 @@ class VAEConfig:
 # ----------------------------------------------------------------------------- building blocks
 
 
-def _group_norm(channels: int, groups: int, dtype, rngs) -> nnx.GroupNorm:
-    # torch.nn.GroupNorm(groups, channels, eps=1e-6): biased variance computed as E[(x-mean)^2].
-    return nnx.GroupNorm(channels, num_groups=groups, epsilon=1e-6, use_fast_variance=False,
-                         dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
-
-
-def _conv(cin: int, cout: int, k: int, dtype, rngs, *, stride: int = 1, padding: Any = "SAME") -> nnx.Conv:
-    if padding == "SAME":
-        padding = ((k // 2, k // 2), (k // 2, k // 2))  # torch padding=k//2 (1 for 3x3, 0 for 1x1)
-    return nnx.Conv(cin, cout, (k, k), strides=(stride, stride), padding=padding,
-                    dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
-
-
-class ResnetBlock2D(nnx.Module):
-    """diffusers `ResnetBlock2D` with temb_channels=None, eps 1e-6, silu, output_scale_factor 1."""
-
-    def __init__(self, cin: int, cout: int, groups: int, *, dtype, rngs: nnx.Rngs):
-        self.norm1 = _group_norm(cin, groups, dtype, rngs)
-        self.conv1 = _conv(cin, cout, 3, dtype, rngs)
-        self.norm2 = _group_norm(cout, groups, dtype, rngs)
-        self.conv2 = _conv(cout, cout, 3, dtype, rngs)
-        self.conv_shortcut = _conv(cin, cout, 1, dtype, rngs) if cin != cout else None
-
-    def __call__(self, x: jax.Array) -> jax.Array:  # (B, H, W, cin) -> (B, H, W, cout)
-        h = self.conv1(jax.nn.silu(self.norm1(x)))
-        h = self.conv2(jax.nn.silu(self.norm2(h)))  # dropout p=0 at inference
-        if self.conv_shortcut is not None:
-            x = self.conv_shortcut(x)
-        return x + h
-
-
-class Downsample2D(nnx.Module):
-    """diffusers `Downsample2D(use_conv=True, padding=0, name="op")`: pad (0,1,0,1), 3x3 conv stride 2."""
-
-    def __init__(self, channels: int, *, dtype, rngs: nnx.Rngs):
-        self.conv = _conv(channels, channels, 3, dtype, rngs, stride=2, padding=((0, 1), (0, 1)))
-
-    def __call__(self, x: jax.Array) -> jax.Array:  # (B, H, W, C) -> (B, H/2, W/2, C)
-        return self.conv(x)
-
-
-class Upsample2D(nnx.Module):
-    """diffusers `Upsample2D(use_conv=True)`: nearest x2 then 3x3 conv."""
-
-    def __init__(self, channels: int, *, dtype, rngs: nnx.Rngs):
-        self.conv = _conv(channels, channels, 3, dtype, rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:  # (B, H, W, C) -> (B, 2H, 2W, C)
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        return self.conv(x)
-
-
 class VAEAttention(nnx.Module):
     """diffusers `Attention` as built by `UNetMidBlock2D` for the VAE: GroupNorm, single head of
     dim C (`attention_head_dim = C`), float32 softmax, residual connection, rescale 1."""
 
     def __init__(self, channels: int, groups: int, *, dtype, rngs: nnx.Rngs):
         self.dtype = dtype
-        self.group_norm = _group_norm(channels, groups, dtype, rngs)
+        self.group_norm = group_norm(channels, groups, 1e-6, dtype=dtype, rngs=rngs)
         lin = lambda: nnx.Linear(channels, channels, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
         self.to_q, self.to_k, self.to_v = lin(), lin(), lin()
         self.to_out = nnx.List([lin()])  # torch to_out = [Linear, Dropout]; Dropout has no params
@@ -212,7 +164,7 @@ class UNetMidBlock2D(nnx.Module):
 
     def __init__(self, channels: int, groups: int, add_attention: bool, *, dtype, rngs: nnx.Rngs):
         self.add_attention = add_attention
-        self.resnets = nnx.List([ResnetBlock2D(channels, channels, groups, dtype=dtype, rngs=rngs) for _ in range(2)])
+        self.resnets = nnx.List([ResnetBlock2D(channels, channels, None, groups=groups, dtype=dtype, rngs=rngs) for _ in range(2)])
         self.attentions = nnx.List([VAEAttention(channels, groups, dtype=dtype, rngs=rngs)] if add_attention else [])
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -224,9 +176,9 @@ class UNetMidBlock2D(nnx.Module):
 
 class DownEncoderBlock2D(nnx.Module):
     def __init__(self, cin: int, cout: int, num_layers: int, groups: int, add_downsample: bool, *, dtype, rngs):
-        self.resnets = nnx.List([ResnetBlock2D(cin if i == 0 else cout, cout, groups, dtype=dtype, rngs=rngs)
+        self.resnets = nnx.List([ResnetBlock2D(cin if i == 0 else cout, cout, None, groups=groups, dtype=dtype, rngs=rngs)
                                  for i in range(num_layers)])
-        self.downsamplers = nnx.List([Downsample2D(cout, dtype=dtype, rngs=rngs)]) if add_downsample else None
+        self.downsamplers = nnx.List([Downsample2D(cout, padding=0, dtype=dtype, rngs=rngs)]) if add_downsample else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         for resnet in self.resnets:
@@ -238,7 +190,7 @@ class DownEncoderBlock2D(nnx.Module):
 
 class UpDecoderBlock2D(nnx.Module):
     def __init__(self, cin: int, cout: int, num_layers: int, groups: int, add_upsample: bool, *, dtype, rngs):
-        self.resnets = nnx.List([ResnetBlock2D(cin if i == 0 else cout, cout, groups, dtype=dtype, rngs=rngs)
+        self.resnets = nnx.List([ResnetBlock2D(cin if i == 0 else cout, cout, None, groups=groups, dtype=dtype, rngs=rngs)
                                  for i in range(num_layers)])
         self.upsamplers = nnx.List([Upsample2D(cout, dtype=dtype, rngs=rngs)]) if add_upsample else None
 
@@ -255,15 +207,15 @@ class Encoder(nnx.Module):
 
     def __init__(self, cfg: VAEConfig, *, dtype, rngs: nnx.Rngs):
         ch, g = cfg.block_out_channels, cfg.norm_num_groups
-        self.conv_in = _conv(cfg.in_channels, ch[0], 3, dtype, rngs)
+        self.conv_in = conv(cfg.in_channels, ch[0], 3, dtype=dtype, rngs=rngs)
         blocks, cout = [], ch[0]
         for i, c in enumerate(ch):
             cin, cout = cout, c
             blocks.append(DownEncoderBlock2D(cin, cout, cfg.layers_per_block, g, i < len(ch) - 1, dtype=dtype, rngs=rngs))
         self.down_blocks = nnx.List(blocks)
         self.mid_block = UNetMidBlock2D(ch[-1], g, cfg.mid_block_add_attention, dtype=dtype, rngs=rngs)
-        self.conv_norm_out = _group_norm(ch[-1], g, dtype, rngs)
-        self.conv_out = _conv(ch[-1], 2 * cfg.latent_channels, 3, dtype, rngs)
+        self.conv_norm_out = group_norm(ch[-1], g, 1e-6, dtype=dtype, rngs=rngs)
+        self.conv_out = conv(ch[-1], 2 * cfg.latent_channels, 3, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = self.conv_in(x)
@@ -278,15 +230,15 @@ class Decoder(nnx.Module):
 
     def __init__(self, cfg: VAEConfig, *, dtype, rngs: nnx.Rngs):
         ch, g = cfg.block_out_channels, cfg.norm_num_groups
-        self.conv_in = _conv(cfg.latent_channels, ch[-1], 3, dtype, rngs)
+        self.conv_in = conv(cfg.latent_channels, ch[-1], 3, dtype=dtype, rngs=rngs)
         self.mid_block = UNetMidBlock2D(ch[-1], g, cfg.mid_block_add_attention, dtype=dtype, rngs=rngs)
         rev, blocks, cout = list(reversed(ch)), [], ch[-1]
         for i, c in enumerate(rev):
             cin, cout = cout, c
             blocks.append(UpDecoderBlock2D(cin, cout, cfg.layers_per_block + 1, g, i < len(ch) - 1, dtype=dtype, rngs=rngs))
         self.up_blocks = nnx.List(blocks)
-        self.conv_norm_out = _group_norm(ch[0], g, dtype, rngs)
-        self.conv_out = _conv(ch[0], cfg.out_channels, 3, dtype, rngs)
+        self.conv_norm_out = group_norm(ch[0], g, 1e-6, dtype=dtype, rngs=rngs)
+        self.conv_out = conv(ch[0], cfg.out_channels, 3, dtype=dtype, rngs=rngs)
 
     def __call__(self, z: jax.Array) -> jax.Array:
         x = self.conv_in(z)
@@ -309,8 +261,8 @@ class AutoencoderKL(nnx.Module):
         self.encoder = Encoder(config, dtype=dtype, rngs=rngs)
         self.decoder = Decoder(config, dtype=dtype, rngs=rngs)
         lc = config.latent_channels
-        self.quant_conv = _conv(2 * lc, 2 * lc, 1, dtype, rngs) if config.use_quant_conv else None
-        self.post_quant_conv = _conv(lc, lc, 1, dtype, rngs) if config.use_post_quant_conv else None
+        self.quant_conv = conv(2 * lc, 2 * lc, 1, dtype=dtype, rngs=rngs) if config.use_quant_conv else None
+        self.post_quant_conv = conv(lc, lc, 1, dtype=dtype, rngs=rngs) if config.use_post_quant_conv else None
 
     def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """x (B, H, W, in) in [-1, 1] -> (mean, logvar), each (B, H/f, W/f, latent); logvar in [-30, 20]
