@@ -18,7 +18,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from jedi_jax.convert.pipeline_folder import load_component_params, read_model_index
+from jedi_jax.convert.pipeline_folder import load_component_params, read_model_index, read_sampling_defaults
 from jedi_jax.convert.torch_naming import ConversionError
 from jedi_jax.models.functional import Functional
 
@@ -38,6 +38,7 @@ class Model:
     components: dict[str, Component]
     tokenizer: Any | None  # transformers.CLIPTokenizer
     scheduler_config: dict | None  # diffusers scheduler_config.json
+    sampling: dict = dataclasses.field(default_factory=dict)  # recommended guidance scales (may be empty)
 
     def __getattr__(self, name: str) -> Component:
         components = self.__dict__.get("components", {})
@@ -81,4 +82,4 @@ def load_model(model_dir: str | Path, *, dtype=jnp.float32, attention_kernel: st
     tokenizer = load_tokenizer(model_dir) if (model_dir / "tokenizer").is_dir() else None
     sched = model_dir / "scheduler" / "scheduler_config.json"
     scheduler_config = json.loads(sched.read_text()) if sched.exists() else None
-    return Model(model_dir, components, tokenizer, scheduler_config)
+    return Model(model_dir, components, tokenizer, scheduler_config, read_sampling_defaults(model_dir))

@@ -34,6 +34,8 @@ from jedi_jax.sampling.joint import SAMPLERS, JointSamplerConfig, sample_set
 from jedi_jax.schedulers.schedule import NoiseScheduleConfig, inference_timesteps, make_schedule
 
 DEFAULT_REFERENCE_PROMPT = ""
+DEFAULT_GUIDANCE_SCALE = 3.0  # sT where neither the caller nor the model folder says
+DEFAULT_IMAGE_GUIDANCE_SCALE = 2.0  # sI likewise
 
 
 class PipelineInputError(ValueError):
@@ -143,9 +145,20 @@ class JeDiPipeline:
         return tok["input_ids"].astype(np.int32)
 
     # ------------------------------------------------------------------ user API
+    def guidance_scales(self, guidance_scale: float | None = None,
+                        image_guidance_scale: float | None = None) -> tuple[float, float]:
+        """(sT, sI): the given values, else the model folder's recommended ones (jedi_model.json
+        "sampling", chosen on validation subjects for the embedded model), else 3.0 and 2.0."""
+        rec = getattr(self.model, "sampling", None) or {}
+        sT = rec.get("guidance_scale", DEFAULT_GUIDANCE_SCALE) if guidance_scale is None else guidance_scale
+        sI = rec.get("image_guidance_scale", DEFAULT_IMAGE_GUIDANCE_SCALE) if image_guidance_scale is None \
+            else image_guidance_scale
+        return float(sT), float(sI)
+
     def __call__(self, prompts: str | Sequence[str], references: Sequence = (), *, reference_masks=None,
                  reference_prompts: Sequence[str] | None = None, num_images: int | None = None,
-                 num_inference_steps: int = 50, guidance_scale: float = 3.0, image_guidance_scale: float = 2.0,
+                 num_inference_steps: int = 50, guidance_scale: float | None = None,
+                 image_guidance_scale: float | None = None,
                  sampler: str = "ddim", eta: float = 0.0, seed: int = 0, replace_known: bool = True,
                  progress: bool = False) -> PipelineOutput:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -160,6 +173,7 @@ class JeDiPipeline:
             raise PipelineInputError("no prompt given: give at least one prompt")
         if num_inference_steps < 1:
             raise PipelineInputError(f"steps={num_inference_steps} must be >= 1")
+        guidance_scale, image_guidance_scale = self.guidance_scales(guidance_scale, image_guidance_scale)
         if guidance_scale < 0 or image_guidance_scale < 0:
             raise PipelineInputError(f"guidance scales must be >= 0 (got text {guidance_scale}, image {image_guidance_scale})")
         if sampler not in SAMPLERS:

@@ -40,8 +40,10 @@ def parse_args(argv=None):
     p.add_argument("--prompt", action="append", default=[], help="prompt of an image to generate (repeat)")
     p.add_argument("--num", type=int, default=None, help="images to generate (repeats a single prompt)")
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=3.0, help="text guidance scale sT")
-    p.add_argument("--image-guidance", type=float, default=2.0, help="image guidance scale sI")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="text guidance scale sT (default: the model's recommended, else 3)")
+    p.add_argument("--image-guidance", type=float, default=None,
+                   help="image guidance scale sI (default: the model's recommended, else 2)")
     p.add_argument("--sampler", default="ddim", choices=["ddim", "dpmpp_2m"])
     p.add_argument("--eta", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
@@ -64,7 +66,7 @@ def validate(args) -> None:
         raise ValueError(f"{len(args.prompt)} prompts for --num {args.num}: give 1 or {args.num}")
     if args.steps < 1:
         raise ValueError(f"--steps {args.steps} must be >= 1")
-    if args.guidance < 0 or args.image_guidance < 0:
+    if any(v is not None and v < 0 for v in (args.guidance, args.image_guidance)):
         raise ValueError(f"guidance scales must be >= 0 (got --guidance {args.guidance}, "
                          f"--image-guidance {args.image_guidance})")
     if args.eta < 0:

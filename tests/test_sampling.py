@@ -105,3 +105,32 @@ def test_bad_pipeline_input(tiny_pipeline):
         tiny_pipeline([PROMPT], num_inference_steps=0)
     with pytest.raises(PipelineInputError, match="no prompt"):
         tiny_pipeline([])
+
+
+def test_model_folder_recommends_guidance_scales(tiny_model_dir, tmp_path):
+    """jedi_model.json "sampling" fills the scales a caller leaves out; explicit values win; the
+    recorded settings say what ran; a bad recommendation is a strict load error naming it."""
+    import json
+    import shutil
+
+    from jedi_jax.convert.torch_naming import ConversionError
+    from jedi_jax.loading import load_model
+    from jedi_jax.pipeline import DEFAULT_GUIDANCE_SCALE, DEFAULT_IMAGE_GUIDANCE_SCALE, JeDiPipeline
+
+    folder = tmp_path / "rec"
+    shutil.copytree(tiny_model_dir, folder)
+    index_path = folder / "jedi_model.json"
+    index = json.loads(index_path.read_text())
+    assert JeDiPipeline(load_model(folder)).guidance_scales() == (DEFAULT_GUIDANCE_SCALE,
+                                                                   DEFAULT_IMAGE_GUIDANCE_SCALE)
+    index_path.write_text(json.dumps(dict(index, sampling={"image_guidance_scale": 4.5, "note": "why"})))
+    pipe = JeDiPipeline(load_model(folder), max_references=2)
+    assert pipe.guidance_scales() == (DEFAULT_GUIDANCE_SCALE, 4.5)
+    assert pipe.guidance_scales(1.0, 0.0) == (1.0, 0.0)
+    out = pipe([PROMPT], _refs(0, 1), num_inference_steps=2)
+    assert out.settings["image_guidance_scale"] == 4.5 and out.settings["guidance_scale"] == DEFAULT_GUIDANCE_SCALE
+    for bad, match in (({"image_scale": 2.0}, "unknown sampling setting"), ({"guidance_scale": -1}, "numbers >= 0"),
+                       ({"guidance_scale": "3"}, "numbers >= 0")):
+        index_path.write_text(json.dumps(dict(index, sampling=bad)))
+        with pytest.raises(ConversionError, match=match):
+            load_model(folder)

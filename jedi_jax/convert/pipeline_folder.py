@@ -43,6 +43,27 @@ def read_model_index(model_dir: str | Path) -> dict[str, str]:
     return dict(index["components"])
 
 
+# Sampling settings a model folder may recommend (jedi_model.json "sampling"), e.g. the guidance
+# scales chosen for it on validation data; the pipeline uses them where the caller gives none.
+SAMPLING_KEYS = ("guidance_scale", "image_guidance_scale")
+
+
+def read_sampling_defaults(model_dir: str | Path) -> dict[str, float]:
+    """The folder's recommended sampling settings ({} if none); strict about names and values."""
+    path = Path(model_dir) / MODEL_FILE
+    sampling = json.loads(path.read_text()).get("sampling", {}) if path.exists() else {}
+    if not isinstance(sampling, dict):
+        raise ConversionError(f"{path}: 'sampling' must be an object, got {type(sampling).__name__}")
+    values = {k: v for k, v in sampling.items() if k != "note"}
+    unknown = sorted(set(values) - set(SAMPLING_KEYS))
+    if unknown:
+        raise ConversionError(f"{path}: unknown sampling setting(s) {unknown}; known: {list(SAMPLING_KEYS)}")
+    bad = [k for k, v in values.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0]
+    if bad:
+        raise ConversionError(f"{path}: sampling setting(s) {bad} must be numbers >= 0")
+    return {k: float(v) for k, v in values.items()}
+
+
 def write_component(folder: Path, kind: str, config, params) -> None:
     """Writes config.json and params/ of one component into `folder` (created)."""
     folder.mkdir(parents=True)

@@ -1,0 +1,148 @@
+"""Guidance sweep on VALIDATION subjects: choose JeDi's text and image guidance scales without
+touching MiniBench's subjects.
+
+    python -m jedi_jax.eval.guidance_sweep [--model DIR] [--out out/guidance_sweep] \
+        [--first-subject 100] [--subjects 12] [--image-scales 1,2,3,4] [--text-scales 3,5] [--k 1,3]
+
+JeDi (CVPR 2024, Sec. 4.3) samples with two guidance scales: sT on the prompt, sI on the reference
+images. They trade identity against prompt fidelity, so they must be picked on data the benchmark
+does not score. MiniBench uses test-split subjects 0..S-1; this sweep uses test-split subjects
+``first_subject .. first_subject + subjects - 1`` (disjoint for first_subject >= MiniBench's
+--subjects), one held-out-pair prompt each, one seed, the same cases, paired noise and scorers as
+MiniBench (``minibench.make_case`` / ``generate`` / ``Scorer``).
+
+For every (sT, sI, k) it reports normalized encoder identity (0 = text-only at the same sT,
+1 = ground truth), pixel identity and background / placement accuracy, each with a 95% bootstrap CI
+over subjects, as a markdown table (OUT/report.md) and JSON (OUT/results.json).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from jedi_jax.eval import metrics as M
+from jedi_jax.eval.minibench import Scorer, _load_pipeline, call_seed, generate, make_case
+
+SCORES = ("enc_ref", "pix", "background_ok", "placement_ok")
+
+
+def sweep(model, *, first_subject: int = 100, subjects: int = 12, text_scales=(3.0,), image_scales=(2.0,),
+          ks=(3,), steps: int = 20, seed_index: int = 0, evaluators: str | None = None, log=print) -> dict:
+    """Runs the grid; returns {'rows': [{sT, sI, k, <score>: ci, enc_ref_normalized: ci, ...}], ...}."""
+    start = time.time()
+    pipe = _load_pipeline(model)
+    scorer = Scorer(evaluators)
+    cases = [make_case(first_subject + i, 1) for i in range(subjects)]
+    names = [c["name"] for c in cases]
+    idx = M.bootstrap_indices(len(cases))
+    records: dict[tuple, list[dict]] = {}
+
+    def run(key, k, sT, sI):
+        recs = []
+        for case in cases:
+            image, _ = generate(pipe, case, 0, call_seed(case["index"], 0, seed_index), k, steps=steps,
+                                guidance_scale=sT, image_guidance_scale=sI)
+            rec = scorer.score(case, 0, image[None])[0]
+            rec["subject"] = case["name"]
+            recs.append(rec)
+        records[key] = recs
+
+    gt = []
+    for case in cases:
+        rec = scorer.score(case, 0, case["prompts"][0]["gt"][None])[0]
+        rec["subject"] = case["name"]
+        gt.append(rec)
+    rows = []
+    for sT in text_scales:
+        run(("text_only", sT), 0, sT, 0.0)  # k = 0: sI has nothing to act on
+        for sI, k in itertools.product(image_scales, ks):
+            t0 = time.time()
+            run((sT, sI, k), k, sT, sI)
+            row = dict(sT=float(sT), sI=float(sI), k=int(k), seconds=round(time.time() - t0, 1))
+            for key in SCORES:
+                row[key] = M.mean_ci(M.subject_means(records[(sT, sI, k)], key, names), idx)
+            for key in ("enc_ref", "pix"):
+                row[f"{key}_normalized"] = M.normalized_ci(
+                    M.subject_means(records[(sT, sI, k)], key, names),
+                    M.subject_means(records[("text_only", sT)], key, names), M.subject_means(gt, key, names), idx)
+            rows.append(row)
+            log(f"[guidance_sweep] sT={sT:g} sI={sI:g} k={k}: identity "
+                f"{M.fmt_ci(row['enc_ref_normalized'], 2)}, background {row['background_ok']['mean']:.2f}, "
+                f"placement {row['placement_ok']['mean']:.2f} ({row['seconds']:.0f} s)")
+    ceiling = {key: M.mean_ci(M.subject_means(gt, key, names), idx) for key in ("background_ok", "placement_ok")}
+    return dict(rows=rows, ground_truth=ceiling, subjects=names, first_subject=first_subject, steps=steps,
+                seconds_total=round(time.time() - start, 1), model=str(pipe.model.folder))
+
+
+def report(results: dict) -> str:
+    f = M.fmt_ci
+    gt = results["ground_truth"]
+    n = len(results["subjects"])
+    first = results["first_subject"]
+    lines = ["# Guidance sweep (validation subjects)", "",
+             f"Test-split subjects {first}..{first + n - 1} (MiniBench scores subjects from 0 up), one held-out "
+             f"(background, placement) prompt each, one seed, {results['steps']} DDIM steps; model "
+             f"`{results['model']}`. Identity is normalized per sT (0 = text-only at that sT, 1 = ground "
+             f"truth). Ground truth's background / placement accuracy: "
+             f"{gt['background_ok']['mean']:.2f} / {gt['placement_ok']['mean']:.2f}.", "",
+             "| sT | sI | k | encoder identity, normalized | pixel identity, normalized | background acc | "
+             "placement acc |", "|---|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        lines.append(f"| {r['sT']:g} | {r['sI']:g} | {r['k']} | {f(r['enc_ref_normalized'], 2)} | "
+                     f"{f(r['pix_normalized'], 2)} | {f(r['background_ok'], 2)} | {f(r['placement_ok'], 2)} |")
+    lines += ["", f"{results['seconds_total']:.0f} s in all."]
+    return "\n".join(lines) + "\n"
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(",") if x.strip())
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="jedi_jax model folder (default: the embedded JeDi-mini)")
+    p.add_argument("--out", default="out/guidance_sweep")
+    p.add_argument("--first-subject", type=int, default=100,
+                   help="first test-split subject index (MiniBench uses 0..subjects-1: stay above it)")
+    p.add_argument("--subjects", type=int, default=12)
+    p.add_argument("--text-scales", default="3", help="comma-separated sT values")
+    p.add_argument("--image-scales", default="1,2,3,4", help="comma-separated sI values")
+    p.add_argument("--k", default="1,3", help="comma-separated reference counts (1..3)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--evaluators", default=None)
+    args = p.parse_args(argv)
+
+    from jedi_jax.assets import DEFAULT_MODEL_DIR
+
+    model = Path(args.model) if args.model else DEFAULT_MODEL_DIR
+    if not (model / "jedi_model.json").exists():
+        print(f"error: no model at {model} (pass --model DIR)", file=sys.stderr)
+        return 2
+    try:
+        text_scales, image_scales = _floats(args.text_scales), _floats(args.image_scales)
+        ks = tuple(int(x) for x in args.k.split(",") if x.strip())
+    except ValueError as e:
+        p.error(f"bad list: {e}")
+    if any(k < 1 or k > 3 for k in ks) or any(s < 0 for s in text_scales + image_scales):
+        p.error("k must be in 1..3 and guidance scales >= 0")
+    if args.first_subject < 0 or args.subjects < 2:
+        p.error("--first-subject must be >= 0 and --subjects >= 2 (a CI needs subjects)")
+    results = sweep(model, first_subject=args.first_subject, subjects=args.subjects, text_scales=text_scales,
+                    image_scales=image_scales, ks=ks, steps=args.steps, evaluators=args.evaluators)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "report.md").write_text(report(results))
+    print(report(results))
+    print(f"[guidance_sweep] wrote {out}/report.md and results.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
