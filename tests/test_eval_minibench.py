@@ -128,3 +128,62 @@ def test_prompt_probe_cases_and_ground_truth_ceiling(tiny64_pipeline):
     rows = run_probe(tiny64_pipeline, classifier, templates=("7",), samples=2, steps=2)
     assert [r["pairs"] for r in rows] == ["seen", "held-out"] and all(0 <= r["both_acc"] <= 1 for r in rows)
     assert "| 7 |" in table(rows)
+
+
+def test_dreambooth_snapshots_are_points_of_one_run(tiny64_pipeline):
+    """finetune(snapshot_at=...) keeps the params after exactly those step counts: the last one is
+    the returned params, the earlier one differs from it and from the start, times increase."""
+    import jax
+
+    from jedi_jax.eval.dreambooth import DreamBooth
+    from jedi_jax.eval.minibench import make_case
+
+    case = make_case(0, 1)
+    booth = DreamBooth(tiny64_pipeline, steps=4, lr=1e-2)
+    final, info = booth.finetune(case["ref_images"], case["ref_captions"], seed=0, snapshot_at=(2, 4))
+    leaves = lambda t: jax.tree.leaves(t)  # noqa: E731
+    assert all(np.array_equal(a, b) for a, b in zip(leaves(final), leaves(info["snapshots"][4])))
+    diff = lambda a, b: max(float(np.abs(np.asarray(x) - np.asarray(y)).max())  # noqa: E731
+                            for x, y in zip(leaves(a), leaves(b)))
+    assert diff(info["snapshots"][2], info["snapshots"][4]) > 0
+    assert diff(info["snapshots"][2], tiny64_pipeline.model.unet.params) > 0
+    assert 0 < info["seconds_at"][2] <= info["seconds_at"][4] <= info["seconds"]
+    with pytest.raises(ValueError, match="outside 1..4"):
+        booth.finetune(case["ref_images"], case["ref_captions"], snapshot_at=(5,))
+
+
+def test_dreambooth_curve_end_to_end_and_reach(tiny64_pipeline, tmp_path):
+    from jedi_jax.eval import dreambooth_curve as DC
+
+    res = DC.measure(tiny64_pipeline, subjects=2, lrs=(1e-3,), budgets=(2, 1), prompts=1, steps=2,
+                     log=lambda *a: None)
+    assert [r["steps"] for r in res["dreambooth"]] == [1, 2]
+    assert res["dreambooth"][0]["finetune_seconds"] <= res["dreambooth"][1]["finetune_seconds"]
+    assert set(res["jedi"]) == {1, 3} and all(r["enc_ref"]["n"] == 2 for r in res["jedi"].values())
+    DC.plot(res, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 0 and "| JeDi k=3 |" in DC.report(res)
+
+    # reach(): the first budget at or above JeDi's identity, and the time ratio there
+    ci = lambda m: dict(mean=m, lo=m, hi=m, n=2)  # noqa: E731
+    jedi = dict(enc_ref_normalized=ci(0.5), seconds_per_image=2.0)
+    rows = [dict(lr=1e-4, steps=s, finetune_seconds=10.0 * s, seconds_per_image=2.0, enc_ref_normalized=ci(m))
+            for s, m in ((1, 0.1), (2, 0.6), (4, 0.4))]
+    rows += [dict(lr=1e-3, steps=1, finetune_seconds=10.0, seconds_per_image=2.0, enc_ref_normalized=ci(None))]
+    got = {r["lr"]: r for r in DC.reach(jedi, rows)}
+    assert got[1e-4]["reached_at_steps"] == 2 and got[1e-4]["time_ratio"] == pytest.approx(11.0)
+    assert got[1e-4]["best_steps"] == 2 and got[1e-4]["max_time_ratio"] == pytest.approx(21.0)
+    assert got[1e-3]["reached_at_steps"] is None and got[1e-3]["time_ratio"] is None
+
+
+def test_guidance_sweep_uses_subjects_minibench_does_not(tiny64_pipeline):
+    from jedi_jax.eval import guidance_sweep as GS
+    from jedi_jax.eval.minibench import make_case
+
+    res = GS.sweep(tiny64_pipeline, first_subject=100, subjects=2, text_scales=(3.0,), image_scales=(0.0, 2.0),
+                   ks=(1,), steps=2, log=lambda *a: None)
+    bench = {make_case(i, 1)["name"] for i in range(16)}
+    assert not bench & set(res["subjects"]) and len(res["subjects"]) == 2
+    assert [(r["sI"], r["k"]) for r in res["rows"]] == [(0.0, 1), (2.0, 1)]
+    assert all(r["background_ok"]["n"] == 2 for r in res["rows"])
+    assert res["ground_truth"]["background_ok"]["mean"] == pytest.approx(1.0)
+    assert "| 3 | 2 | 1 |" in GS.report(res)

@@ -112,18 +112,32 @@ class DreamBooth:
             self.compile_seconds += time.time() - start
         return self._compiled[sig]
 
-    def finetune(self, images, captions, *, seed: int | None = None) -> tuple[dict, dict]:
-        """Returns (finetuned UNet params, info: seconds (wall, excluding compilation), losses)."""
+    def finetune(self, images, captions, *, seed: int | None = None,
+                 snapshot_at: tuple[int, ...] = ()) -> tuple[dict, dict]:
+        """Returns (finetuned UNet params, info: seconds (wall, excluding compilation), losses).
+
+        snapshot_at: step counts (1..steps) after which a copy of the params is kept, for an
+        identity-vs-finetuning-time curve from one run: info['snapshots'] = {count: params} and
+        info['seconds_at'] = {count: wall seconds so far}."""
+        bad = [s for s in snapshot_at if not 1 <= s <= self.steps]
+        if bad:
+            raise ValueError(f"snapshot_at {bad} outside 1..{self.steps} finetuning steps")
         params = jax.tree.map(jnp.array, self.pipe.model.unet.params)  # a copy: the pipeline's stay intact
         opt_state = self.tx.init(params)
         latents, context = self.batch(images, captions)
         base = jax.random.key(self.seed if seed is None else seed)
         step = self._step_fn((params, opt_state, latents, context, base))
         start = time.time()
-        losses = []
+        losses, snapshots, seconds_at = [], {}, {}
         for i in range(self.steps):
             params, opt_state, loss = step(params, opt_state, latents, context, jax.random.fold_in(base, i))
             if i == 0 or i == self.steps - 1 or i % 50 == 0:
                 losses.append((i, float(loss)))
+            if i + 1 in snapshot_at:
+                snapshots[i + 1] = jax.block_until_ready(params)  # immutable arrays: no copy needed
+                seconds_at[i + 1] = time.time() - start
         jax.block_until_ready(params)
-        return params, dict(seconds=time.time() - start, steps=self.steps, lr=self.lr, losses=losses)
+        info = dict(seconds=time.time() - start, steps=self.steps, lr=self.lr, losses=losses)
+        if snapshot_at:
+            info.update(snapshots=snapshots, seconds_at=seconds_at)
+        return params, info

@@ -59,6 +59,8 @@ ROWS: tuple[Row, ...] = (
     Row("jedi_k3", "JeDi k=3", "joint set inpainting with references 1-3 and their captions", 3),
     Row("dreambooth", "DreamBooth k=3", "UNet finetuned on references 1-3 (sets of one, their captions), "
         "then text-only generation", 3),
+    Row("jedi_k3_sI2", "JeDi k=3, sI=2", "image guidance at 2 (the pipeline's generic default; JeDi-mini's "
+        "recommended sI is 5, chosen on validation subjects)", 3, image_scale=2.0),
     Row("jedi_k3_sI1", "JeDi k=3, sI=1", "no EXTRA image guidance: e(I,noT) + sT (e(I,T) - e(I,noT)); the "
         "references condition every branch at scale 1", 3, image_scale=1.0),
     Row("jedi_k3_sI0", "JeDi k=3, sI=0", "image guidance formula at sI=0: e(noI,noT) + sT (e(I,T) - e(I,noT)); "
@@ -75,8 +77,8 @@ class Settings:
     seeds: int = 2
     prompts: int = 2  # prompted contexts per subject
     steps: int = 50
-    guidance_scale: float = 3.0
-    image_guidance_scale: float = 2.0
+    guidance_scale: float | None = None  # None: the model folder's recommended (JeDiPipeline.guidance_scales)
+    image_guidance_scale: float | None = None
     sampler: str = "ddim"
     dreambooth_steps: int = 200
     dreambooth_lr: float = 5e-5
@@ -246,6 +248,9 @@ def run(model, out: str | Path, settings: Settings, *, evaluators: str | None = 
     (out / "grids").mkdir(parents=True, exist_ok=True)
     rows = [r for r in ROWS if r.name in settings.rows]
     pipe = _load_pipeline(model)
+    settings = dataclasses.replace(settings)  # the caller's stays as given
+    settings.guidance_scale, settings.image_guidance_scale = pipe.guidance_scales(settings.guidance_scale,
+                                                                                 settings.image_guidance_scale)
     pipes = {"coupled": pipe}
     if any(not r.coupled for r in rows):
         pipes["uncoupled"] = JeDiPipeline(pipe.model, max_references=pipe.max_references, text_layer=pipe.text_layer,
@@ -563,8 +568,9 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=None, help="seeds per prompt (default 2; quick 1)")
     p.add_argument("--prompts", type=int, default=None, help="held-out prompts per subject (default 2; quick 1)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default 50; quick 5)")
-    p.add_argument("--guidance-scale", type=float, default=3.0)
-    p.add_argument("--image-guidance-scale", type=float, default=2.0)
+    p.add_argument("--guidance-scale", type=float, default=None, help="sT (default: the model's recommended, else 3)")
+    p.add_argument("--image-guidance-scale", type=float, default=None,
+                   help="sI (default: the model's recommended, else 2)")
     p.add_argument("--dreambooth-steps", type=int, default=None, help="finetuning steps (default 200; quick 3)")
     p.add_argument("--dreambooth-lr", type=float, default=5e-5)
     p.add_argument("--dreambooth-subjects", type=int, default=None,
