@@ -17,7 +17,8 @@ Variants: '' (= cpu) for 2 CPU cores, float32, 8 sets per step; 'gpu' for one H1
 128 sets per step (launch/one_gpu_session.sh runs it time-boxed, warm-started from the shipped
 model). Expect a progress line every 50 steps and a sample grid every 1000 (gpu: 5000) steps in
 runs/mini/samples/ (references kept, other members regenerated; mse_to_truth falls as identity and
-context are learned). The text encoder is a small CLIP (random, frozen: its job is to keep the
+context are learned). `--config.data.caption_wording=world+prompt` adds MiniBench's prompt wording
+to the captions (data/pool.WORDINGS; the shipped model was trained with "world"). The text encoder is a small CLIP (random, frozen: its job is to keep the
 caption tokens apart; the UNet's cross-attention learns to read them).
 """
 import os

@@ -192,3 +192,31 @@ def test_mini_world_source():
     with pytest.raises(IndexError):
         src[10]
     assert "masks" not in MiniWorldSource("test", 2, with_masks=False)[0]
+
+
+def test_render_pool_wordings_and_cache(tmp_path):
+    """pool wording "world+prompt" re-words captions only: same renders, every caption still names
+    its image's labels, MiniBench's wording appears; a cache of another wording is refused."""
+    from jedi_jax.data.pool import RenderPool
+
+    log = lambda *a: None  # noqa: E731
+    world = RenderPool("train", 12, 4, processes=1, log=log)
+    cache = tmp_path / "pool.npz"
+    prompt = RenderPool("train", 12, 4, processes=1, cache=str(cache), wording="world+prompt", log=log)
+    np.testing.assert_array_equal(world.images, prompt.images)
+    assert (world.captions == np.array([mw.make_set("train", i, n=4)["captions"] for i in range(12)])).all()
+    n_full = 0
+    for i in range(12):
+        s = mw.make_set("train", i, n=4)
+        for ctx, text in zip(s["contexts"], prompt.captions[i]):
+            got = mw.parse_caption(str(text))
+            assert got["background"] == ctx.background and got["category"] == s["category"], (text, ctx)
+            assert got["placement"] in (None, ctx.placement), (text, ctx)
+            n_full += str(text) == mw.prompt_for(s["category"], ctx)  # MiniBench's wording, exactly
+    assert n_full > 0
+    assert (RenderPool("train", 12, 4, cache=str(cache), wording="world+prompt", log=log).captions
+            == prompt.captions).all()
+    with pytest.raises(ValueError, match="worded 'world\\+prompt'"):
+        RenderPool("train", 12, 4, cache=str(cache), log=log)
+    with pytest.raises(ValueError, match="unknown caption wording"):
+        RenderPool("train", 2, 4, processes=1, wording="poetry", log=log)

@@ -20,14 +20,30 @@ import numpy as np
 from jedi_jax.data import mini_world as mw
 
 
+# Caption wordings a pool may draw from. "world": the world's own captions (mini_world.TEMPLATES,
+# as make_set writes them). "world+prompt": each caption re-drawn uniformly from TEMPLATES plus
+# FULL_TEMPLATE, the wording MiniBench prompts in (a sentence the frozen random text encoder
+# otherwise never shows the UNet; eval.prompt_probe measured what that costs). The renders, and
+# the (background, placement) pairs, are the same: MiniBench's held-out pairs stay unseen.
+WORDINGS = {"world": None, "world+prompt": tuple(mw.TEMPLATES) + (mw.FULL_TEMPLATE,)}
+_WORDING_TAG = 17
+
+
 def _render_chunk(args):
-    split, start, stop, n, num_subjects = args
+    split, start, stop, n, num_subjects, wording = args
+    templates = WORDINGS[wording]
     images = np.empty((stop - start, n, mw.RES, mw.RES, 3), np.uint8)
     captions, subjects = [], []
     for j, i in enumerate(range(start, stop)):
         s = mw.make_set(split, i, n=n, num_subjects=num_subjects)
         images[j] = s["images"]
-        captions.append(list(s["captions"]))
+        if templates is None:
+            captions.append(list(s["captions"]))
+        else:  # own stream: the renders do not depend on the wording
+            rng = np.random.default_rng([_WORDING_TAG, i])
+            subject = mw.subject_from_name(s["subject"])
+            captions.append([mw.caption(subject, ctx, template=templates[int(rng.integers(len(templates)))])
+                             for ctx in s["contexts"]])
         subjects.append(s["subject"])
     return images, captions, subjects
 
@@ -37,20 +53,24 @@ class RenderPool:
 
     def __init__(self, split: str = "train", num_sets: int = 20_000, set_size: int = 6, *,
                  num_subjects: int | None = None, processes: int | None = None, cache: str | None = None,
-                 log=print):
+                 wording: str = "world", log=print):
+        if wording not in WORDINGS:
+            raise ValueError(f"unknown caption wording {wording!r}; choose one of {sorted(WORDINGS)}")
         self.split, self.set_size = split, int(set_size)
         if cache and Path(cache).exists():
             data = np.load(cache, allow_pickle=False)
-            if data["images"].shape[:2] != (num_sets, set_size) or str(data["split"]) != split:
+            held = str(data["wording"]) if "wording" in data else "world"
+            if data["images"].shape[:2] != (num_sets, set_size) or str(data["split"]) != split or held != wording:
                 raise ValueError(f"pool cache {cache} holds {data['images'].shape[:2]} sets of split "
-                                 f"{data['split']}, not ({num_sets}, {set_size}) of {split}: delete it")
+                                 f"{data['split']} worded {held!r}, not ({num_sets}, {set_size}) of {split} worded "
+                                 f"{wording!r}: delete it")
             self.images, self.captions, self.subjects = data["images"], data["captions"], data["subjects"]
             log(f"pool: loaded {num_sets} sets from {cache}")
             return
         start = time.time()
         processes = processes or os.cpu_count() or 1
         bounds = np.linspace(0, num_sets, min(num_sets, processes * 4) + 1).astype(int)
-        chunks = [(split, int(a), int(b), set_size, num_subjects) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+        chunks = [(split, int(a), int(b), set_size, num_subjects, wording) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
         if processes > 1:
             # spawn, not fork: the trainer has started JAX threads, and forking a threaded process can deadlock
             with mp.get_context("spawn").Pool(processes) as pool:
@@ -64,7 +84,8 @@ class RenderPool:
             f"({self.images.nbytes / 2**30:.2f} GiB)")
         if cache:
             tmp = f"{cache}.tmp.npz"
-            np.savez(tmp, images=self.images, captions=self.captions, subjects=self.subjects, split=split)
+            np.savez(tmp, images=self.images, captions=self.captions, subjects=self.subjects, split=split,
+                     wording=wording)
             os.replace(tmp, cache)
 
     def __len__(self) -> int:
@@ -79,7 +100,8 @@ def from_config(data_cfg) -> RenderPool:
     n = int(data_cfg.source_set_size) or int(data_cfg.set_size)
     num_subjects = int(data_cfg.num_subjects) or None
     cache = str(data_cfg.get("pool_cache", "") or "") or None
-    return RenderPool(str(data_cfg.split), int(data_cfg.num_sets), n, num_subjects=num_subjects, cache=cache)
+    return RenderPool(str(data_cfg.split), int(data_cfg.num_sets), n, num_subjects=num_subjects, cache=cache,
+                      wording=str(data_cfg.get("caption_wording", "world")))
 
 
 class LatentPool:
