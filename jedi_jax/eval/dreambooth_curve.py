@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from jedi_jax.eval import metrics as M
-from jedi_jax.eval.minibench import Scorer, _load_pipeline, call_seed, generate, make_case
+from jedi_jax.eval.minibench import Scorer, _load_pipeline, call_seed, cli_list, cli_model, generate, make_case
 
 SCORES = ("enc_ref", "pix", "background_ok", "placement_ok")
 
@@ -152,9 +152,11 @@ def report(results: dict) -> str:
              "| background acc | placement acc |", "|---|---|---|---|---|---|---|---|"]
     for k, r in sorted(results["jedi"].items(), key=lambda kv: int(kv[0])):
         lines.append(f"| JeDi k={k} | - | 0 | {r['seconds_per_image']:.1f} | {f(r['enc_ref_normalized'], 2)} | "
-                     f"{f(r['pix_normalized'], 2)} | {r['background_ok']['mean']:.2f} | {r['placement_ok']['mean']:.2f} |")
+                     f"{f(r['pix_normalized'], 2)} | {r['background_ok']['mean']:.2f} | "
+                     f"{r['placement_ok']['mean']:.2f} |")
     for r in results["dreambooth"]:
-        lines.append(f"| DreamBooth k=3 | {r['lr']:g} | {r['steps']} | {r['finetune_seconds'] + r['seconds_per_image']:.1f} "
+        seconds = r["finetune_seconds"] + r["seconds_per_image"]
+        lines.append(f"| DreamBooth k=3 | {r['lr']:g} | {r['steps']} | {seconds:.1f} "
                      f"| {f(r['enc_ref_normalized'], 2)} | {f(r['pix_normalized'], 2)} | "
                      f"{r['background_ok']['mean']:.2f} | {r['placement_ok']['mean']:.2f} |")
     lines += ["", "## Where DreamBooth reaches JeDi k=3", ""]
@@ -218,23 +220,18 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--steps", type=int, default=20, help="sampling steps")
     p.add_argument("--guidance-scale", type=float, default=None, help="JeDi's sT (default: the model's recommended)")
-    p.add_argument("--image-guidance-scale", type=float, default=None, help="JeDi's sI (default: the model's recommended)")
+    p.add_argument("--image-guidance-scale", type=float, default=None,
+                   help="JeDi's sI (default: the model's recommended)")
     p.add_argument("--evaluators", default=None)
     args = p.parse_args(argv)
 
-    from jedi_jax.assets import DEFAULT_MODEL_DIR
-
-    model = Path(args.model) if args.model else DEFAULT_MODEL_DIR
-    if not (model / "jedi_model.json").exists():
-        print(f"error: no model at {model} (pass --model DIR)", file=sys.stderr)
+    model = cli_model(args.model)
+    if model is None:
         return 2
-    try:
-        lrs = tuple(float(x) for x in args.lrs.split(",") if x.strip())
-        budgets = tuple(int(x) for x in args.budgets.split(",") if x.strip())
-    except ValueError as e:
-        p.error(f"bad list: {e}")
-    if not lrs or not budgets or min(budgets) < 1 or min(lrs) <= 0:
-        p.error("give at least one learning rate > 0 and budgets >= 1")
+    lrs = cli_list(p, "--lrs", args.lrs)
+    budgets = cli_list(p, "--budgets", args.budgets, int)
+    if min(budgets) < 1 or min(lrs) <= 0:
+        p.error("learning rates must be > 0 and budgets >= 1")
     if args.subjects < 2:
         p.error("--subjects must be >= 2 (a CI needs subjects)")
     results = measure(model, subjects=args.subjects, lrs=lrs, budgets=budgets, prompts=args.prompts,

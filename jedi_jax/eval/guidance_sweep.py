@@ -24,10 +24,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 from jedi_jax.eval import metrics as M
-from jedi_jax.eval.minibench import Scorer, _load_pipeline, call_seed, generate, make_case
+from jedi_jax.eval.minibench import Scorer, _load_pipeline, call_seed, cli_list, cli_model, generate, make_case
 
 SCORES = ("enc_ref", "pix", "background_ok", "placement_ok")
 
@@ -100,10 +99,6 @@ def report(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(x) for x in text.split(",") if x.strip())
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="jedi_jax model folder (default: the embedded JeDi-mini)")
@@ -118,17 +113,12 @@ def main(argv=None) -> int:
     p.add_argument("--evaluators", default=None)
     args = p.parse_args(argv)
 
-    from jedi_jax.assets import DEFAULT_MODEL_DIR
-
-    model = Path(args.model) if args.model else DEFAULT_MODEL_DIR
-    if not (model / "jedi_model.json").exists():
-        print(f"error: no model at {model} (pass --model DIR)", file=sys.stderr)
+    model = cli_model(args.model)
+    if model is None:
         return 2
-    try:
-        text_scales, image_scales = _floats(args.text_scales), _floats(args.image_scales)
-        ks = tuple(int(x) for x in args.k.split(",") if x.strip())
-    except ValueError as e:
-        p.error(f"bad list: {e}")
+    text_scales = cli_list(p, "--text-scales", args.text_scales)
+    image_scales = cli_list(p, "--image-scales", args.image_scales)
+    ks = cli_list(p, "--k", args.k, int)
     if any(k < 1 or k > 3 for k in ks) or any(s < 0 for s in text_scales + image_scales):
         p.error("k must be in 1..3 and guidance scales >= 0")
     if args.first_subject < 0 or args.subjects < 2:

@@ -560,6 +560,29 @@ def quick_identity(model, n_subjects: int = 8, *, steps: int = 20, k: int = 3, s
 # ---------------------------------------------------------------------------------- CLI
 
 
+def cli_model(arg: str | None) -> Path | None:
+    """The eval CLIs' --model: a jedi_jax model folder, default the embedded JeDi-mini; None (after
+    one error line on stderr) when there is no model there."""
+    from jedi_jax.assets import DEFAULT_MODEL_DIR
+
+    model = Path(arg) if arg else DEFAULT_MODEL_DIR
+    if not (model / "jedi_model.json").exists():
+        print(f"error: no model at {model} (train JeDi-mini first, or pass --model DIR)", file=sys.stderr)
+        return None
+    return model
+
+
+def cli_list(parser: argparse.ArgumentParser, flag: str, text: str, cast=float) -> tuple:
+    """'1,2.5' -> (1.0, 2.5); a bad or empty list is a parser error naming the flag."""
+    try:
+        values = tuple(cast(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        parser.error(f"{flag} {text!r}: expected a comma-separated list of {cast.__name__}")
+    if not values:
+        parser.error(f"{flag} is empty")
+    return values
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="jedi_jax model folder (default: the embedded JeDi-mini)")
@@ -580,11 +603,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="CI smoke mode: 2 subjects, 1 seed, 1 prompt, 5 steps")
     args = p.parse_args(argv)
 
-    from jedi_jax.assets import DEFAULT_MODEL_DIR
-
-    model = Path(args.model) if args.model else DEFAULT_MODEL_DIR
-    if not (model / "jedi_model.json").exists():
-        print(f"error: no model at {model} (train JeDi-mini first, or pass --model DIR)", file=sys.stderr)
+    model = cli_model(args.model)
+    if model is None:
         return 2
     settings = Settings.quick_mode() if args.quick else Settings()
     for field, value in (("subjects", args.subjects), ("seeds", args.seeds), ("prompts", args.prompts),
