@@ -7,4 +7,8 @@
     dreambooth.py           the finetuning baseline (same model, plain denoising loss)
     minibench.py            the benchmark: `python -m jedi_jax.eval.minibench`, and `quick_identity`
                             for training learning curves
+    learning_curve.py       quick identity of every checkpoint of a run
+    prompt_probe.py         text-only prompt following, split by wording and seen / held-out pairs
+    guidance_sweep.py       sT x sI on validation subjects (MiniBench's are never used to choose)
+    dreambooth_curve.py     identity against wall time, JeDi vs DreamBooth at many budgets
 """
