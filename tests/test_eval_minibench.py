@@ -130,6 +130,23 @@ def test_prompt_probe_cases_and_ground_truth_ceiling(tiny64_pipeline):
     assert "| 7 |" in table(rows)
 
 
+def test_prompt_probe_text_sensitivity_separates_mixing_from_position(tiny64_pipeline):
+    """At the token embeddings (text_layer=0) nothing mixes: swapping the placement word leaves the
+    background word's vector exactly as it was, while a one-word shift moves it (learned absolute
+    positions). After the causal transformer ("last") the earlier placement word leaks in."""
+    from jedi_jax.eval.prompt_probe import SENSITIVITY_PROMPTS, sensitivity_table, text_sensitivity
+
+    model = tiny64_pipeline.model
+    rows0 = {r["change"]: r for r in text_sensitivity(model, 0)}
+    swap, shift, other = (rows0[k] for k in SENSITIVITY_PROMPTS)
+    assert swap["cosine"] == pytest.approx(1.0, abs=1e-6) and swap["positions"][0] == swap["positions"][1]
+    assert shift["positions"][1] == shift["positions"][0] - 1 and shift["cosine"] < 0.99
+    assert other["cosine"] < 0.99
+    last = text_sensitivity(model, "last")
+    assert last[0]["cosine"] < 1.0 - 1e-4 and all(-1 <= r["cosine"] <= 1 for r in last)
+    assert "| shifted by one word" in sensitivity_table(last)
+
+
 def test_dreambooth_snapshots_are_points_of_one_run(tiny64_pipeline):
     """finetune(snapshot_at=...) keeps the params after exactly those step counts: the last one is
     the returned params, the earlier one differs from it and from the start, times increase."""

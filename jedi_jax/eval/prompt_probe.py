@@ -10,7 +10,12 @@ classifier. A model that composes gets both labels right on held-out pairs; a mo
 pairs gets one label right and swaps the other for a seen partner. ``--ground-truth`` scores the
 mini world's own renders of the same contexts instead (the ceiling; 1.0 up to the classifier).
 
-Prints a markdown table and, with --out, writes it with the numbers as JSON.
+The text side is measured too (`text_sensitivity`): how the cross-attention context of the
+background word moves when the placement word before it changes, when one extra word shifts it by
+one position, and, for scale, when the background word itself changes. A context that moves more
+under a one-word shift than under a different background is one a UNet cannot read by word.
+
+Prints markdown tables and, with --out, writes them with the numbers as JSON.
 """
 from __future__ import annotations
 
@@ -63,6 +68,53 @@ def run_probe(pipe, classifier, *, templates=("full", "4", "6", "7"), samples: i
     return rows
 
 
+# Pairs of prompts that differ in one way; the background word ("desert") is compared across each pair.
+SENSITIVITY_PROMPTS = {
+    "placement word swapped (same position)": (
+        "a photo of a large tilted star at the right of a desert scene",
+        "a photo of a large tilted star at the center of a desert scene"),
+    "shifted by one word (same words)": (
+        "a photo of a large tilted star at the right of a desert scene",
+        "a photo of a large star at the right of a desert scene"),
+    "other background (same position; the scale of a real difference)": (
+        "a photo of a large tilted star at the right of a desert scene",
+        "a photo of a large tilted star at the right of a beach scene"),
+}
+
+
+def text_sensitivity(model, text_layer="last", word: str = "desert") -> list[dict]:
+    """Cosine similarity of the context vector at the background word's token (`word`, or the
+    word replacing it) for each prompt pair of SENSITIVITY_PROMPTS, under `model`'s text encoder at
+    `text_layer` (what the UNet cross-attends to). Rows {'change', 'cosine', 'positions'}."""
+    import jax.numpy as jnp
+
+    from jedi_jax.models.clip_text import encode_prompts
+
+    text = model.text_encoder
+    length = int(text.config.max_position_embeddings)
+    rows = []
+    for change, pair in SENSITIVITY_PROMPTS.items():
+        enc = model.tokenizer(list(pair), padding="max_length", max_length=length, truncation=True)
+        ids = np.asarray(enc["input_ids"])
+        context = np.asarray(encode_prompts(text.functional.bind(text.params), jnp.asarray(ids), text_layer))
+        positions = []
+        for prompt, row in zip(pair, ids):
+            words = prompt.split()
+            target = word if word in words else words[pair[0].split().index(word)]
+            (token,) = model.tokenizer(target, add_special_tokens=False)["input_ids"]
+            positions.append(int(np.flatnonzero(row == token)[0]))
+        a, b = context[0, positions[0]], context[1, positions[1]]
+        rows.append(dict(change=change, cosine=float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))),
+                         positions=positions))
+    return rows
+
+
+def sensitivity_table(rows: list[dict]) -> str:
+    lines = ["| the background word's context when ... | cosine to the original | token positions |", "|---|---|---|"]
+    lines += [f"| {r['change']} | {r['cosine']:.3f} | {r['positions'][0]}, {r['positions'][1]} |" for r in rows]
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| template | example prompt | pairs | background acc | placement acc | both |", "|---|---|---|---|---|---|"]
     for r in rows:
@@ -99,12 +151,16 @@ def main(argv=None) -> int:
     rows = run_probe(pipe, load_context_classifier(), templates=templates, samples=args.samples, steps=args.steps,
                      guidance_scale=args.guidance_scale, ground_truth=args.ground_truth)
     text = table(rows)
+    sensitivity = []
+    if pipe is not None:
+        sensitivity = text_sensitivity(pipe.model, pipe.text_layer)
+        text += "\n\nText side (" + f"text_layer={pipe.text_layer!r}" + "):\n\n" + sensitivity_table(sensitivity)
     print(text)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "probe.md").write_text(text + "\n")
-        (out / "probe.json").write_text(json.dumps(rows, indent=2))
+        (out / "probe.json").write_text(json.dumps(dict(rows=rows, text_sensitivity=sensitivity), indent=2))
     return 0
 
 
