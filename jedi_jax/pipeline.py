@@ -58,9 +58,11 @@ def default_model_dir() -> Path:
 
 
 class JeDiPipeline:
-    def __init__(self, model: Model, *, max_references: int = 3, text_layer: str = "last",
+    def __init__(self, model: Model, *, max_references: int = 3, text_layer: str | int | None = None,
                  coupled_attention: bool = True):
-        """coupled_attention=False is an ablation: every member is run as its own set of one, so
+        """text_layer: what the cross-attention reads (clip_text.prompt_embeddings); None takes the
+        model folder's (jedi_model.json "sampling"), else "last" as in SD 1.x.
+        coupled_attention=False is an ablation: every member is run as its own set of one, so
         self-attention no longer crosses images and references cannot reach the targets."""
         for name in ("unet", "vae", "text_encoder"):
             if name not in model.components:
@@ -69,7 +71,8 @@ class JeDiPipeline:
             raise PipelineInputError(f"model folder {model.folder} needs tokenizer/ and scheduler/ folders")
         self.model = model
         self.max_references = max_references
-        self.text_layer = text_layer
+        self.text_layer = (getattr(model, "sampling", None) or {}).get("text_layer", "last") \
+            if text_layer is None else text_layer
         self.coupled_attention = coupled_attention
         self.schedule_config = NoiseScheduleConfig.from_diffusers(model.scheduler_config)
         self.schedule = make_schedule(self.schedule_config)

@@ -199,3 +199,14 @@ def test_real_prompts_through_both_encoders(tmp_path):
     np.testing.assert_array_equal(np.asarray(prompt_embeddings(ours1, "last", False)), np.asarray(ours1.hidden_states[-1]))
     with pytest.raises(ValueError, match="final_layer_norm"):
         prompt_embeddings(ours1, "penultimate", True)
+    # "embeddings": the final LN of the token + position embeddings (torch's hidden_states[0]); no
+    # token sees another, so a prompt that differs only later leaves the earlier vectors unchanged
+    emb = np.asarray(prompt_embeddings(ours1, "embeddings", final_layer_norm=lnorm))
+    with torch.no_grad():
+        np.testing.assert_allclose(emb, enc1.final_layer_norm(o1.hidden_states[0]).numpy(), atol=TOL)
+    first, second = ids[0], ids[0].copy()
+    second[-1] = ids[1][1]  # change the last position's token only
+    other = _run(fm1, p1, np.stack([first, second]))
+    e2 = np.asarray(prompt_embeddings(other, "embeddings", final_layer_norm=lnorm))
+    np.testing.assert_array_equal(e2[0, :-1], e2[1, :-1])
+    assert np.abs(e2[0, -1] - e2[1, -1]).max() > 1e-3

@@ -129,8 +129,13 @@ def test_model_folder_recommends_guidance_scales(tiny_model_dir, tmp_path):
     assert pipe.guidance_scales(1.0, 0.0) == (1.0, 0.0)
     out = pipe([PROMPT], _refs(0, 1), num_inference_steps=2)
     assert out.settings["image_guidance_scale"] == 4.5 and out.settings["guidance_scale"] == DEFAULT_GUIDANCE_SCALE
+    # the text layer the UNet was trained on travels with the folder; an explicit one wins
+    index_path.write_text(json.dumps(dict(index, sampling={"text_layer": "embeddings"})))
+    assert JeDiPipeline(load_model(folder)).text_layer == "embeddings"
+    assert JeDiPipeline(load_model(folder), text_layer="last").text_layer == "last"
     for bad, match in (({"image_scale": 2.0}, "unknown sampling setting"), ({"guidance_scale": -1}, "numbers >= 0"),
-                       ({"guidance_scale": "3"}, "numbers >= 0")):
+                       ({"guidance_scale": "3"}, "numbers >= 0"), ({"text_layer": "first"}, "text_layer must be"),
+                       ({"text_layer": True}, "text_layer must be")):
         index_path.write_text(json.dumps(dict(index, sampling=bad)))
         with pytest.raises(ConversionError, match=match):
             load_model(folder)

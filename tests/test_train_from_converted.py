@@ -42,7 +42,7 @@ def test_convert_train_export_sample(tmp_path):
     wd = tmp_path / "run"
     train = subprocess.run(
         [sys.executable, "-m", "jedi_jax.train", "--config", "configs/sd15.py:tiny", "--workdir", str(wd),
-         f"--config.model.pretrained={converted}", "--config.train.steps=4", "--config.train.log_every=2",
+         f"--config.model.pretrained={converted}", "--config.model.text_layer=penultimate", "--config.train.steps=4", "--config.train.log_every=2",
          "--config.checkpoint.every=2", "--config.sample.every=4", "--config.sample.num_steps=2"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     log = train.stdout + train.stderr
@@ -63,7 +63,10 @@ def test_convert_train_export_sample(tmp_path):
 
     model = load_model(exported)
     assert model.unet.config.in_channels == 9 and model.scheduler_config["beta_schedule"] == "scaled_linear"
+    # trained on the penultimate text layer: the folder says so, and sampling reads that layer
+    assert model.sampling == {"text_layer": "penultimate"}
     pipe = JeDiPipeline(model, max_references=1)
+    assert pipe.text_layer == "penultimate"
     ref = mini_world.make_set("test", 0, n=1)["images"][0]
     out = pipe(["a ball on the beach"], [ref], num_inference_steps=2, seed=0)
     assert len(out.images) == 1 and out.images[0].size == (32, 32)

@@ -45,10 +45,13 @@ def read_model_index(model_dir: str | Path) -> dict[str, str]:
 
 # Sampling settings a model folder may recommend (jedi_model.json "sampling"), e.g. the guidance
 # scales chosen for it on validation data; the pipeline uses them where the caller gives none.
-SAMPLING_KEYS = ("guidance_scale", "image_guidance_scale")
+# "text_layer" is what the UNet was trained to cross-attend to (clip_text.prompt_embeddings): a
+# folder trained on another layer than "last" must say so, or sampling would read the wrong one.
+SAMPLING_KEYS = ("guidance_scale", "image_guidance_scale", "text_layer")
+TEXT_LAYERS = ("last", "penultimate", "embeddings")
 
 
-def read_sampling_defaults(model_dir: str | Path) -> dict[str, float]:
+def read_sampling_defaults(model_dir: str | Path) -> dict:
     """The folder's recommended sampling settings ({} if none); strict about names and values."""
     path = Path(model_dir) / MODEL_FILE
     sampling = json.loads(path.read_text()).get("sampling", {}) if path.exists() else {}
@@ -58,10 +61,16 @@ def read_sampling_defaults(model_dir: str | Path) -> dict[str, float]:
     unknown = sorted(set(values) - set(SAMPLING_KEYS))
     if unknown:
         raise ConversionError(f"{path}: unknown sampling setting(s) {unknown}; known: {list(SAMPLING_KEYS)}")
+    layer = values.pop("text_layer", None)
+    if layer is not None and not (layer in TEXT_LAYERS or (isinstance(layer, int) and not isinstance(layer, bool))):
+        raise ConversionError(f"{path}: sampling text_layer must be one of {list(TEXT_LAYERS)} or an int, got {layer!r}")
     bad = [k for k, v in values.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0]
     if bad:
         raise ConversionError(f"{path}: sampling setting(s) {bad} must be numbers >= 0")
-    return {k: float(v) for k, v in values.items()}
+    out: dict = {k: float(v) for k, v in values.items()}
+    if layer is not None:
+        out["text_layer"] = layer
+    return out
 
 
 def write_component(folder: Path, kind: str, config, params) -> None:
@@ -72,8 +81,9 @@ def write_component(folder: Path, kind: str, config, params) -> None:
 
 
 def write_model_folder(dst: str | Path, parts: dict, *, extra_folders: dict[str, Path] | None = None,
-                       overwrite: bool = False, source: str | None = None) -> Path:
-    """Writes a jedi_jax model folder. parts: {name: (kind, config, params)}."""
+                       overwrite: bool = False, source: str | None = None, sampling: dict | None = None) -> Path:
+    """Writes a jedi_jax model folder. parts: {name: (kind, config, params)}; sampling: the
+    jedi_model.json "sampling" entry (see read_sampling_defaults)."""
     with atomic_directory(dst, overwrite=overwrite) as tmp:
         for name, (kind, config, params) in parts.items():
             write_component(tmp / name, kind, config, params)
@@ -82,6 +92,8 @@ def write_model_folder(dst: str | Path, parts: dict, *, extra_folders: dict[str,
         index = dict(FORMAT, components={n: k for n, (k, _, _) in parts.items()})
         if source:
             index["source"] = source
+        if sampling:
+            index["sampling"] = dict(sampling)
         (tmp / MODEL_FILE).write_text(json.dumps(index, indent=2))
     return Path(dst)
 

@@ -243,14 +243,17 @@ def prompt_embeddings(outputs: CLIPTextOutput, layer: str | int = "last", apply_
         -> diffusers `StableDiffusionPipeline` with clip_skip=1, i.e. SD2 semantics on a full
         24-layer OpenCLIP-H; pass `final_layer_norm=model.text_model.final_layer_norm`.
     layer=int i: `hidden_states[i]` (e.g. -(clip_skip + 1)), normed only if apply_final_norm.
+    layer="embeddings" (normed by default): `final_layer_norm(hidden_states[0])`, token + position
+        embeddings before any attention, so no token's vector depends on another token (a frozen
+        *random* encoder mixes the words; see eval.prompt_probe.text_sensitivity).
 
     `outputs` must come from a call with output_hidden_states=True unless layer="last" with the norm.
     """
     if apply_final_norm is None:
-        apply_final_norm = layer == "last"
+        apply_final_norm = layer in ("last", "embeddings")
     if layer == "last" and apply_final_norm:
         return outputs.last_hidden_state
-    index = {"last": -1, "penultimate": -2}.get(layer, layer)
+    index = {"last": -1, "penultimate": -2, "embeddings": 0}.get(layer, layer)
     if not isinstance(index, int):
         raise ValueError(f"layer must be 'last', 'penultimate' or an int, got {layer!r}")
     if outputs.hidden_states is None:

@@ -73,10 +73,16 @@ def export_run(workdir: str | Path, dst: str | Path, *, step: int | None = None,
         tok = Path(tmp) / "tokenizer"
         shutil.copytree(tokenizer_dir, tok)
         out = write_model_folder(dst, parts, extra_folders={"tokenizer": tok, "scheduler": sched},
-                                 overwrite=overwrite,
+                                 overwrite=overwrite, sampling=_sampling_entry(config.model),
                                  source=f"{workdir} step {int(state.step)} ({'EMA' if use_ema else 'raw'} UNet)")
     log(f"exported step {int(state.step)} of {workdir} to {out}")
     return out
+
+
+def _sampling_entry(model_cfg) -> dict:
+    """What sampling must know about how the UNet was trained: the text layer, unless SD's "last"."""
+    layer = models_lib._text_layer(model_cfg.get("text_layer", "last"))
+    return {} if layer == "last" else {"text_layer": layer}
 
 
 def main(argv=None) -> int:
