@@ -18,8 +18,10 @@ Variants: '' (= cpu) for 2 CPU cores, float32, 8 sets per step; 'gpu' for one H1
 model). Expect a progress line every 50 steps and a sample grid every 1000 (gpu: 5000) steps in
 runs/mini/samples/ (references kept, other members regenerated; mse_to_truth falls as identity and
 context are learned). `--config.data.caption_wording=world+prompt` adds MiniBench's prompt wording
-to the captions (data/pool.WORDINGS; the shipped model was trained with "world"). The text encoder is a small CLIP (random, frozen: its job is to keep the
-caption tokens apart; the UNet's cross-attention learns to read them).
+to the captions (data/pool.WORDINGS; the shipped model's stages 3a-3b used it). The text encoder
+is a small CLIP (random, frozen: its job is to keep the caption tokens apart; the UNet's
+cross-attention learns to read them), read at `model.text_layer="embeddings"` (the shipped model's
+stage 3b; stages 1-3a read "last"; export records the layer in jedi_model.json).
 """
 import os
 import sys
@@ -46,6 +48,9 @@ def get_config(arg: str | None = None):
     c.model.vae = ml_collections.ConfigDict(common.tiny_vae())  # replaced by the pretrained VAE
     c.model.text_encoder = ml_collections.ConfigDict(common.tiny_text(hidden=64, max_len=20))
     c.model.max_text_len = 20
+    # Cross-attend to the (normed) token + position embeddings, not the random encoder's last layer,
+    # whose causal attention leaks each word into the next (MODEL_CARD: "the text side").
+    c.model.text_layer = "embeddings"
     c.model.dtype = "float32"
     c.schedule = ml_collections.ConfigDict(MINI_SCHEDULE)
 

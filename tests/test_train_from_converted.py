@@ -48,6 +48,7 @@ def test_convert_train_export_sample(tmp_path):
     log = train.stdout + train.stderr
     assert train.returncode == 0, log[-5000:]
     assert "widening unet conv_in 4 -> 9" in log
+    assert "UNet was trained on text_layer='last'; this run uses 'penultimate'" in log  # a switch is said
     assert "step 4/4 | loss" in log
     assert (wd / "samples" / "step_000004.png").exists()
     mse = [json.loads(r)["mse_to_truth"] for r in (wd / "samples" / "metrics.jsonl").read_text().splitlines()]
