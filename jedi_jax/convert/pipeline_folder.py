@@ -22,6 +22,7 @@ import numpy as np
 from jedi_jax.convert import components as comp
 from jedi_jax.convert.param_io import atomic_directory, restore_params, save_params
 from jedi_jax.convert.torch_naming import ConversionError, params_to_torch, torch_to_params
+from jedi_jax.models.clip_text import NAMED_LAYERS
 from jedi_jax.models.functional import Functional
 from jedi_jax.models.jedi_inputs import widen_conv_in
 
@@ -48,7 +49,6 @@ def read_model_index(model_dir: str | Path) -> dict[str, str]:
 # "text_layer" is what the UNet was trained to cross-attend to (clip_text.prompt_embeddings): a
 # folder trained on another layer than "last" must say so, or sampling would read the wrong one.
 SAMPLING_KEYS = ("guidance_scale", "image_guidance_scale", "text_layer")
-TEXT_LAYERS = ("last", "penultimate", "embeddings")
 
 
 def read_sampling_defaults(model_dir: str | Path) -> dict:
@@ -62,8 +62,8 @@ def read_sampling_defaults(model_dir: str | Path) -> dict:
     if unknown:
         raise ConversionError(f"{path}: unknown sampling setting(s) {unknown}; known: {list(SAMPLING_KEYS)}")
     layer = values.pop("text_layer", None)
-    if layer is not None and not (layer in TEXT_LAYERS or (isinstance(layer, int) and not isinstance(layer, bool))):
-        raise ConversionError(f"{path}: sampling text_layer must be one of {list(TEXT_LAYERS)} or an int, got {layer!r}")
+    if layer is not None and not (layer in NAMED_LAYERS or (isinstance(layer, int) and not isinstance(layer, bool))):
+        raise ConversionError(f"{path}: sampling text_layer must be one of {list(NAMED_LAYERS)} or an int, got {layer!r}")
     bad = [k for k, v in values.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0]
     if bad:
         raise ConversionError(f"{path}: sampling setting(s) {bad} must be numbers >= 0")

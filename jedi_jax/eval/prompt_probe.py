@@ -89,13 +89,13 @@ def text_sensitivity(model, text_layer="last", word: str = "desert") -> list[dic
     import jax.numpy as jnp
 
     from jedi_jax.models.clip_text import encode_prompts
+    from jedi_jax.models.tokenizer import tokenize
 
     text = model.text_encoder
     length = int(text.config.max_position_embeddings)
     rows = []
     for change, pair in SENSITIVITY_PROMPTS.items():
-        enc = model.tokenizer(list(pair), padding="max_length", max_length=length, truncation=True)
-        ids = np.asarray(enc["input_ids"])
+        ids = tokenize(model.tokenizer, pair, length)  # (2, T)
         context = np.asarray(encode_prompts(text.functional.bind(text.params), jnp.asarray(ids), text_layer))
         positions = []
         for prompt, row in zip(pair, ids):

@@ -230,6 +230,10 @@ class CLIPTextModelWithProjection(nnx.Module):
         return out.replace(text_embeds=self.text_projection(out.pooler_output))
 
 
+# Named conditioning layers -> index into hidden_states (0 = token + position embeddings).
+NAMED_LAYERS = {"last": -1, "penultimate": -2, "embeddings": 0}
+
+
 def prompt_embeddings(outputs: CLIPTextOutput, layer: str | int = "last", apply_final_norm: bool | None = None,
                       final_layer_norm: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
     """The (B, T, D) sequence that conditions the UNet (cross-attention context).
@@ -253,9 +257,9 @@ def prompt_embeddings(outputs: CLIPTextOutput, layer: str | int = "last", apply_
         apply_final_norm = layer in ("last", "embeddings")
     if layer == "last" and apply_final_norm:
         return outputs.last_hidden_state
-    index = {"last": -1, "penultimate": -2, "embeddings": 0}.get(layer, layer)
+    index = NAMED_LAYERS.get(layer, layer)
     if not isinstance(index, int):
-        raise ValueError(f"layer must be 'last', 'penultimate' or an int, got {layer!r}")
+        raise ValueError(f"layer must be one of {list(NAMED_LAYERS)} or an int, got {layer!r}")
     if outputs.hidden_states is None:
         raise ValueError("prompt_embeddings needs outputs from output_hidden_states=True")
     h = outputs.hidden_states[index]
@@ -282,5 +286,5 @@ def pooled_text_embeds(outputs: CLIPTextOutput) -> jax.Array:
     return outputs.text_embeds
 
 
-__all__ = ["CLIPTextConfig", "CLIPTextOutput", "CLIPTextModel", "CLIPTextModelWithProjection",
+__all__ = ["NAMED_LAYERS", "CLIPTextConfig", "CLIPTextOutput", "CLIPTextModel", "CLIPTextModelWithProjection",
            "prompt_embeddings", "encode_prompts", "pooled_text_embeds", "attention_mask_2d"]

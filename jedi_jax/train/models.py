@@ -184,7 +184,7 @@ def build(model_cfg, *, mesh, rules, seed: int, load_unet: bool = True) -> Bundl
     if "unet" in loaded_from and not load_unet:
         pass
     elif "unet" in loaded_from:
-        _warn_text_layer_switch(folder, model_cfg.text_layer)
+        _warn_text_layer_switch(folder, _text_layer(model_cfg.text_layer))
         if unet_src.in_channels == want_in:
             unet_params = _load(folder, "unet", model_cfg, shardings["unet"])
         else:  # SD text-to-image UNet: 4 -> 2C+1 input channels, new weights zero
@@ -217,17 +217,17 @@ def _load(folder: Path, name: str, model_cfg, shardings):
     return load_component(folder, name, shardings=shardings, **kw).params
 
 
-def _warn_text_layer_switch(folder: Path, text_layer) -> None:
+def _warn_text_layer_switch(folder: Path, text_layer: str | int) -> None:
     """A warm-started UNet was trained to read one text layer (jedi_model.json sampling.text_layer,
     default "last"); a run on another layer is allowed (JeDi-mini stage 3b switched on purpose) but
     its cross-attention must relearn, so say so where the run starts."""
     from jedi_jax.convert.pipeline_folder import read_sampling_defaults
 
     trained = read_sampling_defaults(folder).get("text_layer", "last")
-    if trained != _text_layer(text_layer):
+    if trained != text_layer:
         log.warning("%s's UNet was trained on text_layer=%r; this run uses %r: its cross-attention "
                     "starts from a context it never saw (set config.model.text_layer=%r to keep it)",
-                    folder, trained, _text_layer(text_layer), trained)
+                    folder, trained, text_layer, trained)
 
 
 def _text_layer(value):
