@@ -220,3 +220,29 @@ def test_render_pool_wordings_and_cache(tmp_path):
         RenderPool("train", 12, 4, cache=str(cache), log=log)
     with pytest.raises(ValueError, match="unknown caption wording"):
         RenderPool("train", 2, 4, processes=1, wording="poetry", log=log)
+
+
+def test_render_pool_placement_only_wording():
+    """"world+prompt+place": the same renders; a caption that leaves the background unsaid names the
+    image's placement (and category), and its words up to the placement are a full template's."""
+    from jedi_jax.data.pool import PLACEMENT_ONLY, RenderPool
+
+    log = lambda *a: None  # noqa: E731
+    world = RenderPool("train", 16, 4, processes=1, log=log)
+    place = RenderPool("train", 16, 4, processes=1, wording="world+prompt+place", log=log)
+    np.testing.assert_array_equal(world.images, place.images)
+    n_place_only = 0
+    for i in range(16):
+        s = mw.make_set("train", i, n=4)
+        for ctx, text in zip(s["contexts"], place.captions[i]):
+            got = mw.parse_caption(str(text))
+            assert got["category"] == s["category"], text
+            if got["background"] is None:
+                n_place_only += 1
+                assert got["placement"] == ctx.placement, (text, ctx)
+            else:
+                assert got["background"] == ctx.background and got["placement"] in (None, ctx.placement), (text, ctx)
+    assert 0 < n_place_only < 64  # a share of the captions, not all
+    for t in PLACEMENT_ONLY:
+        assert "{bg" not in t and t.endswith("{place}")
+        assert any(full.startswith(t) for full in mw.TEMPLATES + [mw.FULL_TEMPLATE]), t

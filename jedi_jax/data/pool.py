@@ -25,7 +25,18 @@ from jedi_jax.data import mini_world as mw
 # FULL_TEMPLATE, the wording MiniBench prompts in (a sentence the frozen random text encoder
 # otherwise never shows the UNet; eval.prompt_probe measured what that costs). The renders, and
 # the (background, placement) pairs, are the same: MiniBench's held-out pairs stay unseen.
-WORDINGS = {"world": None, "world+prompt": tuple(mw.TEMPLATES) + (mw.FULL_TEMPLATE,)}
+# "world+prompt+place" adds PLACEMENT_ONLY: captions that name the placement but no background.
+# Every background is rendered with only 2 of the 3 placements in training, so with placement and
+# background always named together a model may learn placement as a property of the background
+# (the shipped stage 3b: held-out pairs 0.19 placement, seen pairs 1.00). Here a quarter of the
+# captions leave the background unsaid, so the placement word alone has to carry where the subject
+# is. Each shares its words up to the placement with a full template, so with
+# text_layer="embeddings" the placement token is the very vector the full sentence gives the UNet.
+# Renders are untouched: the held-out (background, placement) pairs stay unseen.
+PLACEMENT_ONLY = ("a photo of a {size} {orient} {cat} at the {place}", "a photo of a {size} {cat} at the {place}",
+                  "a {cat} at the {place}")
+WORDINGS = {"world": None, "world+prompt": tuple(mw.TEMPLATES) + (mw.FULL_TEMPLATE,),
+            "world+prompt+place": tuple(mw.TEMPLATES) + (mw.FULL_TEMPLATE,) + PLACEMENT_ONLY}
 _WORDING_TAG = 17
 
 
