@@ -4,6 +4,12 @@
     pipe = JeDiPipeline.from_pretrained("sd15-jedi")           # a converted folder; None = embedded default
     out = pipe(["a photo of the dog on a beach"], references=["dog0.jpg", "dog1.jpg"], seed=0)
     out.images[0].save("dog_beach.png"); out.grid.save("grid.png"); print(out.settings)
+    pipe(["a photo of the dog at the left AND a photo of the dog on a beach"], ...)  # composed prompt
+
+A prompt written as parts joined by " AND " (upper case) is a composed prompt (Composable
+Diffusion, Liu et al. 2022; sampling/guidance.py): each part gets its own text-guidance branch and
+the parts' guidance terms are summed, which asks for every part even where the model never saw
+their combination in one caption. One extra UNet branch per extra part.
 
 A set of static size N = num_images + max_references holds, in order, the targets, the references
 and padding; the member mask tells which are real. One compiled program (per num_images, steps,
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import time
 from pathlib import Path
 from typing import Sequence
@@ -36,6 +43,7 @@ from jedi_jax.schedulers.schedule import NoiseScheduleConfig, inference_timestep
 DEFAULT_REFERENCE_PROMPT = ""
 DEFAULT_GUIDANCE_SCALE = 3.0  # sT where neither the caller nor the model folder says
 DEFAULT_IMAGE_GUIDANCE_SCALE = 2.0  # sI likewise
+PART_SEPARATOR = re.compile(r"\s*\bAND\b\s*")  # "A AND B": a composed prompt (the upper-case word AND only)
 
 
 class PipelineInputError(ValueError):
@@ -96,8 +104,10 @@ class JeDiPipeline:
 
     # ------------------------------------------------------------------ the compiled program
     def _generate(self, params, input_ids, empty_ids, ref_images, member_mask, ref_mask, timesteps,
-                  image_scale, text_scale, key, *, config: JointSamplerConfig, eta: float):
-        """ref_images (B, N, H, W, 3) in [-1, 1]; input_ids (B, N, T); masks (B, N) -> images (B, N, H, W, 3)."""
+                  image_scale, text_scale, key, part_ids=None, part_weights=None, *, config: JointSamplerConfig,
+                  eta: float):
+        """ref_images (B, N, H, W, 3) in [-1, 1]; input_ids (B, N, T); masks (B, N) -> images (B, N, H, W, 3).
+        Composed prompts: part_ids (P, B, N, T), part_weights (P, B, N); None for plain prompts."""
         unet, vae, text = self.model.unet, self.model.vae, self.model.text_encoder
         b, n, t = input_ids.shape
         text_model = text.functional.bind(params["text_encoder"])
@@ -105,6 +115,11 @@ class JeDiPipeline:
         context = context.reshape(b, n, t, -1)  # (B, N, T, D)
         empty = encode_prompts(text_model, empty_ids, self.text_layer)  # (1, T, D)
         context_empty = jnp.broadcast_to(empty[None], context.shape)  # (B, N, T, D)
+        part_contexts = None
+        if part_ids is not None:
+            p_ = part_ids.shape[0]
+            part_contexts = encode_prompts(text_model, part_ids.reshape(p_ * b * n, t), self.text_layer)
+            part_contexts = part_contexts.reshape(p_, b, n, t, -1)  # (P, B, N, T, D)
 
         vae_module = vae.functional.bind(params["vae"])
         h, w = ref_images.shape[2:4]
@@ -124,7 +139,8 @@ class JeDiPipeline:
         layout = guidance.SetLayout(member_mask=member_mask, ref_mask=ref_mask)
         latents = sample_set(unet_fn, params["unet"], self.schedule, timesteps, x_T, ref_latents, layout,
                              context, context_empty, image_scale, text_scale, jax.random.fold_in(key, 1),
-                             config=config, eta=eta, on_step=self._on_step)
+                             config=config, eta=eta, on_step=self._on_step, part_contexts=part_contexts,
+                             part_weights=part_weights)
         decoded = vae_module.decode(unscale_latents(latents, vae.config).reshape((b * n,) + latents.shape[2:]))
         return decoded.reshape((b, n, h, w, 3))
 
@@ -174,6 +190,11 @@ class JeDiPipeline:
                 raise PipelineInputError(f"got {len(prompts)} prompts for num_images={num_images}; give 1 or {num_images}")
         if not prompts:
             raise PipelineInputError("no prompt given: give at least one prompt")
+        prompt_parts = [PART_SEPARATOR.split(p.strip()) for p in prompts]
+        for prompt, parts in zip(prompts, prompt_parts):
+            if len(parts) > 1 and not all(part.strip() for part in parts):
+                raise PipelineInputError(f"composed prompt {prompt!r} has an empty part around 'AND'")
+        num_parts = max(len(parts) for parts in prompt_parts)
         if num_inference_steps < 1:
             raise PipelineInputError(f"steps={num_inference_steps} must be >= 1")
         guidance_scale, image_guidance_scale = self.guidance_scales(guidance_scale, image_guidance_scale)
@@ -202,8 +223,17 @@ class JeDiPipeline:
         member_mask[0, : m + k] = True
         ref_mask = np.zeros((1, n), bool)
         ref_mask[0, m : m + k] = True
-        captions = prompts + ref_prompts + [""] * (n - m - k)
+        # a composed prompt's targets read their parts (part_ids); their own caption is its first part
+        captions = [parts[0] for parts in prompt_parts] + ref_prompts + [""] * (n - m - k)
         input_ids = self._tokenize(captions)[None]  # (1, N, T)
+        part_ids = part_weights = None
+        if num_parts > 1:
+            part_weights = np.zeros((num_parts, 1, n), np.float32)  # 0: padding part / not a target
+            part_texts = [[""] * n for _ in range(num_parts)]
+            for i, parts in enumerate(prompt_parts):
+                for j, part in enumerate(parts):
+                    part_texts[j][i], part_weights[j, 0, i] = part, 1.0
+            part_ids = np.stack([self._tokenize(texts) for texts in part_texts])[:, None]  # (P, 1, N, T)
         empty_ids = self._tokenize([""])  # (1, T)
         timesteps = jnp.asarray(inference_timesteps(self.schedule_config, num_inference_steps, sampler), jnp.int32)
         # max_references == 0: plain joint text-to-image, 2-branch classifier-free guidance.
@@ -211,7 +241,8 @@ class JeDiPipeline:
                                     replace_known=replace_known, image_guidance=self.max_references > 0)
         params = {name: c.params for name, c in self.model.components.items()}
         args = (params, input_ids, empty_ids, ref_images, member_mask, ref_mask, timesteps,
-                jnp.float32(image_guidance_scale), jnp.float32(guidance_scale), jax.random.key(seed))
+                jnp.float32(image_guidance_scale), jnp.float32(guidance_scale), jax.random.key(seed), part_ids,
+                part_weights)
 
         compiled, compile_s = self._program(args, config, float(eta))
         start = time.time()
@@ -230,7 +261,7 @@ class JeDiPipeline:
                         image_guidance_scale=image_guidance_scale, sampler=sampler, eta=eta, seed=seed,
                         replace_known=replace_known, image_guidance=config.image_guidance, resolution=size, model=str(self.model.folder),
                         prediction_type=self.schedule_config.prediction_type, text_layer=self.text_layer,
-                        coupled_attention=self.coupled_attention)
+                        coupled_attention=self.coupled_attention, prompt_parts=num_parts)
         grid = labeled_grid([refs or [np.full((size, size, 3), 255, np.uint8)],
                              [from_model_range(out[0, i]) for i in range(m)]],
                             [[f"reference {i + 1}" for i in range(k)] or ["(no references)"], prompts],

@@ -37,7 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--ref", action="append", default=[], help="reference image (repeat for several)")
     p.add_argument("--ref-mask", action="append", default=None, help="subject mask per reference (optional)")
     p.add_argument("--ref-prompt", action="append", default=None, help="caption per reference (optional)")
-    p.add_argument("--prompt", action="append", default=[], help="prompt of an image to generate (repeat)")
+    p.add_argument("--prompt", action="append", default=[],
+                   help="prompt of an image to generate (repeat); parts joined by ' AND ' are composed")
     p.add_argument("--num", type=int, default=None, help="images to generate (repeats a single prompt)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=None,

@@ -98,7 +98,7 @@ def test_quick_minibench_end_to_end(tiny64_pipeline, tmp_path):
     assert rows["ground_truth"]["enc_ref_normalized"]["mean"] == pytest.approx(1.0)
     assert rows["text_only"]["enc_ref_normalized"]["mean"] == pytest.approx(0.0)
     assert rows["ground_truth"]["pix_normalized"]["mean"] == pytest.approx(1.0)
-    assert rows["dreambooth"]["images"] == 2 and rows["jedi_k3"]["images"] == 2
+    assert rows["dreambooth"]["images"] == 2 and rows["jedi_k3"]["images"] == rows["jedi_k3_composed"]["images"] == 2
     assert saved["timings"]["dreambooth"]["finetune_subjects"] == 2
     # without coupled attention the references cannot reach the target: text-only, image for image
     assert saved["checks"]["uncoupled_vs_text_only_max_abs_enc_diff"] < 1e-3
@@ -128,6 +128,16 @@ def test_prompt_probe_cases_and_ground_truth_ceiling(tiny64_pipeline):
     rows = run_probe(tiny64_pipeline, classifier, templates=("7",), samples=2, steps=2)
     assert [r["pairs"] for r in rows] == ["seen", "held-out"] and all(0 <= r["both_acc"] <= 1 for r in rows)
     assert "| 7 |" in table(rows)
+    # 'place' names the placement and no background: no background column, "both" is placement
+    for c in probe_cases("place", "held-out", 6):
+        assert mw.PLACEMENTS[c["placement"]] in c["prompt"].split()
+        assert mw.parse_caption(c["prompt"])["background"] is None
+    (gt_place,) = [r for r in run_probe(None, classifier, templates=("place",), samples=8, ground_truth=True)
+                   if r["pairs"] == "held-out"]
+    assert gt_place["background_acc"] is None and gt_place["both_acc"] == gt_place["placement_acc"] >= 0.85
+    assert "| place |" in table([gt_place]) and "| - |" in table([gt_place])
+    with pytest.raises(ValueError, match="unknown template"):
+        probe_cases("bogus", "seen", 1)
 
 
 def test_prompt_probe_text_sensitivity_separates_mixing_from_position(tiny64_pipeline):
@@ -204,3 +214,23 @@ def test_guidance_sweep_uses_subjects_minibench_does_not(tiny64_pipeline):
     assert all(r["background_ok"]["n"] == 2 for r in res["rows"])
     assert res["ground_truth"]["background_ok"]["mean"] == pytest.approx(1.0)
     assert "| 3 | 2 | 1 |" in GS.report(res)
+
+
+def test_composed_prompts_say_the_same_labels_in_training_words():
+    """The composed-prompt row asks for exactly the plain prompt's labels: placement in one part,
+    background in the other, category/size/orientation in both; each part starts a training template."""
+    from jedi_jax.data.pool import PLACEMENT_ONLY
+    from jedi_jax.eval.minibench import COMPOSED_PARTS, make_case
+
+    assert COMPOSED_PARTS[0] == PLACEMENT_ONLY[0]
+    for part in COMPOSED_PARTS:
+        assert any(t.startswith(part) for t in mw.TEMPLATES + [mw.FULL_TEMPLATE]), part
+    for i in range(4):
+        for prompt in make_case(i, 2)["prompts"]:
+            whole = mw.parse_caption(prompt["prompt"])
+            place, background = [mw.parse_caption(x) for x in prompt["composed"].split(" AND ")]
+            assert place["background"] is None and background["placement"] is None
+            assert place["placement"] == whole["placement"] == prompt["context"].placement
+            assert background["background"] == whole["background"] == prompt["context"].background
+            for key in ("category", "size", "orientation"):
+                assert place[key] == background[key] == whole[key]

@@ -139,3 +139,41 @@ def test_model_folder_recommends_guidance_scales(tiny_model_dir, tmp_path):
         index_path.write_text(json.dumps(dict(index, sampling=bad)))
         with pytest.raises(ConversionError, match=match):
             load_model(folder)
+
+
+def test_composed_prompt_guidance_is_the_sum_of_its_parts(tiny_pipeline):
+    """Composable guidance (guidance.py): one part of weight 1 (plus a zero-weight padding part) is the
+    plain formula; two parts give base + sT (d_A + d_B), i.e. g(A AND B) = g(A) + g(B) - g(sT=0),
+    with and without image guidance; a target-only change (references keep their captions)."""
+    unet, fn, x_t, refs, ctx, empty, layout = _branch_setup(tiny_pipeline)
+    t = jnp.int32(400)
+    other = ctx.at[:, 0].set(ctx[:, 0] * 0.5 + 0.3)  # another prompt for the target (member 0) only
+    parts = jnp.stack([ctx, other])  # (2, B, N, T, D)
+    for image_guidance in (True, False):
+        g = lambda c, st, **kw: guided_output(fn, unet.params, x_t, t, refs, layout, c, empty, 2.0, st,  # noqa: E731
+                                              image_guidance, **kw)
+        plain = g(ctx, 3.0)
+        padded = g(ctx, 3.0, part_contexts=parts, part_weights=jnp.array([[[1.0, 1.0, 1.0]], [[0.0, 0.0, 0.0]]]))
+        np.testing.assert_allclose(np.asarray(padded), np.asarray(plain), atol=2e-5)
+        both = g(ctx, 3.0, part_contexts=parts, part_weights=jnp.ones((2, 1, 3)))
+        summed = plain + g(other, 3.0) - g(ctx, 0.0)
+        np.testing.assert_allclose(np.asarray(both[:, 0]), np.asarray(summed[:, 0]), atol=5e-5)  # the target
+        assert float(jnp.abs(both - plain)[0, 0].max()) > 1e-3
+    assert guidance.num_branches(True, 2) == 4 and guidance.num_branches(False, 3) == 4
+
+
+def test_pipeline_composed_prompt(tiny_pipeline):
+    """"X AND X" at sT asks for X twice: the same as "X" at 2 sT. An empty part is refused."""
+    from jedi_jax.pipeline import PipelineInputError
+
+    run = lambda prompt, st: tiny_pipeline([prompt], _refs(0, 1), num_inference_steps=3, seed=0,  # noqa: E731
+                                           guidance_scale=st, image_guidance_scale=2.0)
+    twice = run(f"{PROMPT} AND {PROMPT}", 1.5)
+    assert twice.settings["prompt_parts"] == 2
+    a, b = twice.set_images[0].astype(int), run(PROMPT, 3.0).set_images[0].astype(int)
+    assert np.abs(a - b).max() <= 2
+    c = run(f"{PROMPT} AND a red ball in the snow", 1.5).set_images[0].astype(int)
+    assert np.abs(a - c).max() > 2
+    for bad in (f"{PROMPT} AND  ", f"AND {PROMPT}"):
+        with pytest.raises(PipelineInputError, match="empty part"):
+            run(bad, 1.5)

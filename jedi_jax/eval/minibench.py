@@ -37,6 +37,10 @@ from jedi_jax.data import mini_world as mw
 from jedi_jax.eval import metrics as M
 
 BENCH_TAG = 4242  # seed space of MiniBench's references / prompts / galleries
+# The "composed prompt" row's parts: the full prompt's labels said as placement AND background. Each
+# part is the start of a training caption template (pool.PLACEMENT_ONLY[0] is FULL_TEMPLATE cut after
+# the placement; the other is TEMPLATES[7] cut before it), so neither part is new wording.
+COMPOSED_PARTS = ("a photo of a {size} {orient} {cat} at the {place}", "a photo of a {size} {orient} {cat} {bgp}")
 NUM_REFERENCES = 3
 GALLERY = 3
 
@@ -49,6 +53,7 @@ class Row:
     k: int = 3  # references shown
     image_scale: float | None = None  # None = the run's image_guidance_scale
     coupled: bool = True
+    composed: bool = False  # prompt given as COMPOSED_PARTS joined by " AND " (pipeline: composed prompts)
 
 
 ROWS: tuple[Row, ...] = (
@@ -67,6 +72,9 @@ ROWS: tuple[Row, ...] = (
         "references enter only through the text-difference term", 3, image_scale=0.0),
     Row("jedi_k3_uncoupled", "JeDi k=3, no coupled attn", "coupled attention removed at inference (each member "
         "its own set): references cannot reach the target; expected ~ text-only", 3, coupled=False),
+    Row("jedi_k3_composed", "JeDi k=3, composed prompt", "the same prompt said as two parts, placement AND "
+        "background (COMPOSED_PARTS), each part guided on its own (composable guidance; one more UNet branch): "
+        "does the model compose a held-out pair it cannot follow as one sentence?", 3, composed=True),
 )
 ROW_NAMES = tuple(r.name for r in ROWS)
 
@@ -119,7 +127,9 @@ def make_case(index: int, num_prompts: int) -> dict[str, Any]:
         ctx = mw.make_context(b, p, size=int(rng.integers(2)), orientation=int(rng.integers(2)),
                               seed=int(rng.integers(2**31 - 1)), jitter=False)
         gt, gt_mask = mw.render(subject, ctx)
-        prompts.append(dict(prompt=mw.prompt_for(subject.category, ctx), context=ctx, gt=gt, gt_mask=gt_mask))
+        composed = " AND ".join(mw.prompt_for(subject.category, ctx, part) for part in COMPOSED_PARTS)
+        prompts.append(dict(prompt=mw.prompt_for(subject.category, ctx), composed=composed, context=ctx, gt=gt,
+                            gt_mask=gt_mask))
     gallery = []
     for _ in range(GALLERY):
         gallery.append(mw.render(subject, mw.sample_context(rng, "test"))[0])
@@ -187,10 +197,11 @@ def _load_pipeline(pipe_or_dir, max_references: int = NUM_REFERENCES):
 
 
 def generate(pipe, case: dict, prompt_index: int, seed: int, k: int, *, steps: int, guidance_scale: float,
-             image_guidance_scale: float, sampler: str = "ddim") -> tuple[np.ndarray, dict]:
-    """One image for case's prompt with the first k references. Returns (uint8 (H, W, 3), seconds)."""
+             image_guidance_scale: float, sampler: str = "ddim", composed: bool = False) -> tuple[np.ndarray, dict]:
+    """One image for case's prompt (composed: said in COMPOSED_PARTS) with the first k references.
+    Returns (uint8 (H, W, 3), seconds)."""
     k = min(k, pipe.max_references)
-    out = pipe([case["prompts"][prompt_index]["prompt"]], list(case["ref_images"][:k]),
+    out = pipe([case["prompts"][prompt_index]["composed" if composed else "prompt"]], list(case["ref_images"][:k]),
                reference_prompts=case["ref_captions"][:k], num_inference_steps=steps,
                guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale, sampler=sampler, seed=seed)
     return np.asarray(out.images[0]), out.seconds
@@ -220,7 +231,7 @@ def _row_images(row: Row, case, pipes, settings: Settings, dreambooth, timing) -
         for p, s in keys:
             images[(p, s)], sec = generate(pipe, case, p, call_seed(case["index"], p, s), k, steps=settings.steps,
                                            guidance_scale=settings.guidance_scale, image_guidance_scale=sI,
-                                           sampler=settings.sampler)
+                                           sampler=settings.sampler, composed=row.composed)
             timing["compile"] = timing.get("compile", 0.0) + sec["compile"]
             timing["run"] = timing.get("run", 0.0) + sec["run"]
             timing["images"] = timing.get("images", 0) + 1

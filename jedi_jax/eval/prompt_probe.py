@@ -9,6 +9,9 @@ caption template x {pairs seen in training, held-out pairs}, each read back by t
 classifier. A model that composes gets both labels right on held-out pairs; a model that memorized
 pairs gets one label right and swaps the other for a seen partner. ``--ground-truth`` scores the
 mini world's own renders of the same contexts instead (the ceiling; 1.0 up to the classifier).
+Template ``place`` names the placement but no background (``data.pool.PLACEMENT_ONLY[0]``: the full
+sentence cut after the placement): does the placement word alone move the subject? Its background
+column is empty (nothing to follow) and "both" is its placement.
 
 The text side is measured too (`text_sensitivity`): how the cross-attention context of the
 background word moves when the placement word before it changes, when one extra word shifts it by
@@ -30,6 +33,18 @@ from jedi_jax.data import mini_world as mw
 PAIRS = {"seen": mw.TRAIN_COMBOS, "held-out": mw.HELDOUT_COMBO_IDS}
 
 
+def template_text(template: str) -> str:
+    """'full' (MiniBench's), 'place' (placement, no background) or an index into mini_world.TEMPLATES."""
+    if template == "full":
+        return mw.FULL_TEMPLATE
+    if template == "place":
+        from jedi_jax.data.pool import PLACEMENT_ONLY
+        return PLACEMENT_ONLY[0]
+    if template.isdigit() and int(template) < len(mw.TEMPLATES):
+        return mw.TEMPLATES[int(template)]
+    raise ValueError(f"unknown template {template!r}: use 'full', 'place' or 0..{len(mw.TEMPLATES) - 1}")
+
+
 def probe_cases(template: str, pairs: str, samples: int, seed: int = 0) -> list[dict]:
     """`samples` (prompt, labels, context, subject) cases of test subjects in `pairs` contexts."""
     rng = np.random.default_rng([seed, list(PAIRS).index(pairs)])
@@ -40,7 +55,7 @@ def probe_cases(template: str, pairs: str, samples: int, seed: int = 0) -> list[
         b, p = combos[int(rng.integers(len(combos)))]
         ctx = mw.make_context(b, p, size=int(rng.integers(2)), orientation=int(rng.integers(2)),
                               seed=int(rng.integers(2**31 - 1)), jitter=False)
-        text = mw.TEMPLATES[int(template)] if template != "full" else mw.FULL_TEMPLATE
+        text = template_text(template)
         out.append(dict(prompt=mw.prompt_for(subject.category, ctx, text), background=b, placement=p,
                         context=ctx, subject=subject, seed=i))
     return out
@@ -48,7 +63,8 @@ def probe_cases(template: str, pairs: str, samples: int, seed: int = 0) -> list[
 
 def run_probe(pipe, classifier, *, templates=("full", "4", "6", "7"), samples: int = 16, steps: int = 20,
               guidance_scale: float = 3.0, ground_truth: bool = False, seed: int = 0) -> list[dict]:
-    """Rows {'template', 'pairs', 'background_acc', 'placement_acc', 'both_acc', 'n'}."""
+    """Rows {'template', 'pairs', 'background_acc', 'placement_acc', 'both_acc', 'n'}; background_acc
+    is None for a template that names no background (its both_acc is the placement accuracy)."""
     rows = []
     for template in templates:
         for pairs in PAIRS:
@@ -60,11 +76,13 @@ def run_probe(pipe, classifier, *, templates=("full", "4", "6", "7"), samples: i
                                                    guidance_scale=guidance_scale, seed=c["seed"]).images[0])
                                    for c in cases])
             pred = classifier.predict(images)
+            names_background = "{bg" in template_text(template)
             ok_b = np.asarray(pred["background"]) == np.array([c["background"] for c in cases])
             ok_p = np.asarray(pred["placement"]) == np.array([c["placement"] for c in cases])
+            both = (ok_b & ok_p) if names_background else ok_p
             rows.append(dict(template=template, wording=cases[0]["prompt"], pairs=pairs,
-                             background_acc=float(ok_b.mean()), placement_acc=float(ok_p.mean()),
-                             both_acc=float((ok_b & ok_p).mean()), n=len(cases)))
+                             background_acc=float(ok_b.mean()) if names_background else None,
+                             placement_acc=float(ok_p.mean()), both_acc=float(both.mean()), n=len(cases)))
     return rows
 
 
@@ -118,7 +136,8 @@ def sensitivity_table(rows: list[dict]) -> str:
 def table(rows: list[dict]) -> str:
     lines = ["| template | example prompt | pairs | background acc | placement acc | both |", "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['template']} | {r['wording']} | {r['pairs']} | {r['background_acc']:.2f} | "
+        bg = "-" if r["background_acc"] is None else f"{r['background_acc']:.2f}"
+        lines.append(f"| {r['template']} | {r['wording']} | {r['pairs']} | {bg} | "
                      f"{r['placement_acc']:.2f} | {r['both_acc']:.2f} |")
     return "\n".join(lines)
 
@@ -128,17 +147,19 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None, help="jedi_jax model folder (default: the embedded JeDi-mini)")
     p.add_argument("--samples", type=int, default=16, help="prompts per (template, pairs) cell")
     p.add_argument("--templates", default="full,4,6,7",
-                   help="'full' (MiniBench's wording) and/or indices into mini_world.TEMPLATES "
-                        "(4, 6, 7 name both background and placement; the others omit the placement)")
+                   help="'full' (MiniBench's wording), 'place' (placement only) and/or indices into "
+                        "mini_world.TEMPLATES (4, 6, 7 name both background and placement; the others omit the placement)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance-scale", type=float, default=3.0)
     p.add_argument("--ground-truth", action="store_true", help="score the world's renders (the ceiling)")
     p.add_argument("--out", default=None, help="write probe.md and probe.json here")
     args = p.parse_args(argv)
     templates = [t.strip() for t in args.templates.split(",") if t.strip()]
-    bad = [t for t in templates if t != "full" and not (t.isdigit() and int(t) < len(mw.TEMPLATES))]
-    if bad:
-        p.error(f"unknown template(s) {bad}: use 'full' or 0..{len(mw.TEMPLATES) - 1}")
+    for t in templates:
+        try:
+            template_text(t)
+        except ValueError as e:
+            p.error(str(e))
 
     from jedi_jax.eval.context_classifier import load_context_classifier
 

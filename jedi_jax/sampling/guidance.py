@@ -14,6 +14,16 @@ The branch structure is passed explicitly (masks and contexts), never inferred f
 
 Without references (plain joint text-to-image), e(I, .) = e(noI, .) and only two branches are
 needed: classifier-free guidance  out = e(noT) + sT * (e(T) - e(noT))  (`image_guidance=False`).
+
+Composed prompts (Composable Diffusion, Liu et al., ECCV 2022: "A AND B"): a target's prompt given
+as P parts, each part its own text branch I_T_j, the text terms summed with per-member weights w_j
+(1 for a real part, 0 for padding of a member with fewer parts):
+
+    out = e(noI,noT) + sI * (e(I,noT) - e(noI,noT)) + sT * sum_j w_j (e(I,T_j) - e(I,noT))
+
+so the model is asked for every part at full strength (a product of the parts' conditionals), not
+for the one sentence, whose combination of words it may never have seen. With P = 1 and w = 1 this
+is the formula above. Branches then number 2 + P (1 + P without image guidance).
 """
 from __future__ import annotations
 
@@ -24,8 +34,9 @@ BRANCHES = ("noI_noT", "I_noT", "I_T")
 TEXT_BRANCHES = ("noT", "T")
 
 
-def num_branches(image_guidance: bool) -> int:
-    return len(BRANCHES) if image_guidance else len(TEXT_BRANCHES)
+def num_branches(image_guidance: bool, num_parts: int = 1) -> int:
+    """UNet branches per step: the no-text ones, plus one text branch per prompt part."""
+    return (len(BRANCHES) if image_guidance else len(TEXT_BRANCHES)) + num_parts - 1
 
 
 @struct.dataclass
@@ -45,14 +56,16 @@ class SetLayout:
 
 
 def branch_inputs(layout: SetLayout, context_text: jnp.ndarray, context_empty: jnp.ndarray,
-                  image_guidance: bool = True):
+                  image_guidance: bool = True, part_contexts: jnp.ndarray | None = None):
     """Builds the branches' member masks, reference masks and contexts, stacked on axis 0.
 
     context_text:  (B, N, T, D) every member's caption embedding (targets: their prompts,
                    references: their captions).
     context_empty: (B, N, T, D) the empty-prompt embedding, used for targets in the noT branches.
-    Returns member_mask (3B, N), ref_mask (3B, N), context (3B, N, T, D), in the order of BRANCHES
-    (or (2B, ...) in the order of TEXT_BRANCHES when image_guidance is False).
+    part_contexts: optional (P, B, N, T, D) composed prompts: the targets' part j in text branch j
+                   (references keep their captions in every branch); replaces the targets' context_text.
+    Returns member_mask (GB, N), ref_mask (GB, N), context (GB, N, T, D), in the order of BRANCHES
+    (or TEXT_BRANCHES when image_guidance is False), the text branch repeated once per part.
     """
     refs = layout.ref_mask
     targets = layout.target_mask
@@ -60,20 +73,37 @@ def branch_inputs(layout: SetLayout, context_text: jnp.ndarray, context_empty: j
     # noT: targets get the empty prompt, references keep their own captions.
     is_target = targets[:, :, None, None]  # (B, N, 1, 1)
     context_no_text = jnp.where(is_target, context_empty, context_text)  # (B, N, T, D)
+    if part_contexts is None:
+        text_branches = [context_text]
+    else:  # one text branch per part: (B, N, T, D) each
+        text_branches = [jnp.where(is_target, part, context_text) for part in part_contexts]
+    p = len(text_branches)
     if not image_guidance:
-        member_mask = jnp.concatenate([layout.member_mask] * 2, axis=0)  # (2B, N)
-        ref_mask = jnp.concatenate([refs] * 2, axis=0)  # (2B, N)
-        return member_mask, ref_mask, jnp.concatenate([context_no_text, context_text], axis=0)
-    member_mask = jnp.concatenate([targets, layout.member_mask, layout.member_mask], axis=0)  # (3B, N)
-    ref_mask = jnp.concatenate([no_refs, refs, refs], axis=0)  # (3B, N)
-    context = jnp.concatenate([context_no_text, context_no_text, context_text], axis=0)  # (3B, N, T, D)
+        member_mask = jnp.concatenate([layout.member_mask] * (1 + p), axis=0)  # ((1+P)B, N)
+        ref_mask = jnp.concatenate([refs] * (1 + p), axis=0)  # ((1+P)B, N)
+        return member_mask, ref_mask, jnp.concatenate([context_no_text] + text_branches, axis=0)
+    member_mask = jnp.concatenate([targets] + [layout.member_mask] * (1 + p), axis=0)  # ((2+P)B, N)
+    ref_mask = jnp.concatenate([no_refs] + [refs] * (1 + p), axis=0)  # ((2+P)B, N)
+    context = jnp.concatenate([context_no_text, context_no_text] + text_branches, axis=0)  # ((2+P)B, N, T, D)
     return member_mask, ref_mask, context
 
 
-def combine(outputs: jnp.ndarray, image_scale, text_scale, image_guidance: bool = True) -> jnp.ndarray:
-    """outputs (3B, ...) in BRANCHES order (or (2B, ...) in TEXT_BRANCHES order) -> guided (B, ...)."""
+def combine(outputs: jnp.ndarray, image_scale, text_scale, image_guidance: bool = True,
+            part_weights: jnp.ndarray | None = None) -> jnp.ndarray:
+    """outputs (GB, N, ...) in branch_inputs' order -> guided (B, N, ...).
+
+    part_weights: (P, B, N) weights of the P text branches of composed prompts (None: one text branch)."""
+    p = 1 if part_weights is None else part_weights.shape[0]
+    branches = jnp.split(outputs, num_branches(image_guidance, p), axis=0)
     if not image_guidance:
-        no_t, t = jnp.split(outputs, 2, axis=0)
-        return no_t + text_scale * (t - no_t)
-    no_i_no_t, i_no_t, i_t = jnp.split(outputs, 3, axis=0)
-    return no_i_no_t + image_scale * (i_no_t - no_i_no_t) + text_scale * (i_t - i_no_t)
+        base = no_text = branches[0]
+    else:
+        no_i_no_t, no_text = branches[0], branches[1]
+        base = no_i_no_t + image_scale * (no_text - no_i_no_t)
+    texts = branches[-p:]  # each (B, N, ...)
+    if part_weights is None:
+        return base + text_scale * (texts[0] - no_text)
+    extra = (1,) * (outputs.ndim - 2)
+    delta = sum(part_weights[j].reshape(part_weights.shape[1:] + extra).astype(outputs.dtype) * (texts[j] - no_text)
+                for j in range(p))
+    return base + text_scale * delta

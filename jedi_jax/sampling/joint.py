@@ -39,24 +39,29 @@ class JointSamplerConfig:
 
 
 def guided_output(unet_fn: UNetFn, unet_params, x_t, t, ref_latents, layout: guidance.SetLayout,
-                  context_text, context_empty, image_scale, text_scale, image_guidance: bool = True):
-    """One batched UNet call over all guidance branches (G = 3, or 2 without image guidance)
+                  context_text, context_empty, image_scale, text_scale, image_guidance: bool = True,
+                  part_contexts=None, part_weights=None):
+    """One batched UNet call over all guidance branches (G = 3, or 2 without image guidance; one
+    more per extra part of composed prompts: part_contexts (P, B, N, T, D), part_weights (P, B, N))
     -> guided output (B, N, h, w, C)."""
-    g = guidance.num_branches(image_guidance)
-    member_mask, ref_mask, context = guidance.branch_inputs(layout, context_text, context_empty, image_guidance)
+    num_parts = 1 if part_contexts is None else part_contexts.shape[0]
+    g = guidance.num_branches(image_guidance, num_parts)
+    member_mask, ref_mask, context = guidance.branch_inputs(layout, context_text, context_empty, image_guidance,
+                                                            part_contexts)
     x_g = jnp.concatenate([x_t] * g, axis=0)  # (G*B, N, h, w, C)
     refs_g = jnp.concatenate([ref_latents] * g, axis=0)  # (G*B, N, h, w, C)
     model_in = unet_input(x_g, refs_g, ref_mask)  # (G*B, N, h, w, 2C+1)
     t_g = jnp.full((g * x_t.shape[0],), t, dtype=jnp.int32)  # (G*B,)
     out = unet_fn(unet_params, model_in, t_g, context, member_mask)  # (G*B, N, h, w, C)
-    return guidance.combine(out.astype(jnp.float32), image_scale, text_scale, image_guidance)
+    return guidance.combine(out.astype(jnp.float32), image_scale, text_scale, image_guidance, part_weights)
 
 
 def sample_set(unet_fn: UNetFn, unet_params, schedule, timesteps: jnp.ndarray, x_T: jnp.ndarray,
                ref_latents: jnp.ndarray, layout: guidance.SetLayout, context_text: jnp.ndarray,
                context_empty: jnp.ndarray, image_scale, text_scale, key: jax.Array, *,
                config: JointSamplerConfig, eta: float = 0.0,
-               on_step: Callable[[jnp.ndarray], None] | None = None) -> jnp.ndarray:
+               on_step: Callable[[jnp.ndarray], None] | None = None,
+               part_contexts: jnp.ndarray | None = None, part_weights: jnp.ndarray | None = None) -> jnp.ndarray:
     """Denoises a padded set; returns clean latents (B, N, h, w, C).
 
     timesteps: (S,) int, descending (the scheduler's inference timesteps).
@@ -65,6 +70,7 @@ def sample_set(unet_fn: UNetFn, unet_params, schedule, timesteps: jnp.ndarray, x
     key:       PRNG key, split into the DDIM eta noise stream and the reference re-noising stream;
                step i uses fold_in(stream, i).
     on_step:   optional host callback called with the step index after each step (progress bars).
+    part_contexts, part_weights: composed prompts (guidance.py): (P, B, N, T, D) and (P, B, N).
 
     The loop itself is `schedulers.loop.sample_loop`; this function supplies the guided set
     denoiser and, in replace mode, the re-noising of the known members as its `pre_step`.
@@ -80,7 +86,7 @@ def sample_set(unet_fn: UNetFn, unet_params, schedule, timesteps: jnp.ndarray, x
 
     def denoise(x, t, i):
         return guided_output(unet_fn, unet_params, x, t, ref_latents, layout, context_text, context_empty,
-                             image_scale, text_scale, config.image_guidance)
+                             image_scale, text_scale, config.image_guidance, part_contexts, part_weights)
 
     x = sample_loop(denoise, x_T, timesteps, schedule, sampler=config.sampler,
                     prediction_type=config.prediction_type, eta=eta, key=eta_key,
