@@ -18,10 +18,11 @@ Variants: '' (= cpu) for 2 CPU cores, float32, 8 sets per step; 'gpu' for one H1
 model). Expect a progress line every 50 steps and a sample grid every 1000 (gpu: 5000) steps in
 runs/mini/samples/ (references kept, other members regenerated; mse_to_truth falls as identity and
 context are learned). `--config.data.caption_wording=world+prompt` adds MiniBench's prompt wording
-to the captions (data/pool.WORDINGS; the shipped model's stages 3a-3b used it). The text encoder
+to the captions (data/pool.WORDINGS; stages 3a-3b used it); `world+prompt+place` also has a quarter
+of the captions name the placement without the background (stage 3c, the shipped UNet). The text encoder
 is a small CLIP (random, frozen: its job is to keep the caption tokens apart; the UNet's
 cross-attention learns to read them), read at `model.text_layer="embeddings"` (the shipped model's
-stage 3b; stages 1-3a read "last"; export records the layer in jedi_model.json).
+stages 3b-3c; stages 1-3a read "last"; export records the layer in jedi_model.json).
 """
 import os
 import sys

@@ -28,7 +28,7 @@ from jedi_jax.data import mini_world as mw
 # "world+prompt+place" adds PLACEMENT_ONLY: captions that name the placement but no background.
 # Every background is rendered with only 2 of the 3 placements in training, so with placement and
 # background always named together a model may learn placement as a property of the background
-# (the shipped stage 3b: held-out pairs 0.19 placement, seen pairs 1.00). Here a quarter of the
+# (stage 3b of JeDi-mini: held-out pairs 0.19 placement, seen pairs 1.00). Here a quarter of the
 # captions leave the background unsaid, so the placement word alone has to carry where the subject
 # is. Each shares its words up to the placement with a full template, so with
 # text_layer="embeddings" the placement token is the very vector the full sentence gives the UNet.
