@@ -160,6 +160,8 @@ def test_composed_prompt_guidance_is_the_sum_of_its_parts(tiny_pipeline):
         np.testing.assert_allclose(np.asarray(both[:, 0]), np.asarray(summed[:, 0]), atol=5e-5)  # the target
         assert float(jnp.abs(both - plain)[0, 0].max()) > 1e-3
     assert guidance.num_branches(True, 2) == 4 and guidance.num_branches(False, 3) == 4
+    with pytest.raises(ValueError, match="both part_contexts and part_weights"):
+        guided_output(fn, unet.params, x_t, t, refs, layout, ctx, empty, 2.0, 3.0, part_contexts=parts)
 
 
 def test_pipeline_composed_prompt(tiny_pipeline):

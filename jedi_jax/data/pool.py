@@ -35,8 +35,8 @@ from jedi_jax.data import mini_world as mw
 # Renders are untouched: the held-out (background, placement) pairs stay unseen.
 PLACEMENT_ONLY = ("a photo of a {size} {orient} {cat} at the {place}", "a photo of a {size} {cat} at the {place}",
                   "a {cat} at the {place}")
-WORDINGS = {"world": None, "world+prompt": tuple(mw.TEMPLATES) + (mw.FULL_TEMPLATE,),
-            "world+prompt+place": tuple(mw.TEMPLATES) + (mw.FULL_TEMPLATE,) + PLACEMENT_ONLY}
+_WORLD_AND_PROMPT = tuple(mw.TEMPLATES) + (mw.FULL_TEMPLATE,)
+WORDINGS = {"world": None, "world+prompt": _WORLD_AND_PROMPT, "world+prompt+place": _WORLD_AND_PROMPT + PLACEMENT_ONLY}
 _WORDING_TAG = 17
 
 

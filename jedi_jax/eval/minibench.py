@@ -34,13 +34,14 @@ from typing import Any
 import numpy as np
 
 from jedi_jax.data import mini_world as mw
+from jedi_jax.data.pool import PLACEMENT_ONLY
 from jedi_jax.eval import metrics as M
 
 BENCH_TAG = 4242  # seed space of MiniBench's references / prompts / galleries
 # The "composed prompt" row's parts: the full prompt's labels said as placement AND background. Each
 # part is the start of a training caption template (pool.PLACEMENT_ONLY[0] is FULL_TEMPLATE cut after
 # the placement; the other is TEMPLATES[7] cut before it), so neither part is new wording.
-COMPOSED_PARTS = ("a photo of a {size} {orient} {cat} at the {place}", "a photo of a {size} {orient} {cat} {bgp}")
+COMPOSED_PARTS = (PLACEMENT_ONLY[0], "a photo of a {size} {orient} {cat} {bgp}")
 NUM_REFERENCES = 3
 GALLERY = 3
 

@@ -44,6 +44,8 @@ def guided_output(unet_fn: UNetFn, unet_params, x_t, t, ref_latents, layout: gui
     """One batched UNet call over all guidance branches (G = 3, or 2 without image guidance; one
     more per extra part of composed prompts: part_contexts (P, B, N, T, D), part_weights (P, B, N))
     -> guided output (B, N, h, w, C)."""
+    if (part_contexts is None) != (part_weights is None):
+        raise ValueError("composed prompts need both part_contexts and part_weights (or neither)")
     num_parts = 1 if part_contexts is None else part_contexts.shape[0]
     g = guidance.num_branches(image_guidance, num_parts)
     member_mask, ref_mask, context = guidance.branch_inputs(layout, context_text, context_empty, image_guidance,
