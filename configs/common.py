@@ -95,7 +95,7 @@ def base_config() -> ml_collections.ConfigDict:
         num_subjects=0,  # mini_world: distinct subjects (0 = a new subject per set)
         pool_cache="",  # jedi_jax.data.pool sources: .npz cache of the rendered (and encoded) pool
         latent_vae="",  # jedi_jax.data.pool:latents_from_config: model folder whose VAE encodes the pool
-        caption_wording="world",  # pool sources: "world" | "world+prompt" | "world+prompt+place" (pool.WORDINGS)
+        caption_wording="world",  # pool sources: "world" | "world+prompt" | "world+prompt+place" | "placed" (pool.WORDINGS)
         batch_size=32,  # GLOBAL sets per step
         set_size=4,  # N members per set
         image_size=512,

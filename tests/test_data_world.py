@@ -246,3 +246,27 @@ def test_render_pool_placement_only_wording():
     for t in PLACEMENT_ONLY:
         assert "{bg" not in t and t.endswith("{place}")
         assert any(full.startswith(t) for full in mw.TEMPLATES + [mw.FULL_TEMPLATE]), t
+
+
+def test_render_pool_placed_wording():
+    """"placed": the same renders; every caption names its image's placement (the background-only
+    captions that teach placement-given-background are gone); some name no background at all."""
+    from jedi_jax.data.pool import RenderPool
+
+    log = lambda *a: None  # noqa: E731
+    world = RenderPool("train", 16, 4, processes=1, log=log)
+    placed = RenderPool("train", 16, 4, processes=1, wording="placed", log=log)
+    np.testing.assert_array_equal(world.images, placed.images)
+    n_place_only = n_both = 0
+    for i in range(16):
+        s = mw.make_set("train", i, n=4)
+        for ctx, text in zip(s["contexts"], placed.captions[i]):
+            got = mw.parse_caption(str(text))
+            assert got["category"] == s["category"] and got["placement"] == ctx.placement, (text, ctx)
+            assert got["background"] in (None, ctx.background), (text, ctx)
+            n_place_only += got["background"] is None
+            n_both += got["background"] is not None
+    assert n_place_only > 0 and n_both > 0
+    # the world wording does have background-only captions, so the filter is doing something
+    assert any(mw.parse_caption(str(t))["placement"] is None for t in world.captions.ravel())
+

@@ -35,8 +35,16 @@ from jedi_jax.data import mini_world as mw
 # Renders are untouched: the held-out (background, placement) pairs stay unseen.
 PLACEMENT_ONLY = ("a photo of a {size} {orient} {cat} at the {place}", "a photo of a {size} {cat} at the {place}",
                   "a {cat} at the {place}")
+# "placed" keeps only wordings that name the placement: the full templates that say it, plus
+# PLACEMENT_ONLY. The world's background-only captions ("a ball on the beach") are what teach
+# p(placement | background): with 2 of 3 placements per background in training, a caption that
+# names only the background is, by the data, a statement that the subject is at one of those 2.
+# Dropping them leaves the background word nothing to say about placement that the placement
+# word in the same caption does not already say (3 of 8 captions name the placement alone).
 _WORLD_AND_PROMPT = tuple(mw.TEMPLATES) + (mw.FULL_TEMPLATE,)
-WORDINGS = {"world": None, "world+prompt": _WORLD_AND_PROMPT, "world+prompt+place": _WORLD_AND_PROMPT + PLACEMENT_ONLY}
+_PLACED = tuple(t for t in _WORLD_AND_PROMPT if "{place}" in t) + PLACEMENT_ONLY
+WORDINGS = {"world": None, "world+prompt": _WORLD_AND_PROMPT, "world+prompt+place": _WORLD_AND_PROMPT + PLACEMENT_ONLY,
+            "placed": _PLACED}
 _WORDING_TAG = 17
 
 
