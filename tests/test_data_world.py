@@ -270,3 +270,29 @@ def test_render_pool_placed_wording():
     # the world wording does have background-only captions, so the filter is doing something
     assert any(mw.parse_caption(str(t))["placement"] is None for t in world.captions.ravel())
 
+
+def test_mini_paint_primitives():
+    """The painters mini_world composes: every background is a (3, 64, 64) image in [0, 1] that
+    depends on its rng; every category's shape has an inside around the object's centre and an
+    outside at the grid's corners; textures are blend weights in [0, 1]."""
+    from jedi_jax.data import mini_paint as paint
+
+    for name in mw.BACKGROUNDS:
+        a = paint.BACKGROUND_PAINTERS[name](np.random.default_rng(0))
+        b = paint.BACKGROUND_PAINTERS[name](np.random.default_rng(1))
+        assert a.shape == (3, 64, 64) and np.clip(a, 0, 1).std() > 0, name
+        assert not np.allclose(a, b), name  # each background has its own random variation
+    g = np.linspace(-1.5, 1.5, 61, dtype=np.float32)
+    v, u = np.meshgrid(g, g, indexing="ij")
+    parts = (0.5,) * 6
+    for cat in mw.CATEGORIES:
+        sd, part = paint.shape_sdf(cat, u, v, 0.9, parts)
+        assert sd.shape == u.shape and (sd < 0).mean() > 0.05, cat
+        assert (sd[[0, 0, -1, -1], [0, -1, 0, -1]] > 0).all(), cat
+        assert part.min() >= 0 and part.max() <= 2, cat
+    for kind in mw.TEXTURES:
+        t = paint.texture(kind, 2.0, 0.3, 1.0, 0.5, u, v, 0.05)
+        assert t.min() >= 0 and t.max() <= 1 and t.std() > 0.1, kind
+    for shape in mw.MARK_SHAPES:
+        d = paint.mark_sdf(shape, u, v, 0.2, -0.1, 0.2)
+        assert d[np.abs(g - (-0.1)).argmin(), np.abs(g - 0.2).argmin()] < 0 < d[0, 0], shape
