@@ -44,10 +44,32 @@ DEFAULT_REFERENCE_PROMPT = ""
 DEFAULT_GUIDANCE_SCALE = 3.0  # sT where neither the caller nor the model folder says
 DEFAULT_IMAGE_GUIDANCE_SCALE = 2.0  # sI likewise
 PART_SEPARATOR = re.compile(r"\s*\bAND\b\s*")  # "A AND B": a composed prompt (the upper-case word AND only)
+# A composed prompt's part may end in ":w", its guidance weight (default 1; negative = "NOT"):
+# "A :2 AND B :-1" guides by 2 d_A - d_B = d_A + (d_A - d_B), i.e. A, plus whatever A says that B does not.
+PART_WEIGHT = re.compile(r"^(?P<text>.*?)\s*:\s*(?P<weight>[-+]?(?:\d+\.?\d*|\.\d+))\s*$")
 
 
 class PipelineInputError(ValueError):
     """Bad user input to the pipeline (one clear line, naming the problem and the limit)."""
+
+
+def split_prompt(prompt: str) -> list[tuple[str, float]]:
+    """A prompt -> its parts as (text, weight): one part of weight 1 for a plain prompt; for a
+    composed one ("A AND B", Composable Diffusion, Liu et al. 2022), each part with its ":w" weight.
+    Raises PipelineInputError for an empty part or a zero weight (0 marks padding in guidance.combine)."""
+    texts = PART_SEPARATOR.split(prompt.strip())
+    if len(texts) == 1:
+        return [(texts[0], 1.0)]
+    parts = []
+    for text in texts:
+        m = PART_WEIGHT.match(text)
+        text, weight = (m["text"], float(m["weight"])) if m else (text, 1.0)
+        if not text.strip():
+            raise PipelineInputError(f"composed prompt {prompt!r} has an empty part around 'AND'")
+        if weight == 0:
+            raise PipelineInputError(f"composed prompt {prompt!r}: part {text!r} has weight 0 (drop the part instead)")
+        parts.append((text.strip(), weight))
+    return parts
 
 
 @dataclasses.dataclass
@@ -190,10 +212,8 @@ class JeDiPipeline:
                 raise PipelineInputError(f"got {len(prompts)} prompts for num_images={num_images}; give 1 or {num_images}")
         if not prompts:
             raise PipelineInputError("no prompt given: give at least one prompt")
-        prompt_parts = [PART_SEPARATOR.split(p.strip()) for p in prompts]
-        for prompt, parts in zip(prompts, prompt_parts):
-            if len(parts) > 1 and not all(part.strip() for part in parts):
-                raise PipelineInputError(f"composed prompt {prompt!r} has an empty part around 'AND'")
+        weighted_parts = [split_prompt(p) for p in prompts]  # [(text, weight), ...] per prompt
+        prompt_parts = [[text for text, _ in parts] for parts in weighted_parts]
         num_parts = max(len(parts) for parts in prompt_parts)
         if num_inference_steps < 1:
             raise PipelineInputError(f"steps={num_inference_steps} must be >= 1")
@@ -230,9 +250,9 @@ class JeDiPipeline:
         if num_parts > 1:
             part_weights = np.zeros((num_parts, 1, n), np.float32)  # 0: padding part / not a target
             part_texts = [[""] * n for _ in range(num_parts)]
-            for i, parts in enumerate(prompt_parts):
-                for j, part in enumerate(parts):
-                    part_texts[j][i], part_weights[j, 0, i] = part, 1.0
+            for i, parts in enumerate(weighted_parts):
+                for j, (part, weight) in enumerate(parts):
+                    part_texts[j][i], part_weights[j, 0, i] = part, weight
             part_ids = np.stack([self._tokenize(texts) for texts in part_texts])[:, None]  # (P, 1, N, T)
         empty_ids = self._tokenize([""])  # (1, T)
         timesteps = jnp.asarray(inference_timesteps(self.schedule_config, num_inference_steps, sampler), jnp.int32)

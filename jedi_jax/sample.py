@@ -38,7 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--ref-mask", action="append", default=None, help="subject mask per reference (optional)")
     p.add_argument("--ref-prompt", action="append", default=None, help="caption per reference (optional)")
     p.add_argument("--prompt", action="append", default=[],
-                   help="prompt of an image to generate (repeat); parts joined by ' AND ' are composed")
+                   help="prompt of an image to generate (repeat); parts joined by ' AND ' are composed, "
+                        "each optionally weighted as 'part :w' (negative = away from it)")
     p.add_argument("--num", type=int, default=None, help="images to generate (repeats a single prompt)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=None,

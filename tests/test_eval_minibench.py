@@ -207,13 +207,36 @@ def test_guidance_sweep_uses_subjects_minibench_does_not(tiny64_pipeline):
     from jedi_jax.eval.minibench import make_case
 
     res = GS.sweep(tiny64_pipeline, first_subject=100, subjects=2, text_scales=(3.0,), image_scales=(0.0, 2.0),
-                   ks=(1,), steps=2, log=lambda *a: None)
+                   ks=(1,), contrasts=(0.0, 1.0), steps=2, log=lambda *a: None)
     bench = {make_case(i, 1)["name"] for i in range(16)}
     assert not bench & set(res["subjects"]) and len(res["subjects"]) == 2
-    assert [(r["sI"], r["k"]) for r in res["rows"]] == [(0.0, 1), (2.0, 1)]
+    assert [(r["sI"], r["k"], r["contrast"]) for r in res["rows"]] == [(0.0, 1, 0.0), (0.0, 1, 1.0), (2.0, 1, 0.0),
+                                                                        (2.0, 1, 1.0)]
+    assert res["rows"][0]["enc_ref"]["mean"] != res["rows"][1]["enc_ref"]["mean"]  # the contrast prompt is used
     assert all(r["background_ok"]["n"] == 2 for r in res["rows"])
     assert res["ground_truth"]["background_ok"]["mean"] == pytest.approx(1.0)
-    assert "| 3 | 2 | 1 |" in GS.report(res)
+    assert "| 3 | 2 | 1 | 0 |" in GS.report(res) and "| 3 | 2 | 1 | 1 |" in GS.report(res)
+
+
+def test_placement_contrast_prompt_differs_only_in_placement():
+    """The placement-contrast prompt: the plain prompt at weight 1+w, the same sentence at each other
+    placement at -w/2 (weights sum to 1, so w=0 is the plain prompt's guidance); the parts differ
+    from the prompt in the placement word only."""
+    from jedi_jax.eval.minibench import make_case, placement_contrast_prompt
+    from jedi_jax.pipeline import split_prompt
+
+    for i in range(3):
+        case = make_case(i, 2)
+        for j, prompt in enumerate(case["prompts"]):
+            parts = split_prompt(placement_contrast_prompt(case, j, 2.0))
+            assert [w for _, w in parts] == [3.0, -1.0, -1.0]
+            assert parts[0][0] == prompt["prompt"]
+            labels = [mw.parse_caption(text) for text, _ in parts]
+            assert sorted(lab["placement"] for lab in labels) == list(range(len(mw.PLACEMENTS)))
+            for lab in labels:
+                assert {k: v for k, v in lab.items() if k != "placement"} == \
+                    {k: v for k, v in labels[0].items() if k != "placement"}
+            assert [len(text.split()) for text, _ in parts] == [len(prompt["prompt"].split())] * 3
 
 
 def test_composed_prompts_say_the_same_labels_in_training_words():

@@ -179,3 +179,21 @@ def test_pipeline_composed_prompt(tiny_pipeline):
     for bad in (f"{PROMPT} AND  ", f"AND {PROMPT}"):
         with pytest.raises(PipelineInputError, match="empty part"):
             run(bad, 1.5)
+
+
+def test_pipeline_weighted_composed_prompt(tiny_pipeline):
+    """Part weights (":w"): "X :2 AND X :-1" guides by 2 d_X - d_X = d_X, the plain prompt's guidance;
+    "X :3 AND X :-1" is X at twice the scale. split_prompt parses weights only in composed prompts and
+    refuses a zero weight in one line."""
+    from jedi_jax.pipeline import PipelineInputError, split_prompt
+
+    run = lambda prompt, st: tiny_pipeline([prompt], _refs(0, 1), num_inference_steps=3, seed=0,  # noqa: E731
+                                           guidance_scale=st, image_guidance_scale=2.0).set_images[0].astype(int)
+    plain, doubled = run(PROMPT, 1.5), run(PROMPT, 3.0)
+    assert np.abs(run(f"{PROMPT} :2 AND {PROMPT} :-1", 1.5) - plain).max() <= 2
+    assert np.abs(run(f"{PROMPT} :3 AND {PROMPT} :-1", 1.5) - doubled).max() <= 2
+    assert np.abs(plain - doubled).max() > 2
+    assert split_prompt("a ball :2 AND a box :-0.5") == [("a ball", 2.0), ("a box", -0.5)]
+    assert split_prompt("a ball :2") == [("a ball :2", 1.0)]  # a plain prompt is taken verbatim
+    with pytest.raises(PipelineInputError, match="weight 0"):
+        split_prompt("a ball :0 AND a box")

@@ -2,7 +2,8 @@
 touching MiniBench's subjects.
 
     python -m jedi_jax.eval.guidance_sweep [--model DIR] [--out out/guidance_sweep] \
-        [--first-subject 100] [--subjects 12] [--image-scales 1,2,3,4] [--text-scales 3,5] [--k 1,3]
+        [--first-subject 100] [--subjects 12] [--image-scales 1,2,3,4] [--text-scales 3,5] [--k 1,3] \
+        [--placement-contrast 0,1,2]
 
 JeDi (CVPR 2024, Sec. 4.3) samples with two guidance scales: sT on the prompt, sI on the reference
 images. They trade identity against prompt fidelity, so they must be picked on data the benchmark
@@ -14,6 +15,11 @@ MiniBench (``minibench.make_case`` / ``generate`` / ``Scorer``).
 For every (sT, sI, k) it reports normalized encoder identity (0 = text-only at the same sT,
 1 = ground truth), pixel identity and background / placement accuracy, each with a 95% bootstrap CI
 over subjects, as a markdown table (OUT/report.md) and JSON (OUT/results.json).
+
+``--placement-contrast w`` (w > 0) also says each prompt as a weighted composed prompt that adds
+w x (the prompt - the same prompt at the other placements) to the text guidance
+(``minibench.placement_contrast_prompt``): does guiding the placement word alone harder make a
+held-out (background, placement) pair come out right?
 """
 from __future__ import annotations
 
@@ -26,14 +32,17 @@ from pathlib import Path
 
 
 from jedi_jax.eval import metrics as M
-from jedi_jax.eval.minibench import Scorer, _load_pipeline, call_seed, cli_list, cli_model, generate, make_case
+from jedi_jax.eval.minibench import (Scorer, _load_pipeline, call_seed, cli_list, cli_model, generate, make_case,
+                                     placement_contrast_prompt)
 
 SCORES = ("enc_ref", "pix", "background_ok", "placement_ok")
 
 
 def sweep(model, *, first_subject: int = 100, subjects: int = 12, text_scales=(3.0,), image_scales=(2.0,),
-          ks=(3,), steps: int = 20, seed_index: int = 0, evaluators: str | None = None, log=print) -> dict:
-    """Runs the grid; returns {'rows': [{sT, sI, k, <score>: ci, enc_ref_normalized: ci, ...}], ...}."""
+          ks=(3,), contrasts=(0.0,), steps: int = 20, seed_index: int = 0, evaluators: str | None = None,
+          log=print) -> dict:
+    """Runs the grid; returns {'rows': [{sT, sI, k, contrast, <score>: ci, enc_ref_normalized: ci, ...}], ...}.
+    contrasts: placement-contrast weights w (0 = the plain prompt)."""
     start = time.time()
     pipe = _load_pipeline(model)
     scorer = Scorer(evaluators)
@@ -42,11 +51,12 @@ def sweep(model, *, first_subject: int = 100, subjects: int = 12, text_scales=(3
     idx = M.bootstrap_indices(len(cases))
     records: dict[tuple, list[dict]] = {}
 
-    def run(key, k, sT, sI):
+    def run(key, k, sT, sI, w=0.0):
         recs = []
         for case in cases:
+            prompt = placement_contrast_prompt(case, 0, w) if w else None
             image, _ = generate(pipe, case, 0, call_seed(case["index"], 0, seed_index), k, steps=steps,
-                                guidance_scale=sT, image_guidance_scale=sI)
+                                guidance_scale=sT, image_guidance_scale=sI, prompt=prompt)
             rec = scorer.score(case, 0, image[None])[0]
             rec["subject"] = case["name"]
             recs.append(rec)
@@ -60,18 +70,18 @@ def sweep(model, *, first_subject: int = 100, subjects: int = 12, text_scales=(3
     rows = []
     for sT in text_scales:
         run(("text_only", sT), 0, sT, 0.0)  # k = 0: sI has nothing to act on
-        for sI, k in itertools.product(image_scales, ks):
+        for sI, k, w in itertools.product(image_scales, ks, contrasts):
             t0 = time.time()
-            run((sT, sI, k), k, sT, sI)
-            row = dict(sT=float(sT), sI=float(sI), k=int(k), seconds=round(time.time() - t0, 1))
+            run((sT, sI, k, w), k, sT, sI, w)
+            row = dict(sT=float(sT), sI=float(sI), k=int(k), contrast=float(w), seconds=round(time.time() - t0, 1))
             for key in SCORES:
-                row[key] = M.mean_ci(M.subject_means(records[(sT, sI, k)], key, names), idx)
+                row[key] = M.mean_ci(M.subject_means(records[(sT, sI, k, w)], key, names), idx)
             for key in ("enc_ref", "pix"):
                 row[f"{key}_normalized"] = M.normalized_ci(
-                    M.subject_means(records[(sT, sI, k)], key, names),
+                    M.subject_means(records[(sT, sI, k, w)], key, names),
                     M.subject_means(records[("text_only", sT)], key, names), M.subject_means(gt, key, names), idx)
             rows.append(row)
-            log(f"[guidance_sweep] sT={sT:g} sI={sI:g} k={k}: identity "
+            log(f"[guidance_sweep] sT={sT:g} sI={sI:g} k={k} contrast={w:g}: identity "
                 f"{M.fmt_ci(row['enc_ref_normalized'], 2)}, background {row['background_ok']['mean']:.2f}, "
                 f"placement {row['placement_ok']['mean']:.2f} ({row['seconds']:.0f} s)")
     ceiling = {key: M.mean_ci(M.subject_means(gt, key, names), idx) for key in ("background_ok", "placement_ok")}
@@ -90,10 +100,11 @@ def report(results: dict) -> str:
              f"`{results['model']}`. Identity is normalized per sT (0 = text-only at that sT, 1 = ground "
              f"truth). Ground truth's background / placement accuracy: "
              f"{gt['background_ok']['mean']:.2f} / {gt['placement_ok']['mean']:.2f}.", "",
-             "| sT | sI | k | encoder identity, normalized | pixel identity, normalized | background acc | "
-             "placement acc |", "|---|---|---|---|---|---|---|"]
+             "| sT | sI | k | placement contrast w | encoder identity, normalized | pixel identity, normalized | "
+             "background acc | placement acc |", "|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
-        lines.append(f"| {r['sT']:g} | {r['sI']:g} | {r['k']} | {f(r['enc_ref_normalized'], 2)} | "
+        lines.append(f"| {r['sT']:g} | {r['sI']:g} | {r['k']} | {r.get('contrast', 0):g} | "
+                     f"{f(r['enc_ref_normalized'], 2)} | "
                      f"{f(r['pix_normalized'], 2)} | {f(r['background_ok'], 2)} | {f(r['placement_ok'], 2)} |")
     lines += ["", f"{results['seconds_total']:.0f} s in all."]
     return "\n".join(lines) + "\n"
@@ -109,6 +120,9 @@ def main(argv=None) -> int:
     p.add_argument("--text-scales", default="3", help="comma-separated sT values")
     p.add_argument("--image-scales", default="1,2,3,4", help="comma-separated sI values")
     p.add_argument("--k", default="1,3", help="comma-separated reference counts (1..3)")
+    p.add_argument("--placement-contrast", default="0",
+                   help="comma-separated weights w: 0 = the plain prompt; w > 0 = prompt :1+w AND the same prompt "
+                        "at each other placement :-w/2")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--evaluators", default=None)
     args = p.parse_args(argv)
@@ -119,12 +133,14 @@ def main(argv=None) -> int:
     text_scales = cli_list(p, "--text-scales", args.text_scales)
     image_scales = cli_list(p, "--image-scales", args.image_scales)
     ks = cli_list(p, "--k", args.k, int)
-    if any(k < 1 or k > 3 for k in ks) or any(s < 0 for s in text_scales + image_scales):
-        p.error("k must be in 1..3 and guidance scales >= 0")
+    contrasts = cli_list(p, "--placement-contrast", args.placement_contrast)
+    if any(k < 1 or k > 3 for k in ks) or any(s < 0 for s in text_scales + image_scales + contrasts):
+        p.error("k must be in 1..3, guidance scales and placement-contrast weights >= 0")
     if args.first_subject < 0 or args.subjects < 2:
         p.error("--first-subject must be >= 0 and --subjects >= 2 (a CI needs subjects)")
     results = sweep(model, first_subject=args.first_subject, subjects=args.subjects, text_scales=text_scales,
-                    image_scales=image_scales, ks=ks, steps=args.steps, evaluators=args.evaluators)
+                    image_scales=image_scales, ks=ks, contrasts=contrasts, steps=args.steps,
+                    evaluators=args.evaluators)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")

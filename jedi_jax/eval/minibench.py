@@ -199,12 +199,27 @@ def _load_pipeline(pipe_or_dir, max_references: int = NUM_REFERENCES):
     return JeDiPipeline.from_pretrained(pipe_or_dir, max_references=max_references)
 
 
+def placement_contrast_prompt(case: dict, prompt_index: int, weight: float) -> str:
+    """Case's prompt as a weighted composed prompt that guides placement alone harder:
+    "P(x) :1+w AND P(y) :-w/2 AND P(z) :-w/2", where P(y), P(z) are the same sentence at the other
+    two placements. With text_layer="embeddings" only the placement token differs between the parts,
+    so the extra term w (d_x - mean d_others) is a pure placement direction (eval.guidance_sweep)."""
+    prompt = case["prompts"][prompt_index]
+    ctx, category = prompt["context"], case["subject"].category
+    others = [mw.prompt_for(category, dataclasses.replace(ctx, placement=q))
+              for q in range(len(mw.PLACEMENTS)) if q != ctx.placement]
+    return " AND ".join([f"{prompt['prompt']} :{1 + weight:g}"] + [f"{o} :{-weight / len(others):g}" for o in others])
+
+
 def generate(pipe, case: dict, prompt_index: int, seed: int, k: int, *, steps: int, guidance_scale: float,
-             image_guidance_scale: float, sampler: str = "ddim", composed: bool = False) -> tuple[np.ndarray, dict]:
-    """One image for case's prompt (composed: said in COMPOSED_PARTS) with the first k references.
-    Returns (uint8 (H, W, 3), seconds)."""
+             image_guidance_scale: float, sampler: str = "ddim", composed: bool = False,
+             prompt: str | None = None) -> tuple[np.ndarray, dict]:
+    """One image for case's prompt (composed: said in COMPOSED_PARTS; prompt: said as given) with the
+    first k references. Returns (uint8 (H, W, 3), seconds)."""
     k = min(k, pipe.max_references)
-    out = pipe([case["prompts"][prompt_index]["composed" if composed else "prompt"]], list(case["ref_images"][:k]),
+    if prompt is None:
+        prompt = case["prompts"][prompt_index]["composed" if composed else "prompt"]
+    out = pipe([prompt], list(case["ref_images"][:k]),
                reference_prompts=case["ref_captions"][:k], num_inference_steps=steps,
                guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale, sampler=sampler, seed=seed)
     return np.asarray(out.images[0]), out.seconds
