@@ -19,10 +19,11 @@ model). Expect a progress line every 50 steps and a sample grid every 1000 (gpu:
 runs/mini/samples/ (references kept, other members regenerated; mse_to_truth falls as identity and
 context are learned). `--config.data.caption_wording=world+prompt` adds MiniBench's prompt wording
 to the captions (data/pool.WORDINGS; stages 3a-3b used it); `world+prompt+place` also has a quarter
-of the captions name the placement without the background (stage 3c, the shipped UNet). The text encoder
+of the captions name the placement without the background (stage 3c); `placed` keeps only captions
+that name the placement (stage 3d, the shipped UNet). The text encoder
 is a small CLIP (random, frozen: its job is to keep the caption tokens apart; the UNet's
 cross-attention learns to read them), read at `model.text_layer="embeddings"` (the shipped model's
-stages 3b-3c; stages 1-3a read "last"; export records the layer in jedi_model.json).
+stages 3b-3d; stages 1-3a read "last"; export records the layer in jedi_model.json).
 """
 import os
 import sys
