@@ -213,8 +213,7 @@ class JeDiPipeline:
         if not prompts:
             raise PipelineInputError("no prompt given: give at least one prompt")
         weighted_parts = [split_prompt(p) for p in prompts]  # [(text, weight), ...] per prompt
-        prompt_parts = [[text for text, _ in parts] for parts in weighted_parts]
-        num_parts = max(len(parts) for parts in prompt_parts)
+        num_parts = max(len(parts) for parts in weighted_parts)
         if num_inference_steps < 1:
             raise PipelineInputError(f"steps={num_inference_steps} must be >= 1")
         guidance_scale, image_guidance_scale = self.guidance_scales(guidance_scale, image_guidance_scale)
@@ -244,7 +243,7 @@ class JeDiPipeline:
         ref_mask = np.zeros((1, n), bool)
         ref_mask[0, m : m + k] = True
         # a composed prompt's targets read their parts (part_ids); their own caption is its first part
-        captions = [parts[0] for parts in prompt_parts] + ref_prompts + [""] * (n - m - k)
+        captions = [parts[0][0] for parts in weighted_parts] + ref_prompts + [""] * (n - m - k)
         input_ids = self._tokenize(captions)[None]  # (1, N, T)
         part_ids = part_weights = None
         if num_parts > 1:

@@ -212,13 +212,12 @@ def placement_contrast_prompt(case: dict, prompt_index: int, weight: float) -> s
 
 
 def generate(pipe, case: dict, prompt_index: int, seed: int, k: int, *, steps: int, guidance_scale: float,
-             image_guidance_scale: float, sampler: str = "ddim", composed: bool = False,
-             prompt: str | None = None) -> tuple[np.ndarray, dict]:
-    """One image for case's prompt (composed: said in COMPOSED_PARTS; prompt: said as given) with the
-    first k references. Returns (uint8 (H, W, 3), seconds)."""
+             image_guidance_scale: float, sampler: str = "ddim", prompt: str | None = None) -> tuple[np.ndarray, dict]:
+    """One image for case's prompt (or for `prompt`, another wording of it, e.g. its "composed" form)
+    with the first k references. Returns (uint8 (H, W, 3), seconds)."""
     k = min(k, pipe.max_references)
     if prompt is None:
-        prompt = case["prompts"][prompt_index]["composed" if composed else "prompt"]
+        prompt = case["prompts"][prompt_index]["prompt"]
     out = pipe([prompt], list(case["ref_images"][:k]),
                reference_prompts=case["ref_captions"][:k], num_inference_steps=steps,
                guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale, sampler=sampler, seed=seed)
@@ -249,7 +248,8 @@ def _row_images(row: Row, case, pipes, settings: Settings, dreambooth, timing) -
         for p, s in keys:
             images[(p, s)], sec = generate(pipe, case, p, call_seed(case["index"], p, s), k, steps=settings.steps,
                                            guidance_scale=settings.guidance_scale, image_guidance_scale=sI,
-                                           sampler=settings.sampler, composed=row.composed)
+                                           sampler=settings.sampler,
+                                           prompt=case["prompts"][p]["composed"] if row.composed else None)
             timing["compile"] = timing.get("compile", 0.0) + sec["compile"]
             timing["run"] = timing.get("run", 0.0) + sec["run"]
             timing["images"] = timing.get("images", 0) + 1

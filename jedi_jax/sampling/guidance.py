@@ -17,7 +17,8 @@ needed: classifier-free guidance  out = e(noT) + sT * (e(T) - e(noT))  (`image_g
 
 Composed prompts (Composable Diffusion, Liu et al., ECCV 2022: "A AND B"): a target's prompt given
 as P parts, each part its own text branch I_T_j, the text terms summed with per-member weights w_j
-(1 for a real part, 0 for padding of a member with fewer parts):
+(the part's weight, 1 unless the prompt says "part :w", negative to steer away; 0 for padding of a
+member with fewer parts):
 
     out = e(noI,noT) + sI * (e(I,noT) - e(noI,noT)) + sT * sum_j w_j (e(I,T_j) - e(I,noT))
 
