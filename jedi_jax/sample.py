@@ -46,6 +46,8 @@ def parse_args(argv=None):
                    help="text guidance scale sT (default: the model's recommended, else 3)")
     p.add_argument("--image-guidance", type=float, default=None,
                    help="image guidance scale sI (default: the model's recommended, else 2)")
+    p.add_argument("--image-guidance-interval", default=None, metavar="START:END",
+                   help="apply sI only on this part of the trajectory (0 = noisiest step, 1 = end), 1 elsewhere")
     p.add_argument("--sampler", default="ddim", choices=["ddim", "dpmpp_2m"])
     p.add_argument("--eta", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
@@ -56,6 +58,17 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="output folder (must not exist)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     return p.parse_args(argv)
+
+
+def parse_interval(text: str) -> tuple[float, float]:
+    """'0.3:1' -> (0.3, 1.0); raises ValueError with one line."""
+    try:
+        start, end = (float(v) for v in text.split(":"))
+    except ValueError:
+        raise ValueError(f"--image-guidance-interval {text!r}: expected START:END, e.g. 0.3:1") from None
+    if not 0.0 <= start < end <= 1.0:
+        raise ValueError(f"--image-guidance-interval {text!r}: need 0 <= START < END <= 1")
+    return start, end
 
 
 def validate(args) -> None:
@@ -71,6 +84,8 @@ def validate(args) -> None:
     if any(v is not None and v < 0 for v in (args.guidance, args.image_guidance)):
         raise ValueError(f"guidance scales must be >= 0 (got --guidance {args.guidance}, "
                          f"--image-guidance {args.image_guidance})")
+    if args.image_guidance_interval is not None:
+        args.image_guidance_interval = parse_interval(args.image_guidance_interval)
     if args.eta < 0:
         raise ValueError(f"--eta {args.eta} must be >= 0")
     if len(args.ref) > args.max_references:
@@ -118,7 +133,8 @@ def main(argv=None) -> int:
     try:
         out = pipe(args.prompt, args.ref, reference_masks=args.ref_mask, reference_prompts=args.ref_prompt,
                    num_images=args.num, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                   image_guidance_scale=args.image_guidance, sampler=args.sampler, eta=args.eta, seed=args.seed,
+                   image_guidance_scale=args.image_guidance, image_guidance_interval=args.image_guidance_interval,
+                   sampler=args.sampler, eta=args.eta, seed=args.seed,
                    replace_known=not args.free_known, progress=True)
     except (PipelineInputError, ImageInputError) as e:
         print(f"error: {e}", file=sys.stderr)

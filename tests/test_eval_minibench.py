@@ -215,7 +215,13 @@ def test_guidance_sweep_uses_subjects_minibench_does_not(tiny64_pipeline):
     assert res["rows"][0]["enc_ref"]["mean"] != res["rows"][1]["enc_ref"]["mean"]  # the contrast prompt is used
     assert all(r["background_ok"]["n"] == 2 for r in res["rows"])
     assert res["ground_truth"]["background_ok"]["mean"] == pytest.approx(1.0)
-    assert "| 3 | 2 | 1 | 0 |" in GS.report(res) and "| 3 | 2 | 1 | 1 |" in GS.report(res)
+    assert "| 3 | 2 | 0:1 | 1 | 0 |" in GS.report(res) and "| 3 | 2 | 0:1 | 1 | 1 |" in GS.report(res)
+    # Image-guidance intervals: sI on the second of 2 steps only is another image than sI on both.
+    res = GS.sweep(tiny64_pipeline, first_subject=100, subjects=2, text_scales=(3.0,), image_scales=(4.0,),
+                   ks=(1,), intervals=((0.0, 1.0), (0.5, 1.0)), steps=2, log=lambda *a: None)
+    assert [r["interval"] for r in res["rows"]] == [[0.0, 1.0], [0.5, 1.0]]
+    assert res["rows"][0]["enc_ref"]["mean"] != res["rows"][1]["enc_ref"]["mean"]
+    assert "| 3 | 4 | 0.5:1 | 1 | 0 |" in GS.report(res)
 
 
 def test_placement_contrast_prompt_differs_only_in_placement():

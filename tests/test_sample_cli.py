@@ -31,6 +31,8 @@ BAD = {
     "steps < 1": (["--prompt", "x", "--steps", "0"], "--steps 0 must be >= 1"),
     "negative guidance": (["--prompt", "x", "--guidance", "-1"], "must be >= 0"),
     "negative image guidance": (["--prompt", "x", "--image-guidance", "-0.5"], "must be >= 0"),
+    "bad interval": (["--prompt", "x", "--image-guidance-interval", "0.5"], "expected START:END"),
+    "empty interval": (["--prompt", "x", "--image-guidance-interval", "0.8:0.2"], "need 0 <= START < END <= 1"),
     "missing model": (["--prompt", "x", "--model", "{d}/no_model"], "does not exist"),
 }
 
@@ -49,11 +51,13 @@ def test_bad_input_is_one_line_exit_2_no_output(files, tmp_path, case):
 def test_cli_writes_images_grid_and_settings(files, tmp_path, tiny_model_dir):
     out = tmp_path / "out"
     r = _run("--ref", files / "ref.png", "--prompt", "a photo of the dog on the beach", "--num", "2", "--steps", "2",
-             "--seed", "3", "--model", tiny_model_dir, "--max-references", "2", "--out", out)
+             "--seed", "3", "--model", tiny_model_dir, "--max-references", "2", "--image-guidance-interval", "0.5:1",
+             "--out", out)
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in out.iterdir()) == ["grid.png", "image_00.png", "image_01.png", "settings.json"]
     settings = json.loads((out / "settings.json").read_text())
     assert settings["seed"] == 3 and settings["steps"] == 2 and settings["num_references"] == 1
+    assert settings["image_guidance_interval"] == [0.5, 1.0]
     assert settings["set_size"] == 4 and settings["prompts"] == ["a photo of the dog on the beach"] * 2
     assert "compiled in" in r.stdout
     # the existing output folder is now refused

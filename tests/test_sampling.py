@@ -197,3 +197,28 @@ def test_pipeline_weighted_composed_prompt(tiny_pipeline):
     assert split_prompt("a ball :2") == [("a ball :2", 1.0)]  # a plain prompt is taken verbatim
     with pytest.raises(PipelineInputError, match="weight 0"):
         split_prompt("a ball :0 AND a box")
+
+
+def test_image_guidance_interval(tiny_pipeline):
+    from jedi_jax.pipeline import PipelineInputError, per_step_scales
+
+    np.testing.assert_array_equal(per_step_scales(4.0, 10, (0.3, 1.0)), [1, 1, 1] + [4] * 7)
+    np.testing.assert_array_equal(per_step_scales(4.0, 4, (0.0, 0.5)), [4, 4, 1, 1])
+    np.testing.assert_array_equal(per_step_scales(2.5, 3), [2.5] * 3)
+    for bad in [(0.5, 0.5), (-0.1, 1.0), (0.2, 1.5)]:
+        with pytest.raises(PipelineInputError, match="image_guidance_interval"):
+            per_step_scales(4.0, 10, bad)
+    run = lambda sI, interval=None: tiny_pipeline([PROMPT], _refs(3, 2), num_inference_steps=3, seed=0,
+                                                  image_guidance_scale=sI,
+                                                  image_guidance_interval=interval).set_images[0].astype(int)
+    full, one = run(4.0), run(1.0)
+    # The whole trajectory is the plain scale; an interval that holds no step leaves every step at 1.
+    np.testing.assert_array_equal(run(4.0, (0.0, 1.0)), full)
+    np.testing.assert_array_equal(run(4.0, (0.9, 1.0)), one)  # steps sit at 0, 1/3, 2/3
+    # sI on the first two steps only: unlike either constant schedule (the equalities above are exact,
+    # so any differing pixel is the schedule's doing; the random tiny UNet moves only a few).
+    part = run(4.0, (0.0, 0.5))
+    assert np.abs(part - full).max() >= 1 and np.abs(part - one).max() >= 1
+    assert np.abs(full - one).max() >= 1
+    with pytest.raises(PipelineInputError, match="image_guidance_interval"):
+        run(4.0, (0.7, 0.2))

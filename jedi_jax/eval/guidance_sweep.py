@@ -3,7 +3,7 @@ touching MiniBench's subjects.
 
     python -m jedi_jax.eval.guidance_sweep [--model DIR] [--out out/guidance_sweep] \
         [--first-subject 100] [--subjects 12] [--image-scales 1,2,3,4] [--text-scales 3,5] [--k 1,3] \
-        [--placement-contrast 0,1,2]
+        [--placement-contrast 0,1,2] [--image-intervals 0:1,0.3:1]
 
 JeDi (CVPR 2024, Sec. 4.3) samples with two guidance scales: sT on the prompt, sI on the reference
 images. They trade identity against prompt fidelity, so they must be picked on data the benchmark
@@ -20,6 +20,10 @@ over subjects, as a markdown table (OUT/report.md) and JSON (OUT/results.json).
 w x (the prompt - the same prompt at the other placements) to the text guidance
 (``minibench.placement_contrast_prompt``): does guiding the placement word alone harder make a
 held-out (background, placement) pair come out right?
+
+``--image-intervals a:b`` applies sI only on the steps in [a, b) of the trajectory (0 = the noisiest
+step) and 1 elsewhere (``pipeline.per_step_scales``): the early steps lay out the image, so letting
+the prompt lay it out before the references are amplified may place the subject where it says.
 """
 from __future__ import annotations
 
@@ -39,10 +43,11 @@ SCORES = ("enc_ref", "pix", "background_ok", "placement_ok")
 
 
 def sweep(model, *, first_subject: int = 100, subjects: int = 12, text_scales=(3.0,), image_scales=(2.0,),
-          ks=(3,), contrasts=(0.0,), steps: int = 20, seed_index: int = 0, evaluators: str | None = None,
-          log=print) -> dict:
-    """Runs the grid; returns {'rows': [{sT, sI, k, contrast, <score>: ci, enc_ref_normalized: ci, ...}], ...}.
-    contrasts: placement-contrast weights w (0 = the plain prompt)."""
+          ks=(3,), contrasts=(0.0,), intervals=((0.0, 1.0),), steps: int = 20, seed_index: int = 0,
+          evaluators: str | None = None, log=print) -> dict:
+    """Runs the grid; returns {'rows': [{sT, sI, k, contrast, interval, <score>: ci, enc_ref_normalized: ci,
+    ...}], ...}. contrasts: placement-contrast weights w (0 = the plain prompt); intervals: (start, end)
+    parts of the trajectory where sI applies (1 elsewhere)."""
     start = time.time()
     pipe = _load_pipeline(model)
     scorer = Scorer(evaluators)
@@ -51,12 +56,13 @@ def sweep(model, *, first_subject: int = 100, subjects: int = 12, text_scales=(3
     idx = M.bootstrap_indices(len(cases))
     records: dict[tuple, list[dict]] = {}
 
-    def run(key, k, sT, sI, w=0.0):
+    def run(key, k, sT, sI, w=0.0, interval=(0.0, 1.0)):
         recs = []
         for case in cases:
             prompt = placement_contrast_prompt(case, 0, w) if w else None
             image, _ = generate(pipe, case, 0, call_seed(case["index"], 0, seed_index), k, steps=steps,
-                                guidance_scale=sT, image_guidance_scale=sI, prompt=prompt)
+                                guidance_scale=sT, image_guidance_scale=sI, prompt=prompt,
+                                image_guidance_interval=None if tuple(interval) == (0.0, 1.0) else interval)
             rec = scorer.score(case, 0, image[None])[0]
             rec["subject"] = case["name"]
             recs.append(rec)
@@ -70,18 +76,20 @@ def sweep(model, *, first_subject: int = 100, subjects: int = 12, text_scales=(3
     rows = []
     for sT in text_scales:
         run(("text_only", sT), 0, sT, 0.0)  # k = 0: sI has nothing to act on
-        for sI, k, w in itertools.product(image_scales, ks, contrasts):
+        for sI, k, w, iv in itertools.product(image_scales, ks, contrasts, intervals):
             t0 = time.time()
-            run((sT, sI, k, w), k, sT, sI, w)
-            row = dict(sT=float(sT), sI=float(sI), k=int(k), contrast=float(w), seconds=round(time.time() - t0, 1))
+            cell = (sT, sI, k, w, iv)
+            run(cell, k, sT, sI, w, iv)
+            row = dict(sT=float(sT), sI=float(sI), k=int(k), contrast=float(w), interval=list(iv),
+                       seconds=round(time.time() - t0, 1))
             for key in SCORES:
-                row[key] = M.mean_ci(M.subject_means(records[(sT, sI, k, w)], key, names), idx)
+                row[key] = M.mean_ci(M.subject_means(records[cell], key, names), idx)
             for key in ("enc_ref", "pix"):
                 row[f"{key}_normalized"] = M.normalized_ci(
-                    M.subject_means(records[(sT, sI, k, w)], key, names),
+                    M.subject_means(records[cell], key, names),
                     M.subject_means(records[("text_only", sT)], key, names), M.subject_means(gt, key, names), idx)
             rows.append(row)
-            log(f"[guidance_sweep] sT={sT:g} sI={sI:g} k={k} contrast={w:g}: identity "
+            log(f"[guidance_sweep] sT={sT:g} sI={sI:g} k={k} contrast={w:g} interval={iv[0]:g}:{iv[1]:g}: identity "
                 f"{M.fmt_ci(row['enc_ref_normalized'], 2)}, background {row['background_ok']['mean']:.2f}, "
                 f"placement {row['placement_ok']['mean']:.2f} ({row['seconds']:.0f} s)")
     ceiling = {key: M.mean_ci(M.subject_means(gt, key, names), idx) for key in ("background_ok", "placement_ok")}
@@ -100,14 +108,31 @@ def report(results: dict) -> str:
              f"`{results['model']}`. Identity is normalized per sT (0 = text-only at that sT, 1 = ground "
              f"truth). Ground truth's background / placement accuracy: "
              f"{gt['background_ok']['mean']:.2f} / {gt['placement_ok']['mean']:.2f}.", "",
-             "| sT | sI | k | placement contrast w | encoder identity, normalized | pixel identity, normalized | "
-             "background acc | placement acc |", "|---|---|---|---|---|---|---|---|"]
+             "| sT | sI | sI interval | k | placement contrast w | encoder identity, normalized | "
+             "pixel identity, normalized | background acc | placement acc |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
-        lines.append(f"| {r['sT']:g} | {r['sI']:g} | {r['k']} | {r.get('contrast', 0):g} | "
+        iv = r.get("interval", [0.0, 1.0])
+        lines.append(f"| {r['sT']:g} | {r['sI']:g} | {iv[0]:g}:{iv[1]:g} | {r['k']} | {r.get('contrast', 0):g} | "
                      f"{f(r['enc_ref_normalized'], 2)} | "
                      f"{f(r['pix_normalized'], 2)} | {f(r['background_ok'], 2)} | {f(r['placement_ok'], 2)} |")
     lines += ["", f"{results['seconds_total']:.0f} s in all."]
     return "\n".join(lines) + "\n"
+
+
+def cli_intervals(parser: argparse.ArgumentParser, text: str) -> tuple:
+    """'0:1,0.3:1' -> ((0.0, 1.0), (0.3, 1.0)); a bad interval is a parser error naming it."""
+    intervals = []
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        try:
+            start, end = (float(v) for v in item.split(":"))
+        except ValueError:
+            parser.error(f"--image-intervals {item!r}: expected start:end, e.g. 0.3:1")
+        if not 0.0 <= start < end <= 1.0:
+            parser.error(f"--image-intervals {item!r}: need 0 <= start < end <= 1")
+        intervals.append((start, end))
+    if not intervals:
+        parser.error("--image-intervals is empty")
+    return tuple(intervals)
 
 
 def main(argv=None) -> int:
@@ -123,6 +148,9 @@ def main(argv=None) -> int:
     p.add_argument("--placement-contrast", default="0",
                    help="comma-separated weights w: 0 = the plain prompt; w > 0 = prompt :1+w AND the same prompt "
                         "at each other placement :-w/2")
+    p.add_argument("--image-intervals", default="0:1",
+                   help="comma-separated start:end parts of the trajectory (0 = noisiest step) where sI applies; "
+                        "1 elsewhere")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--evaluators", default=None)
     args = p.parse_args(argv)
@@ -136,10 +164,11 @@ def main(argv=None) -> int:
     contrasts = cli_list(p, "--placement-contrast", args.placement_contrast)
     if any(k < 1 or k > 3 for k in ks) or any(s < 0 for s in text_scales + image_scales + contrasts):
         p.error("k must be in 1..3, guidance scales and placement-contrast weights >= 0")
+    intervals = cli_intervals(p, args.image_intervals)
     if args.first_subject < 0 or args.subjects < 2:
         p.error("--first-subject must be >= 0 and --subjects >= 2 (a CI needs subjects)")
     results = sweep(model, first_subject=args.first_subject, subjects=args.subjects, text_scales=text_scales,
-                    image_scales=image_scales, ks=ks, contrasts=contrasts, steps=args.steps,
+                    image_scales=image_scales, ks=ks, contrasts=contrasts, intervals=intervals, steps=args.steps,
                     evaluators=args.evaluators)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

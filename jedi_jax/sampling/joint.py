@@ -58,6 +58,12 @@ def guided_output(unet_fn: UNetFn, unet_params, x_t, t, ref_latents, layout: gui
     return guidance.combine(out.astype(jnp.float32), image_scale, text_scale, image_guidance, part_weights)
 
 
+def step_scale(scale, i):
+    """A guidance scale at step i: `scale` is one value () or one per step (S,) (guidance intervals)."""
+    scale = jnp.asarray(scale, jnp.float32)
+    return scale[i] if scale.ndim == 1 else scale
+
+
 def sample_set(unet_fn: UNetFn, unet_params, schedule, timesteps: jnp.ndarray, x_T: jnp.ndarray,
                ref_latents: jnp.ndarray, layout: guidance.SetLayout, context_text: jnp.ndarray,
                context_empty: jnp.ndarray, image_scale, text_scale, key: jax.Array, *,
@@ -71,6 +77,7 @@ def sample_set(unet_fn: UNetFn, unet_params, schedule, timesteps: jnp.ndarray, x
     ref_latents: (B, N, h, w, C) clean latents of the references (anything where not a reference).
     key:       PRNG key, split into the DDIM eta noise stream and the reference re-noising stream;
                step i uses fold_in(stream, i).
+    image_scale, text_scale: () or (S,) per step (step_scale); traced, so new values never recompile.
     on_step:   optional host callback called with the step index after each step (progress bars).
     part_contexts, part_weights: composed prompts (guidance.py): (P, B, N, T, D) and (P, B, N).
 
@@ -87,8 +94,10 @@ def sample_set(unet_fn: UNetFn, unet_params, schedule, timesteps: jnp.ndarray, x
         return jnp.where(known, add_noise(schedule, ref_latents, noise, jnp.full((x.shape[0],), t)), x)
 
     def denoise(x, t, i):
+        s_i = step_scale(image_scale, i)
+        s_t = step_scale(text_scale, i)
         return guided_output(unet_fn, unet_params, x, t, ref_latents, layout, context_text, context_empty,
-                             image_scale, text_scale, config.image_guidance, part_contexts, part_weights)
+                             s_i, s_t, config.image_guidance, part_contexts, part_weights)
 
     x = sample_loop(denoise, x_T, timesteps, schedule, sampler=config.sampler,
                     prediction_type=config.prediction_type, eta=eta, key=eta_key,
