@@ -125,6 +125,7 @@ def base_config() -> ml_collections.ConfigDict:
         grad_clip=1.0,  # global-norm clipping (0 = off)
         grad_accum=1,  # optax.MultiSteps
         ema_decay=0.9999,  # 0 = no EMA params
+        loss_weighting="member",  # "member": each generated image weighs the same; "set": each set (train/step.py)
         log_every=50,
         peak_flops_per_chip=0.0,  # for MFU; 0 = from the device kind table (jedi_jax/train/step.py)
     ))

@@ -82,11 +82,12 @@ def test_config_validation_up_front(monkeypatch):
     c.data.batch_size = 0
     c.mesh.rules = (("batch", ("data", "model")),)
     c.sample.every = 5
+    c.train.loss_weighting = "image"
     monkeypatch.setattr(trainer, "load_sample_hook", lambda: None)  # as if no sampler were installed
     with pytest.raises(ValueError) as e:
         trainer.validate_config(c)
     msg = str(e.value)
-    for part in ("train.steps", "batch_size", "no axis", "jedi_jax.train.hooks"):
+    for part in ("train.steps", "batch_size", "no axis", "jedi_jax.train.hooks", "train.loss_weighting"):
         assert part in msg, msg
     monkeypatch.undo()
     hook = trainer.load_sample_hook()

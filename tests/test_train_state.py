@@ -68,6 +68,32 @@ def test_loss_only_on_generated_members(prediction_type):
     assert int(aux["generated"]) == gen.sum() and int(aux["references"]) == 3
 
 
+def test_set_loss_weighting_weighs_every_set_the_same():
+    """loss_weighting="set": a set with 4 generated members and one with 1 count the same; a set of
+    references only carries no loss (and no NaN). "member" weighs the 5 generated images the same."""
+    schedule = make_schedule(NoiseScheduleConfig())
+    key = jax.random.key(5)
+    pred = jnp.asarray(np.random.default_rng(2).normal(size=(B, N, H, H, C)), jnp.float32)
+    batch = dict(_batch(), member_mask=jnp.ones((B, N), bool),
+                 ref_mask=jnp.asarray([[False] * 4, [True, True, True, False]]))
+    k_t, k_noise, _ = jax.random.split(key, 3)
+    noise = np.asarray(jax.random.normal(k_noise, batch["latents"].shape))
+    per = np.mean((np.asarray(pred) - noise) ** 2, axis=(2, 3, 4))  # (B, N), epsilon target
+
+    def loss(weighting, b=batch):
+        return step_lib.jedi_loss(EchoModels(), schedule, "epsilon", {"pred": pred}, FROZEN, b, key, weighting)
+
+    (member, aux_m), (per_set, aux_s) = loss("member"), loss("set")
+    np.testing.assert_allclose(float(member), (per[0].sum() + per[1, 3]) / 5, rtol=1e-6)
+    np.testing.assert_allclose(float(per_set), (per[0].mean() + per[1, 3]) / 2, rtol=1e-6)
+    assert abs(float(member) - float(per_set)) > 1e-3
+    assert int(aux_m["generated"]) == int(aux_s["generated"]) == 5
+    refs_only = dict(batch, ref_mask=jnp.asarray([[False] * 4, [True] * 4]))
+    np.testing.assert_allclose(float(loss("set", refs_only)[0]), per[0].mean(), rtol=1e-6)
+    with pytest.raises(ValueError, match="loss_weighting"):
+        loss("image")
+
+
 def test_unet_input_carries_references_clean_and_noisy_channel_for_all():
     schedule = make_schedule(NoiseScheduleConfig())
     batch = _batch()

@@ -96,7 +96,8 @@ def prepare(config) -> dict:
 
     schedule = make_schedule(NoiseScheduleConfig(**config.schedule.to_dict()))
     fn = step_lib.make_train_step(bundle.models, schedule, tx, lr, prediction_type=config.schedule.prediction_type,
-                                  ema_decay=float(config.train.ema_decay))
+                                  ema_decay=float(config.train.ema_decay),
+                                  loss_weighting=config.train.loss_weighting)
     local = synthetic_batch(config, jax.process_count())
     bsh = shd.batch_sharding(mesh, rules)
     compiled, info = step_lib.compile_train_step(

@@ -13,7 +13,15 @@ over the GENERATED members only -- references and padding members carry no loss:
     x_t    = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
     pred   = UNet([x_t | ref | x0 * ref], t, CLIP(captions), member_mask)
     w      = member_mask & ~ref_mask                    (B, N)
-    loss   = sum_{b,n} w * mean_{h,w,c} (pred - target)^2 / sum w
+    l      = mean_{h,w,c} (pred - target)^2             (B, N)
+    loss   = sum_{b,n} w l / sum w                      loss_weighting="member" (every generated image
+                                                        weighs the same)
+    loss   = mean over sets with sum_n w > 0 of sum_n w l / sum_n w
+                                                        loss_weighting="set" (every set weighs the same)
+
+With k ~ U{0..N-1} references, "member" gives a set with k=0 N times the weight of one with
+k=N-1 (it has N generated members against 1), so the many-reference case that personalization
+with several references needs is the one least trained; "set" gives every k the same weight.
 
 PRNG: the step's key is `fold_in(base_key, state.step)`, so a resumed run draws exactly the
 noise of an uninterrupted one.
@@ -76,8 +84,11 @@ def select_batch(batch: dict) -> dict:
     return out
 
 
+LOSS_WEIGHTINGS = ("member", "set")
+
+
 def jedi_loss(models: Models, schedule: NoiseSchedule, prediction_type: str, unet_params, frozen: dict,
-              batch: dict, key: jax.Array) -> tuple[jax.Array, dict]:
+              batch: dict, key: jax.Array, loss_weighting: str = "member") -> tuple[jax.Array, dict]:
     """The JeDi denoising loss of one batch (see module docstring). Returns (loss, aux)."""
     member = batch["member_mask"].astype(bool)  # (B, N)
     ref = batch["ref_mask"].astype(bool) & member  # (B, N)
@@ -96,15 +107,17 @@ def jedi_loss(models: Models, schedule: NoiseSchedule, prediction_type: str, une
     ctx = jax.lax.stop_gradient(ctx.reshape((B, N) + ctx.shape[1:]))  # (B, N, T, D)
 
     apply = lambda p, x, t, c, m: models.unet_apply(p, x, t, c, m)  # noqa: E731
-    loss, num = latent_set_loss(apply, schedule, prediction_type, unet_params, x0, ctx, member, ref, k_t, k_noise)
+    loss, num = latent_set_loss(apply, schedule, prediction_type, unet_params, x0, ctx, member, ref, k_t, k_noise,
+                                loss_weighting)
     return loss, {"generated": num, "references": jnp.sum(ref.astype(jnp.float32))}
 
 
 def latent_set_loss(unet_apply: Callable, schedule: NoiseSchedule, prediction_type: str, unet_params,
                     x0: jax.Array, ctx: jax.Array, member: jax.Array, ref: jax.Array, k_t: jax.Array,
-                    k_noise: jax.Array) -> tuple[jax.Array, jax.Array]:
+                    k_noise: jax.Array, loss_weighting: str = "member") -> tuple[jax.Array, jax.Array]:
     """The denoising loss of latent sets (JeDi section 3): one timestep per set, references clean
-    in the 2C+1 input, the mean squared error over the generated members only.
+    in the 2C+1 input, the mean squared error over the generated members only, each generated member
+    weighing the same (loss_weighting="member") or each set that has one (="set"; module docstring).
 
     unet_apply(params, x_in (B, N, h, w, 2C+1), t (B,), ctx (B, N, T, D), member (B, N)) -> (B, N, h, w, C).
     x0 (B, N, h, w, C) scaled latents; member / ref (B, N) bool. Returns (loss, number of generated members).
@@ -121,16 +134,24 @@ def latent_set_loss(unet_apply: Callable, schedule: NoiseSchedule, prediction_ty
         target = v_target(schedule, x0, noise, t)
     else:
         raise ValueError(f"prediction_type={prediction_type!r}: use 'epsilon' or 'v_prediction'")
+    if loss_weighting not in LOSS_WEIGHTINGS:
+        raise ValueError(f"loss_weighting={loss_weighting!r}: use one of {LOSS_WEIGHTINGS}")
 
     pred = unet_apply(unet_params, x_in, t, ctx, member)  # (B, N, h, w, C)
     per_member = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=(2, 3, 4))  # (B, N)
     weight = (member & ~ref).astype(jnp.float32)  # (B, N): generated members only
     num = jnp.sum(weight)
-    return jnp.sum(per_member * weight) / jnp.maximum(num, 1.0), num
+    if loss_weighting == "member":
+        return jnp.sum(per_member * weight) / jnp.maximum(num, 1.0), num
+    per_set_num = jnp.sum(weight, axis=1)  # (B,)
+    per_set = jnp.sum(per_member * weight, axis=1) / jnp.maximum(per_set_num, 1.0)  # (B,)
+    has_generated = (per_set_num > 0).astype(jnp.float32)  # (B,) a set of references only carries no loss
+    return jnp.sum(per_set * has_generated) / jnp.maximum(jnp.sum(has_generated), 1.0), num
 
 
 def make_train_step(models: Models, schedule: NoiseSchedule, tx: optax.GradientTransformation,
-                    lr_schedule: optax.Schedule, *, prediction_type: str, ema_decay: float) -> Callable:
+                    lr_schedule: optax.Schedule, *, prediction_type: str, ema_decay: float,
+                    loss_weighting: str = "member") -> Callable:
     """(state, batch, frozen, base_key) -> (state, metrics). Pure; jit it with `compile_train_step`.
 
     base_key: uint32 key data (`jax.random.key_data(jax.random.key(seed))`), replicated.
@@ -138,7 +159,8 @@ def make_train_step(models: Models, schedule: NoiseSchedule, tx: optax.GradientT
 
     def train_step(state: state_lib.TrainState, batch: dict, frozen: dict, base_key: jax.Array):
         key = jax.random.fold_in(jax.random.wrap_key_data(base_key), state.step)
-        loss_fn = lambda p: jedi_loss(models, schedule, prediction_type, p, frozen, batch, key)  # noqa: E731
+        loss_fn = lambda p: jedi_loss(models, schedule, prediction_type, p, frozen, batch, key,  # noqa: E731
+                                      loss_weighting)
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         lr = lr_schedule(state_lib.optimizer_updates(tx, state.opt_state, state.step))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)

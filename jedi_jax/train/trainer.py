@@ -53,6 +53,8 @@ def validate_config(config) -> None:
         errors.append(f"train.ema_decay={t.ema_decay} must be in [0, 1)")
     if t.log_every < 1 or c.every < 1:
         errors.append("train.log_every and checkpoint.every must be >= 1")
+    if t.loss_weighting not in step_lib.LOSS_WEIGHTINGS:
+        errors.append(f"train.loss_weighting={t.loss_weighting!r} must be one of {step_lib.LOSS_WEIGHTINGS}")
     if config.schedule.prediction_type not in ("epsilon", "v_prediction"):
         errors.append(f"schedule.prediction_type={config.schedule.prediction_type!r}")
     if d.set_size < 1 or d.batch_size < 1:
@@ -239,7 +241,8 @@ def _train(config, workdir, guard: ckpt_lib.PreemptionGuard) -> dict[str, Any]:
     first = step_lib.select_batch(next(loader))
     train_step = step_lib.make_train_step(models, schedule, tx, lr_schedule,
                                           prediction_type=config.schedule.prediction_type,
-                                          ema_decay=float(config.train.ema_decay))
+                                          ema_decay=float(config.train.ema_decay),
+                                          loss_weighting=config.train.loss_weighting)
     compiled, info = step_lib.compile_train_step(
         train_step, abstract_state=abstract, state_shardings=state_sh,
         abstract_batch=step_lib.abstract_batch(first, pc), batch_sharding=bsh,
