@@ -60,14 +60,14 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def parse_interval(text: str) -> tuple[float, float]:
-    """'0.3:1' -> (0.3, 1.0); raises ValueError with one line."""
+def parse_interval(text: str, flag: str = "--image-guidance-interval") -> tuple[float, float]:
+    """'0.3:1' -> (0.3, 1.0); raises ValueError with one line naming `flag`."""
     try:
         start, end = (float(v) for v in text.split(":"))
     except ValueError:
-        raise ValueError(f"--image-guidance-interval {text!r}: expected START:END, e.g. 0.3:1") from None
+        raise ValueError(f"{flag} {text!r}: expected START:END, e.g. 0.3:1") from None
     if not 0.0 <= start < end <= 1.0:
-        raise ValueError(f"--image-guidance-interval {text!r}: need 0 <= START < END <= 1")
+        raise ValueError(f"{flag} {text!r}: need 0 <= START < END <= 1")
     return start, end
 
 

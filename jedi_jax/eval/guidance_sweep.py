@@ -121,18 +121,15 @@ def report(results: dict) -> str:
 
 def cli_intervals(parser: argparse.ArgumentParser, text: str) -> tuple:
     """'0:1,0.3:1' -> ((0.0, 1.0), (0.3, 1.0)); a bad interval is a parser error naming it."""
-    intervals = []
-    for item in (x.strip() for x in text.split(",") if x.strip()):
-        try:
-            start, end = (float(v) for v in item.split(":"))
-        except ValueError:
-            parser.error(f"--image-intervals {item!r}: expected start:end, e.g. 0.3:1")
-        if not 0.0 <= start < end <= 1.0:
-            parser.error(f"--image-intervals {item!r}: need 0 <= start < end <= 1")
-        intervals.append((start, end))
+    from jedi_jax.sample import parse_interval
+
+    try:
+        intervals = tuple(parse_interval(x.strip(), "--image-intervals") for x in text.split(",") if x.strip())
+    except ValueError as e:
+        parser.error(str(e))
     if not intervals:
         parser.error("--image-intervals is empty")
-    return tuple(intervals)
+    return intervals
 
 
 def main(argv=None) -> int:

@@ -67,8 +67,8 @@ ROWS: tuple[Row, ...] = (
     Row("jedi_k3", "JeDi k=3", "joint set inpainting with references 1-3 and their captions", 3),
     Row("dreambooth", "DreamBooth k=3", "UNet finetuned on references 1-3 (sets of one, their captions), "
         "then text-only generation", 3),
-    Row("jedi_k3_sI2", "JeDi k=3, sI=2", "image guidance at 2 (the pipeline's generic default; JeDi-mini's "
-        "recommended sI is 5, chosen on validation subjects)", 3, image_scale=2.0),
+    Row("jedi_k3_sI2", "JeDi k=3, sI=2", "image guidance at 2 (the pipeline's generic default; the JeDi rows above "
+        "use the model folder's recommended sI, chosen on validation subjects)", 3, image_scale=2.0),
     Row("jedi_k3_sI1", "JeDi k=3, sI=1", "no EXTRA image guidance: e(I,noT) + sT (e(I,T) - e(I,noT)); the "
         "references condition every branch at scale 1", 3, image_scale=1.0),
     Row("jedi_k3_sI0", "JeDi k=3, sI=0", "image guidance formula at sI=0: e(noI,noT) + sT (e(I,T) - e(I,noT)); "
