@@ -2,7 +2,7 @@
 touching MiniBench's subjects.
 
     python -m jedi_jax.eval.guidance_sweep [--model DIR] [--out out/guidance_sweep] \
-        [--first-subject 100] [--subjects 12] [--image-scales 1,2,3,4] [--text-scales 3,5] [--k 1,3] \
+        [--first-subject 100] [--subjects 24] [--image-scales 1,2,3,4] [--text-scales 3,5] [--k 1,3] \
         [--placement-contrast 0,1,2] [--image-intervals 0:1,0.3:1]
 
 JeDi (CVPR 2024, Sec. 4.3) samples with two guidance scales: sT on the prompt, sI on the reference
@@ -22,8 +22,8 @@ w x (the prompt - the same prompt at the other placements) to the text guidance
 held-out (background, placement) pair come out right?
 
 ``--image-intervals a:b`` applies sI only on the steps in [a, b) of the trajectory (0 = the noisiest
-step) and 1 elsewhere (``pipeline.per_step_scales``): the early steps lay out the image, so letting
-the prompt lay it out before the references are amplified may place the subject where it says.
+step) and 1 elsewhere (``pipeline.per_step_scales``): when do the references act? (On JeDi-mini,
+identity forms in the second half, and no interval moves placement: model card, experiment 5.)
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ from jedi_jax.eval.minibench import (Scorer, _load_pipeline, call_seed, cli_list
 SCORES = ("enc_ref", "pix", "background_ok", "placement_ok")
 
 
-def sweep(model, *, first_subject: int = 100, subjects: int = 12, text_scales=(3.0,), image_scales=(2.0,),
+def sweep(model, *, first_subject: int = 100, subjects: int = 24, text_scales=(3.0,), image_scales=(2.0,),
           ks=(3,), contrasts=(0.0,), intervals=((0.0, 1.0),), steps: int = 20, seed_index: int = 0,
           evaluators: str | None = None, log=print) -> dict:
     """Runs the grid; returns {'rows': [{sT, sI, k, contrast, interval, <score>: ci, enc_ref_normalized: ci,
@@ -138,7 +138,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="out/guidance_sweep")
     p.add_argument("--first-subject", type=int, default=100,
                    help="first test-split subject index (MiniBench uses 0..subjects-1: stay above it)")
-    p.add_argument("--subjects", type=int, default=12)
+    p.add_argument("--subjects", type=int, default=24,
+                   help="validation subjects (12 proved too few to tell two UNets apart: model card)")
     p.add_argument("--text-scales", default="3", help="comma-separated sT values")
     p.add_argument("--image-scales", default="1,2,3,4", help="comma-separated sI values")
     p.add_argument("--k", default="1,3", help="comma-separated reference counts (1..3)")
