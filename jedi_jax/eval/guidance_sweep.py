@@ -62,7 +62,7 @@ def sweep(model, *, first_subject: int = 100, subjects: int = 24, text_scales=(3
             prompt = placement_contrast_prompt(case, 0, w) if w else None
             image, _ = generate(pipe, case, 0, call_seed(case["index"], 0, seed_index), k, steps=steps,
                                 guidance_scale=sT, image_guidance_scale=sI, prompt=prompt,
-                                image_guidance_interval=None if tuple(interval) == (0.0, 1.0) else interval)
+                                image_guidance_interval=interval)
             rec = scorer.score(case, 0, image[None])[0]
             rec["subject"] = case["name"]
             recs.append(rec)
