@@ -271,6 +271,42 @@ def test_render_pool_placed_wording():
     assert any(mw.parse_caption(str(t))["placement"] is None for t in world.captions.ravel())
 
 
+def test_latent_pool_encodes_each_render_and_its_cache_is_strict(tmp_path):
+    """LatentPool: latent (s, r) is the VAE's scaled posterior mean of render (s, r), whatever batch
+    it fell in (the last batch is zero-padded); the cache round-trips bit for bit, and a cache of
+    other renders or of another VAE is refused, not trained on."""
+    import jax.numpy as jnp
+
+    from jedi_jax.data.pool import LatentPool, RenderPool, params_fingerprint
+    from jedi_jax.loading import load_component
+    from jedi_jax.models.vae import scale_latents
+    from jedi_jax.pipeline import default_model_dir
+
+    log = lambda *a: None  # noqa: E731
+    folder = str(default_model_dir())
+    renders = RenderPool("train", 3, 2, processes=1, log=log)
+    cache = tmp_path / "pool.latents.npz"
+    pool = LatentPool(renders, folder, batch=4, cache=str(cache), log=log, progress=False)  # 6 renders: 4 + 2
+    vae = load_component(folder, "vae")
+    x = jnp.asarray(renders.images[2, 1:2], jnp.float32) / 127.5 - 1.0  # (1, 64, 64, 3), in the padded batch
+    want = np.asarray(scale_latents(vae.functional.bind(vae.params).encode(x)[0], vae.config))[0]
+    assert pool.latents.shape[:2] == (3, 2) and pool.latents.shape[-1] == 4
+    np.testing.assert_allclose(pool.latents[2, 1], want, atol=1e-4)
+    assert not np.allclose(pool.latents[0, 0], pool.latents[0, 1])  # different contexts, different latents
+    assert pool[1]["captions"] == [str(c) for c in renders.captions[1]]
+
+    seen = []
+    again = LatentPool(renders, folder, cache=str(cache), log=seen.append)
+    np.testing.assert_array_equal(again.latents, pool.latents)
+    assert "loaded latents" in seen[0] and not list(tmp_path.glob("*.tmp*"))
+    with pytest.raises(ValueError, match="delete it"):  # other renders (4 sets) against a 3-set cache
+        LatentPool(RenderPool("train", 4, 2, processes=1, log=log), folder, cache=str(cache), log=log)
+    np.savez(cache, latents=pool.latents, vae="0" * 64)  # as if another VAE had encoded it
+    with pytest.raises(ValueError, match="encoded by VAE 000000000000, not"):
+        LatentPool(renders, folder, cache=str(cache), log=log)
+    assert params_fingerprint(vae.params) == params_fingerprint(load_component(folder, "vae").params)
+
+
 def test_mini_paint_primitives():
     """The painters mini_world composes: every background is a (3, 64, 64) image in [0, 1] that
     depends on its rng; every category's shape has an inside around the object's centre and an

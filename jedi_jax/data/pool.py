@@ -10,12 +10,14 @@ source for `jedi_jax.train.loader.SetLoader` like any other:
 """
 from __future__ import annotations
 
+import hashlib
 import multiprocessing as mp
 import os
 import time
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from jedi_jax.data import mini_world as mw
 
@@ -123,28 +125,52 @@ def from_config(data_cfg) -> RenderPool:
                       wording=str(data_cfg.get("caption_wording", "world")))
 
 
+def params_fingerprint(params) -> str:
+    """sha256 over a parameter pytree's paths, dtypes and bytes: names the exact weights that
+    encoded a latent cache."""
+    import jax
+
+    h = hashlib.sha256()
+    leaves, _ = jax.tree_util.tree_flatten_with_path(params)
+    for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
+        leaf = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{jax.tree_util.keystr(path)}:{leaf.dtype}:{leaf.shape}".encode())
+        h.update(leaf.tobytes())
+    return h.hexdigest()
+
+
 class LatentPool:
     """A RenderPool encoded once by a frozen VAE: records carry 'latents' (R, h, w, C), scaled for the
     UNet (`scale_latents` of the posterior mean), instead of pixels. Encoding the pool once removes
     the VAE encoder from every training step (on CPUs it is a large share of a small model's step)."""
 
     def __init__(self, renders: RenderPool, vae_folder: str, *, batch: int = 256, cache: str | None = None,
-                 log=print):
-        self.captions, self.subjects = renders.captions, renders.subjects
-        if cache and Path(cache).exists():
-            self.latents = np.load(cache)["latents"]
-            log(f"pool: loaded latents {self.latents.shape} from {cache}")
-            return
+                 log=print, progress: bool = True):
         import jax
 
         from jedi_jax.loading import load_component
         from jedi_jax.models.vae import scale_latents
 
+        self.captions, self.subjects = renders.captions, renders.subjects
         vae = load_component(vae_folder, "vae")
+        fingerprint = params_fingerprint(vae.params)
+        if cache and Path(cache).exists():
+            # strict: latents of other renders or of another VAE would train silently on wrong targets
+            data = np.load(cache, allow_pickle=False)
+            held = str(data["vae"]) if "vae" in data else "none recorded"
+            if data["latents"].shape[:2] != renders.images.shape[:2] or held != fingerprint:
+                raise ValueError(f"latent cache {cache} holds {data['latents'].shape[:2]} sets encoded by VAE "
+                                 f"{held[:12]}, not {renders.images.shape[:2]} encoded by {vae_folder}'s VAE "
+                                 f"{fingerprint[:12]}: delete it")
+            self.latents = data["latents"]
+            log(f"pool: loaded latents {self.latents.shape} from {cache}")
+            return
         encode = jax.jit(lambda p, x: scale_latents(vae.functional.bind(p).encode(x)[0], vae.config))
         flat = renders.images.reshape((-1,) + renders.images.shape[2:])  # (S*R, 64, 64, 3) uint8
         start, out = time.time(), []
-        for i in range(0, flat.shape[0], batch):
+        # minutes on 2 CPU cores for a few thousand sets: show progress (stderr, like the sampler's bar)
+        for i in tqdm(range(0, flat.shape[0], batch), desc="pool: encoding renders", unit="batch",
+                      mininterval=10, disable=not progress):
             x = flat[i:i + batch].astype(np.float32) / 127.5 - 1.0
             if x.shape[0] < batch:  # one compiled shape
                 x = np.concatenate([x, np.zeros((batch - x.shape[0],) + x.shape[1:], np.float32)])
@@ -154,7 +180,7 @@ class LatentPool:
         log(f"pool: encoded {flat.shape[0]} renders with {vae_folder} in {time.time() - start:.1f} s")
         if cache:
             tmp = f"{cache}.tmp.npz"
-            np.savez(tmp, latents=self.latents)
+            np.savez(tmp, latents=self.latents, vae=fingerprint)
             os.replace(tmp, cache)
 
     def __len__(self) -> int:
