@@ -222,6 +222,14 @@ def test_guidance_sweep_uses_subjects_minibench_does_not(tiny64_pipeline):
     assert [r["interval"] for r in res["rows"]] == [[0.0, 1.0], [0.5, 1.0]]
     assert res["rows"][0]["enc_ref"]["mean"] != res["rows"][1]["enc_ref"]["mean"]
     assert "| 3 | 4 | 0.5:1 | 1 | 0 |" in GS.report(res)
+    # --eta reaches the sampler: DDIM with eta=1 draws fresh noise per step, another image than eta=0.
+    ddim0 = res["rows"][0]["enc_ref"]["mean"]
+    res = GS.sweep(tiny64_pipeline, first_subject=100, subjects=2, text_scales=(3.0,), image_scales=(4.0,),
+                   ks=(1,), steps=2, eta=1.0, log=lambda *a: None)
+    assert res["rows"][0]["enc_ref"]["mean"] != ddim0 and (res["sampler"], res["eta"]) == ("ddim", 1.0)
+    assert "steps of ddim (eta 1)" in GS.report(res)
+    with pytest.raises(SystemExit):
+        GS.main(["--eta", "-1", "--out", "unused"])
 
 
 def test_placement_contrast_prompt_differs_only_in_placement():

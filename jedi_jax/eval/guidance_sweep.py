@@ -3,7 +3,7 @@ touching MiniBench's subjects.
 
     python -m jedi_jax.eval.guidance_sweep [--model DIR] [--out out/guidance_sweep] \
         [--first-subject 100] [--subjects 24] [--image-scales 1,2,3,4] [--text-scales 3,5] [--k 1,3] \
-        [--placement-contrast 0,1,2] [--image-intervals 0:1,0.3:1]
+        [--placement-contrast 0,1,2] [--image-intervals 0:1,0.3:1] [--sampler ddim] [--eta 0]
 
 JeDi (CVPR 2024, Sec. 4.3) samples with two guidance scales: sT on the prompt, sI on the reference
 images. They trade identity against prompt fidelity, so they must be picked on data the benchmark
@@ -24,6 +24,9 @@ held-out (background, placement) pair come out right?
 ``--image-intervals a:b`` applies sI only on the steps in [a, b) of the trajectory (0 = the noisiest
 step) and 1 elsewhere (``pipeline.per_step_scales``): when do the references act? (On JeDi-mini,
 identity forms in the second half, and no interval moves placement: model card, experiment 5.)
+
+``--sampler`` / ``--eta`` run the whole grid with another sampler (``dpmpp_2m``) or with DDIM's
+stochasticity eta (0 = deterministic DDIM, 1 = DDPM-like ancestral noise).
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ from pathlib import Path
 
 
 from jedi_jax.eval import metrics as M
+from jedi_jax.schedulers.schedule import SAMPLERS
 from jedi_jax.eval.minibench import (Scorer, _load_pipeline, call_seed, cli_list, cli_model, generate, make_case,
                                      placement_contrast_prompt)
 
@@ -44,7 +48,7 @@ SCORES = ("enc_ref", "pix", "background_ok", "placement_ok")
 
 def sweep(model, *, first_subject: int = 100, subjects: int = 24, text_scales=(3.0,), image_scales=(2.0,),
           ks=(3,), contrasts=(0.0,), intervals=((0.0, 1.0),), steps: int = 20, seed_index: int = 0,
-          evaluators: str | None = None, log=print) -> dict:
+          sampler: str = "ddim", eta: float = 0.0, evaluators: str | None = None, log=print) -> dict:
     """Runs the grid; returns {'rows': [{sT, sI, k, contrast, interval, <score>: ci, enc_ref_normalized: ci,
     ...}], ...}. contrasts: placement-contrast weights w (0 = the plain prompt); intervals: (start, end)
     parts of the trajectory where sI applies (1 elsewhere)."""
@@ -61,8 +65,8 @@ def sweep(model, *, first_subject: int = 100, subjects: int = 24, text_scales=(3
         for case in cases:
             prompt = placement_contrast_prompt(case, 0, w) if w else None
             image, _ = generate(pipe, case, 0, call_seed(case["index"], 0, seed_index), k, steps=steps,
-                                guidance_scale=sT, image_guidance_scale=sI, prompt=prompt,
-                                image_guidance_interval=interval)
+                                guidance_scale=sT, image_guidance_scale=sI, sampler=sampler, eta=eta,
+                                prompt=prompt, image_guidance_interval=interval)
             rec = scorer.score(case, 0, image[None])[0]
             rec["subject"] = case["name"]
             recs.append(rec)
@@ -94,7 +98,7 @@ def sweep(model, *, first_subject: int = 100, subjects: int = 24, text_scales=(3
                 f"placement {row['placement_ok']['mean']:.2f} ({row['seconds']:.0f} s)")
     ceiling = {key: M.mean_ci(M.subject_means(gt, key, names), idx) for key in ("background_ok", "placement_ok")}
     return dict(rows=rows, ground_truth=ceiling, subjects=names, first_subject=first_subject, steps=steps,
-                seconds_total=round(time.time() - start, 1), model=str(pipe.model.folder))
+                sampler=sampler, eta=float(eta), seconds_total=round(time.time() - start, 1), model=str(pipe.model.folder))
 
 
 def report(results: dict) -> str:
@@ -104,7 +108,8 @@ def report(results: dict) -> str:
     first = results["first_subject"]
     lines = ["# Guidance sweep (validation subjects)", "",
              f"Test-split subjects {first}..{first + n - 1} (MiniBench scores subjects from 0 up), one held-out "
-             f"(background, placement) prompt each, one seed, {results['steps']} DDIM steps; model "
+             f"(background, placement) prompt each, one seed, {results['steps']} steps of "
+             f"{results.get('sampler', 'ddim')} (eta {results.get('eta', 0.0):g}); model "
              f"`{results['model']}`. Identity is normalized per sT (0 = text-only at that sT, 1 = ground "
              f"truth). Ground truth's background / placement accuracy: "
              f"{gt['background_ok']['mean']:.2f} / {gt['placement_ok']['mean']:.2f}.", "",
@@ -150,6 +155,8 @@ def main(argv=None) -> int:
                    help="comma-separated start:end parts of the trajectory (0 = noisiest step) where sI applies; "
                         "1 elsewhere")
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--sampler", default="ddim", choices=SAMPLERS)
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (0 = deterministic)")
     p.add_argument("--evaluators", default=None)
     args = p.parse_args(argv)
 
@@ -163,11 +170,13 @@ def main(argv=None) -> int:
     if any(k < 1 or k > 3 for k in ks) or any(s < 0 for s in text_scales + image_scales + contrasts):
         p.error("k must be in 1..3, guidance scales and placement-contrast weights >= 0")
     intervals = cli_intervals(p, args.image_intervals)
+    if args.eta < 0:
+        p.error("--eta must be >= 0")
     if args.first_subject < 0 or args.subjects < 2:
         p.error("--first-subject must be >= 0 and --subjects >= 2 (a CI needs subjects)")
     results = sweep(model, first_subject=args.first_subject, subjects=args.subjects, text_scales=text_scales,
                     image_scales=image_scales, ks=ks, contrasts=contrasts, intervals=intervals, steps=args.steps,
-                    evaluators=args.evaluators)
+                    sampler=args.sampler, eta=args.eta, evaluators=args.evaluators)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")

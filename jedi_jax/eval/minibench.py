@@ -212,7 +212,7 @@ def placement_contrast_prompt(case: dict, prompt_index: int, weight: float) -> s
 
 
 def generate(pipe, case: dict, prompt_index: int, seed: int, k: int, *, steps: int, guidance_scale: float,
-             image_guidance_scale: float, sampler: str = "ddim", prompt: str | None = None,
+             image_guidance_scale: float, sampler: str = "ddim", eta: float = 0.0, prompt: str | None = None,
              image_guidance_interval: tuple[float, float] | None = None) -> tuple[np.ndarray, dict]:
     """One image for case's prompt (or for `prompt`, another wording of it, e.g. its "composed" form)
     with the first k references. Returns (uint8 (H, W, 3), seconds)."""
@@ -222,7 +222,7 @@ def generate(pipe, case: dict, prompt_index: int, seed: int, k: int, *, steps: i
     out = pipe([prompt], list(case["ref_images"][:k]),
                reference_prompts=case["ref_captions"][:k], num_inference_steps=steps,
                guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale,
-               image_guidance_interval=image_guidance_interval, sampler=sampler, seed=seed)
+               image_guidance_interval=image_guidance_interval, sampler=sampler, eta=eta, seed=seed)
     return np.asarray(out.images[0]), out.seconds
 
 
