@@ -39,9 +39,9 @@ from pathlib import Path
 
 
 from jedi_jax.eval import metrics as M
-from jedi_jax.schedulers.schedule import SAMPLERS
 from jedi_jax.eval.minibench import (Scorer, _load_pipeline, call_seed, cli_list, cli_model, generate, make_case,
                                      placement_contrast_prompt)
+from jedi_jax.schedulers.schedule import SAMPLERS
 
 SCORES = ("enc_ref", "pix", "background_ok", "placement_ok")
 
