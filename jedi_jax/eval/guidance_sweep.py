@@ -109,15 +109,15 @@ def report(results: dict) -> str:
     lines = ["# Guidance sweep (validation subjects)", "",
              f"Test-split subjects {first}..{first + n - 1} (MiniBench scores subjects from 0 up), one held-out "
              f"(background, placement) prompt each, one seed, {results['steps']} steps of "
-             f"{results.get('sampler', 'ddim')} (eta {results.get('eta', 0.0):g}); model "
+             f"{results['sampler']} (eta {results['eta']:g}); model "
              f"`{results['model']}`. Identity is normalized per sT (0 = text-only at that sT, 1 = ground "
              f"truth). Ground truth's background / placement accuracy: "
              f"{gt['background_ok']['mean']:.2f} / {gt['placement_ok']['mean']:.2f}.", "",
              "| sT | sI | sI interval | k | placement contrast w | encoder identity, normalized | "
              "pixel identity, normalized | background acc | placement acc |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
-        iv = r.get("interval", [0.0, 1.0])
-        lines.append(f"| {r['sT']:g} | {r['sI']:g} | {iv[0]:g}:{iv[1]:g} | {r['k']} | {r.get('contrast', 0):g} | "
+        iv = r["interval"]
+        lines.append(f"| {r['sT']:g} | {r['sI']:g} | {iv[0]:g}:{iv[1]:g} | {r['k']} | {r['contrast']:g} | "
                      f"{f(r['enc_ref_normalized'], 2)} | "
                      f"{f(r['pix_normalized'], 2)} | {f(r['background_ok'], 2)} | {f(r['placement_ok'], 2)} |")
     lines += ["", f"{results['seconds_total']:.0f} s in all."]
