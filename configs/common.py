@@ -93,6 +93,7 @@ def base_config() -> ml_collections.ConfigDict:
         num_sets=100_000,  # mini_world: number of distinct sets
         source_set_size=0,  # mini_world: renders per set (0 = set_size)
         num_subjects=0,  # mini_world: distinct subjects (0 = a new subject per set)
+        first_set=0,  # mini_world and pools: sets [first_set, first_set + num_sets) (another offset, other subjects)
         pool_cache="",  # jedi_jax.data.pool sources: .npz cache of the rendered (and encoded) pool
         latent_vae="",  # jedi_jax.data.pool:latents_from_config: model folder whose VAE encodes the pool
         caption_wording="world",  # pool sources: "world" | "world+prompt" | "world+prompt+place" | "placed" (pool.WORDINGS)

@@ -222,6 +222,27 @@ def test_render_pool_wordings_and_cache(tmp_path):
         RenderPool("train", 2, 4, processes=1, wording="poetry", log=log)
 
 
+def test_render_pool_first_set_gives_other_subjects_and_its_cache_says_so(tmp_path):
+    """first_set=k: record j is make_set(split, k + j); pools [0, 4) and [4, 7) share no subject;
+    a cache of one offset is refused for another."""
+    from jedi_jax.data.pool import RenderPool
+
+    log = lambda *a: None  # noqa: E731
+    cache = tmp_path / "pool.npz"
+    late = RenderPool("train", 3, 2, processes=1, first_set=4, cache=str(cache), log=log)
+    early = RenderPool("train", 4, 2, processes=1, log=log)
+    for j in range(3):
+        s = mw.make_set("train", 4 + j, n=2)
+        np.testing.assert_array_equal(late.images[j], s["images"])
+        assert late.subjects[j] == s["subject"]
+    assert not set(late.subjects) & set(early.subjects)
+    np.testing.assert_array_equal(RenderPool("train", 3, 2, first_set=4, cache=str(cache), log=log).images, late.images)
+    with pytest.raises(ValueError, match="from 4 of split train.*not \\(3, 2\\) from 0"):
+        RenderPool("train", 3, 2, cache=str(cache), log=log)
+    with pytest.raises(ValueError, match="first_set must be >= 0"):
+        RenderPool("train", 3, 2, first_set=-1, log=log)
+
+
 def test_render_pool_placement_only_wording():
     """"world+prompt+place": the same renders; a caption that leaves the background unsaid names the
     image's placement (and category), and its words up to the placement are a full template's."""
@@ -277,7 +298,8 @@ def test_latent_pool_encodes_each_render_and_its_cache_is_strict(tmp_path):
     other renders or of another VAE is refused, not trained on."""
     import jax.numpy as jnp
 
-    from jedi_jax.data.pool import LatentPool, RenderPool, params_fingerprint
+    from jedi_jax.convert.param_io import params_fingerprint
+    from jedi_jax.data.pool import LatentPool, RenderPool
     from jedi_jax.loading import load_component
     from jedi_jax.models.vae import scale_latents
     from jedi_jax.pipeline import default_model_dir
@@ -301,7 +323,10 @@ def test_latent_pool_encodes_each_render_and_its_cache_is_strict(tmp_path):
     assert "loaded latents" in seen[0] and not list(tmp_path.glob("*.tmp*"))
     with pytest.raises(ValueError, match="delete it"):  # other renders (4 sets) against a 3-set cache
         LatentPool(RenderPool("train", 4, 2, processes=1, log=log), folder, cache=str(cache), log=log)
-    np.savez(cache, latents=pool.latents, vae="0" * 64)  # as if another VAE had encoded it
+    with pytest.raises(ValueError, match="not renders"):  # same shape, other subjects (sets 3..5)
+        LatentPool(RenderPool("train", 3, 2, processes=1, first_set=3, log=log), folder, cache=str(cache), log=log)
+    held = dict(np.load(cache))
+    np.savez(cache, **dict(held, vae="0" * 64))  # as if another VAE had encoded these renders
     with pytest.raises(ValueError, match="encoded by VAE 000000000000, not"):
         LatentPool(renders, folder, cache=str(cache), log=log)
     assert params_fingerprint(vae.params) == params_fingerprint(load_component(folder, "vae").params)

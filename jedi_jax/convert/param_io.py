@@ -7,6 +7,7 @@ expected tree first and raises `ConversionError` naming every difference.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Iterator, Mapping
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from jedi_jax.convert.torch_naming import ConversionError, flatten
@@ -21,6 +23,19 @@ from jedi_jax.convert.torch_naming import ConversionError, flatten
 
 def _str_keys(tree: Mapping) -> dict[str, object]:
     return {".".join(str(p) for p in path): leaf for path, leaf in flatten(tree).items()}
+
+
+def params_fingerprint(params) -> str:
+    """sha256 over a parameter tree's paths, dtypes, shapes and bytes (independent of dict order):
+    names exact weights, e.g. the VAE that encoded a latent cache, or the components that model
+    folders must share to be averaged."""
+    h = hashlib.sha256()
+    leaves, _ = jax.tree_util.tree_flatten_with_path(params)
+    for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
+        leaf = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{jax.tree_util.keystr(path)}:{leaf.dtype}:{leaf.shape}".encode())
+        h.update(leaf.tobytes())
+    return h.hexdigest()
 
 
 def save_params(path: str | os.PathLike, params: Mapping) -> None:

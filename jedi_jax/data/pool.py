@@ -51,7 +51,7 @@ _WORDING_TAG = 17
 
 
 def _render_chunk(args):
-    split, start, stop, n, num_subjects, wording = args
+    split, start, stop, n, num_subjects, wording = args  # set indices [start, stop) of the world
     templates = WORDINGS[wording]
     images = np.empty((stop - start, n, mw.RES, mw.RES, 3), np.uint8)
     captions, subjects = [], []
@@ -70,27 +70,35 @@ def _render_chunk(args):
 
 
 class RenderPool:
-    """Records i = mini_world.make_set(split, i, set_size) for i < num_sets, held in memory."""
+    """Record j = mini_world.make_set(split, first_set + j, set_size) for j < num_sets, held in memory.
+
+    first_set > 0 gives a pool of other subjects (with num_subjects=None every set index is a new
+    subject): pools [0, 4000) and [4000, 8000) share no subject.
+    """
 
     def __init__(self, split: str = "train", num_sets: int = 20_000, set_size: int = 6, *,
                  num_subjects: int | None = None, processes: int | None = None, cache: str | None = None,
-                 wording: str = "world", log=print):
+                 wording: str = "world", first_set: int = 0, log=print):
         if wording not in WORDINGS:
             raise ValueError(f"unknown caption wording {wording!r}; choose one of {sorted(WORDINGS)}")
-        self.split, self.set_size = split, int(set_size)
+        if first_set < 0:
+            raise ValueError(f"first_set must be >= 0, got {first_set}")
+        self.split, self.set_size, self.first_set = split, int(set_size), int(first_set)
         if cache and Path(cache).exists():
             data = np.load(cache, allow_pickle=False)
             held = str(data["wording"]) if "wording" in data else "world"
-            if data["images"].shape[:2] != (num_sets, set_size) or str(data["split"]) != split or held != wording:
-                raise ValueError(f"pool cache {cache} holds {data['images'].shape[:2]} sets of split "
-                                 f"{data['split']} worded {held!r}, not ({num_sets}, {set_size}) of {split} worded "
-                                 f"{wording!r}: delete it")
+            held_first = int(data["first_set"]) if "first_set" in data else 0  # caches before first_set start at 0
+            if (data["images"].shape[:2] != (num_sets, set_size) or str(data["split"]) != split or held != wording
+                    or held_first != first_set):
+                raise ValueError(f"pool cache {cache} holds {data['images'].shape[:2]} sets from {held_first} of split "
+                                 f"{data['split']} worded {held!r}, not ({num_sets}, {set_size}) from {first_set} of "
+                                 f"{split} worded {wording!r}: delete it")
             self.images, self.captions, self.subjects = data["images"], data["captions"], data["subjects"]
             log(f"pool: loaded {num_sets} sets from {cache}")
             return
         start = time.time()
         processes = processes or os.cpu_count() or 1
-        bounds = np.linspace(0, num_sets, min(num_sets, processes * 4) + 1).astype(int)
+        bounds = first_set + np.linspace(0, num_sets, min(num_sets, processes * 4) + 1).astype(int)
         chunks = [(split, int(a), int(b), set_size, num_subjects, wording) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
         if processes > 1:
             # spawn, not fork: the trainer has started JAX threads, and forking a threaded process can deadlock
@@ -106,7 +114,7 @@ class RenderPool:
         if cache:
             tmp = f"{cache}.tmp.npz"
             np.savez(tmp, images=self.images, captions=self.captions, subjects=self.subjects, split=split,
-                     wording=wording)
+                     wording=wording, first_set=first_set)
             os.replace(tmp, cache)
 
     def __len__(self) -> int:
@@ -122,20 +130,13 @@ def from_config(data_cfg) -> RenderPool:
     num_subjects = int(data_cfg.num_subjects) or None
     cache = str(data_cfg.get("pool_cache", "") or "") or None
     return RenderPool(str(data_cfg.split), int(data_cfg.num_sets), n, num_subjects=num_subjects, cache=cache,
-                      wording=str(data_cfg.get("caption_wording", "world")))
+                      wording=str(data_cfg.get("caption_wording", "world")), first_set=int(data_cfg.first_set))
 
 
-def params_fingerprint(params) -> str:
-    """sha256 over a parameter pytree's paths, dtypes and bytes: names the exact weights that
-    encoded a latent cache."""
-    import jax
-
-    h = hashlib.sha256()
-    leaves, _ = jax.tree_util.tree_flatten_with_path(params)
-    for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
-        leaf = np.ascontiguousarray(np.asarray(leaf))
-        h.update(f"{jax.tree_util.keystr(path)}:{leaf.dtype}:{leaf.shape}".encode())
-        h.update(leaf.tobytes())
+def renders_fingerprint(images: np.ndarray) -> str:
+    """sha256 of a pool's render bytes (shape included): names the exact images a latent cache encodes."""
+    h = hashlib.sha256(f"{images.dtype}:{images.shape}".encode())
+    h.update(np.ascontiguousarray(images).tobytes())
     return h.hexdigest()
 
 
@@ -148,20 +149,23 @@ class LatentPool:
                  log=print, progress: bool = True):
         import jax
 
+        from jedi_jax.convert.param_io import params_fingerprint
         from jedi_jax.loading import load_component
         from jedi_jax.models.vae import scale_latents
 
         self.captions, self.subjects = renders.captions, renders.subjects
         vae = load_component(vae_folder, "vae")
         fingerprint = params_fingerprint(vae.params)
+        images_fp = renders_fingerprint(renders.images)
         if cache and Path(cache).exists():
             # strict: latents of other renders or of another VAE would train silently on wrong targets
             data = np.load(cache, allow_pickle=False)
             held = str(data["vae"]) if "vae" in data else "none recorded"
-            if data["latents"].shape[:2] != renders.images.shape[:2] or held != fingerprint:
-                raise ValueError(f"latent cache {cache} holds {data['latents'].shape[:2]} sets encoded by VAE "
-                                 f"{held[:12]}, not {renders.images.shape[:2]} encoded by {vae_folder}'s VAE "
-                                 f"{fingerprint[:12]}: delete it")
+            held_images = str(data["renders"]) if "renders" in data else "none recorded"
+            if held != fingerprint or held_images != images_fp:
+                raise ValueError(f"latent cache {cache} holds renders {held_images[:12]} encoded by VAE {held[:12]}, "
+                                 f"not renders {images_fp[:12]} encoded by {vae_folder}'s VAE {fingerprint[:12]}: "
+                                 "delete it")
             self.latents = data["latents"]
             log(f"pool: loaded latents {self.latents.shape} from {cache}")
             return
@@ -180,7 +184,7 @@ class LatentPool:
         log(f"pool: encoded {flat.shape[0]} renders with {vae_folder} in {time.time() - start:.1f} s")
         if cache:
             tmp = f"{cache}.tmp.npz"
-            np.savez(tmp, latents=self.latents, vae=fingerprint)
+            np.savez(tmp, latents=self.latents, vae=fingerprint, renders=images_fp)
             os.replace(tmp, cache)
 
     def __len__(self) -> int:

@@ -301,15 +301,19 @@ class ArrayRecordSetSource:
 
 
 class MiniWorldSource:
-    """Mini-world sets generated on the fly: ``source[i] == mini_world.make_set(split, i, ...)``
-    as a set record. ``num_sets`` may be huge (nothing is precomputed); ``num_subjects`` None
-    gives a new subject per set. ``with_labels`` adds 'labels' (dict of (n,) int32 arrays) and
-    'category'."""
+    """Mini-world sets generated on the fly: ``source[i] == mini_world.make_set(split, first_set + i,
+    ...)`` as a set record. ``num_sets`` may be huge (nothing is precomputed); ``num_subjects`` None
+    gives a new subject per set (so ``first_set`` picks other subjects). ``with_labels`` adds
+    'labels' (dict of (n,) int32 arrays) and 'category'."""
 
     def __init__(self, split: str = "train", num_sets: int = 1_000_000, set_size: int = 4,
-                 num_subjects: int | None = None, with_masks: bool = True, with_labels: bool = False):
+                 num_subjects: int | None = None, with_masks: bool = True, with_labels: bool = False,
+                 first_set: int = 0):
         if split not in mini_world.SPLITS:
             raise ValueError(f"split must be one of {mini_world.SPLITS}")
+        if first_set < 0:
+            raise ValueError(f"first_set must be >= 0, got {first_set}")
+        self.first_set = int(first_set)
         self.split = split
         self.num_sets = int(num_sets)
         self.set_size = int(set_size)
@@ -323,7 +327,7 @@ class MiniWorldSource:
     def __getitem__(self, index: int) -> SetRecord:
         if not -self.num_sets <= index < self.num_sets:
             raise IndexError(index)
-        s = mini_world.make_set(self.split, int(index) % self.num_sets, n=self.set_size,
+        s = mini_world.make_set(self.split, self.first_set + int(index) % self.num_sets, n=self.set_size,
                                 num_subjects=self.num_subjects)
         rec: SetRecord = {"images": s["images"], "captions": s["captions"], "subject": s["subject"]}
         if self.with_masks:
@@ -335,7 +339,7 @@ class MiniWorldSource:
 
     def __repr__(self) -> str:
         return (f"MiniWorldSource(split={self.split!r}, num_sets={self.num_sets}, "
-                f"set_size={self.set_size}, num_subjects={self.num_subjects})")
+                f"set_size={self.set_size}, num_subjects={self.num_subjects}, first_set={self.first_set})")
 
 
 def write_array_record(path: str, records: Iterable[SetRecord]) -> int:

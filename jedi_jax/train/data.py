@@ -6,7 +6,7 @@ tokenizer:
 
     data.source = "mini_world"            the procedural mini world (jedi_jax.data.mini_world),
                                           rendered on the fly: data.split, data.num_sets sets of
-                                          data.source_set_size renders each
+                                          data.source_set_size renders each, from set data.first_set
     data.source = "array_record:PATH"     a built set data set (jedi_jax.data.set_source; PATH = a TFDS
                                           version folder or an .array_record file), split data.split
     data.source = "module.path:factory"   any callable(data_config) -> random-access source
@@ -26,7 +26,7 @@ def make_source(data_cfg) -> Any:
 
         n = int(data_cfg.source_set_size) or int(data_cfg.set_size)
         return MiniWorldSource(data_cfg.split, int(data_cfg.num_sets), n, int(data_cfg.num_subjects) or None,
-                               with_masks=False)
+                               with_masks=False, first_set=int(data_cfg.first_set))
     if src.startswith("array_record:"):
         from jedi_jax.data.set_source import ArrayRecordSetSource
 
