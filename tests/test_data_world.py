@@ -226,6 +226,7 @@ def test_render_pool_first_set_gives_other_subjects_and_its_cache_says_so(tmp_pa
     """first_set=k: record j is make_set(split, k + j); pools [0, 4) and [4, 7) share no subject;
     a cache of one offset is refused for another."""
     from jedi_jax.data.pool import RenderPool
+    from jedi_jax.data.set_source import MiniWorldSource
 
     log = lambda *a: None  # noqa: E731
     cache = tmp_path / "pool.npz"
@@ -236,6 +237,9 @@ def test_render_pool_first_set_gives_other_subjects_and_its_cache_says_so(tmp_pa
         np.testing.assert_array_equal(late.images[j], s["images"])
         assert late.subjects[j] == s["subject"]
     assert not set(late.subjects) & set(early.subjects)
+    on_the_fly = MiniWorldSource("train", 3, 2, first_set=4, with_masks=False)  # data.source="mini_world"
+    assert [r["subject"] for r in (on_the_fly[0], on_the_fly[2])] == [late.subjects[0], late.subjects[2]]
+    np.testing.assert_array_equal(on_the_fly[-1]["images"], late.images[2])
     np.testing.assert_array_equal(RenderPool("train", 3, 2, first_set=4, cache=str(cache), log=log).images, late.images)
     with pytest.raises(ValueError, match="from 4 of split train.*not \\(3, 2\\) from 0"):
         RenderPool("train", 3, 2, cache=str(cache), log=log)

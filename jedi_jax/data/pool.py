@@ -130,7 +130,8 @@ def from_config(data_cfg) -> RenderPool:
     num_subjects = int(data_cfg.num_subjects) or None
     cache = str(data_cfg.get("pool_cache", "") or "") or None
     return RenderPool(str(data_cfg.split), int(data_cfg.num_sets), n, num_subjects=num_subjects, cache=cache,
-                      wording=str(data_cfg.get("caption_wording", "world")), first_set=int(data_cfg.first_set))
+                      wording=str(data_cfg.get("caption_wording", "world")),
+                      first_set=int(data_cfg.get("first_set", 0)))
 
 
 def renders_fingerprint(images: np.ndarray) -> str:

@@ -26,7 +26,7 @@ def make_source(data_cfg) -> Any:
 
         n = int(data_cfg.source_set_size) or int(data_cfg.set_size)
         return MiniWorldSource(data_cfg.split, int(data_cfg.num_sets), n, int(data_cfg.num_subjects) or None,
-                               with_masks=False, first_set=int(data_cfg.first_set))
+                               with_masks=False, first_set=int(data_cfg.get("first_set", 0)))
     if src.startswith("array_record:"):
         from jedi_jax.data.set_source import ArrayRecordSetSource
 
