@@ -48,6 +48,12 @@ def parse_weights(text: str | None, n: int) -> list[float]:
         weights = [float(w) for w in text.split(",")]
     except ValueError:
         raise ValueError(f"--weights must be comma-separated numbers, got {text!r}") from None
+    return check_weights(weights, n)
+
+
+def check_weights(weights: Sequence[float], n: int) -> list[float]:
+    """The weights as a list, if they are one per model, >= 0 and sum to 1; else ValueError."""
+    weights = [float(w) for w in weights]
     if len(weights) != n:
         raise ValueError(f"--weights has {len(weights)} values for {n} models")
     if any(w < 0 for w in weights) or abs(sum(weights) - 1.0) > 1e-6:
@@ -65,15 +71,15 @@ def average_folders(models: Sequence[str | Path], dst: str | Path, *, weights: S
     models = [Path(m) for m in models]
     if len(models) < 2:
         raise ValueError(f"averaging needs at least 2 model folders, got {len(models)}")
-    weights = list(weights) if weights is not None else [1.0 / len(models)] * len(models)
-    parse_weights(",".join(str(w) for w in weights), len(models))  # same checks as the CLI
+    weights = check_weights(weights, len(models)) if weights is not None else [1.0 / len(models)] * len(models)
     kinds = read_model_index(models[0])
     if kinds.get(AVERAGED) != "unet":
         raise ConversionError(f"{models[0]}: no 'unet' component to average (has {sorted(kinds)})")
     first = models[0]
     for other in models[1:]:
-        if read_model_index(other) != kinds:
-            raise ConversionError(f"{other}: components {read_model_index(other)} differ from {first}'s {kinds}")
+        other_kinds = read_model_index(other)
+        if other_kinds != kinds:
+            raise ConversionError(f"{other}: components {other_kinds} differ from {first}'s {kinds}")
         for name in kinds:
             a, b = comp.read_config(first / name), comp.read_config(other / name)
             if a != b:
