@@ -247,6 +247,28 @@ def test_render_pool_first_set_gives_other_subjects_and_its_cache_says_so(tmp_pa
         RenderPool("train", 3, 2, first_set=-1, log=log)
 
 
+def test_render_pool_keeps_subject_masks_and_refuses_a_cache_without_them(tmp_path):
+    """The pool keeps each render's subject mask (for train.subject_weight): mask (j, r) is
+    make_set's, records and the latent pool carry it, it round-trips through the cache, and a cache
+    written before masks is refused with a line that says so."""
+    from jedi_jax.data.pool import RenderPool
+
+    log = lambda *a: None  # noqa: E731
+    cache = tmp_path / "pool.npz"
+    pool = RenderPool("train", 3, 2, processes=1, cache=str(cache), log=log)
+    for j in range(3):
+        s = mw.make_set("train", j, n=2)
+        np.testing.assert_array_equal(pool.masks[j], s["masks"])
+        np.testing.assert_array_equal(pool[j]["masks"], s["masks"])
+    assert pool.masks.dtype == bool and 0 < pool.masks.mean() < 0.5  # the subject is a part of each render
+    np.testing.assert_array_equal(RenderPool("train", 3, 2, cache=str(cache), log=log).masks, pool.masks)
+    held = dict(np.load(cache))
+    del held["masks"]
+    np.savez(cache, **held)  # as written before pools kept masks
+    with pytest.raises(ValueError, match="predates subject masks: delete it"):
+        RenderPool("train", 3, 2, cache=str(cache), log=log)
+
+
 def test_render_pool_placement_only_wording():
     """"world+prompt+place": the same renders; a caption that leaves the background unsaid names the
     image's placement (and category), and its words up to the placement are a full template's."""
@@ -320,6 +342,7 @@ def test_latent_pool_encodes_each_render_and_its_cache_is_strict(tmp_path):
     np.testing.assert_allclose(pool.latents[2, 1], want, atol=1e-4)
     assert not np.allclose(pool.latents[0, 0], pool.latents[0, 1])  # different contexts, different latents
     assert pool[1]["captions"] == [str(c) for c in renders.captions[1]]
+    np.testing.assert_array_equal(pool[1]["masks"], renders.masks[1])  # at render resolution, for the loss
 
     seen = []
     again = LatentPool(renders, folder, cache=str(cache), log=seen.append)

@@ -40,7 +40,8 @@ def _env():
 def test_tiny_cli_end_to_end_with_sample_hook(tmp_path):
     wd = tmp_path / "run"
     args = ["--config", "configs/sd15.py:tiny", "--workdir", str(wd), "--config.train.steps=3",
-            "--config.train.log_every=1", "--config.checkpoint.every=2", "--config.sample.every=2"]
+            "--config.train.log_every=1", "--config.checkpoint.every=2", "--config.sample.every=2",
+            "--config.train.subject_weight=2"]  # the loader then emits subject masks and the step reads them
     out = subprocess.run([sys.executable, "-c", RUN_WITH_HOOK.replace("ARGS", repr(args))], cwd=REPO, env=_env(),
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
@@ -56,7 +57,7 @@ def test_tiny_cli_end_to_end_with_sample_hook(tmp_path):
     assert summary["flops_per_step_per_device"] > 0
     calls = [json.loads(r) for r in (wd / "hook_calls.jsonl").read_text().splitlines()]
     assert [c["step"] for c in calls] == [2]
-    assert calls[0]["batch"] == ["images", "input_ids", "member_mask", "ref_mask"]
+    assert calls[0]["batch"] == ["images", "input_ids", "masks", "member_mask", "ref_mask"]
     assert calls[0]["frozen"] == ["text_encoder", "vae"] and calls[0]["ids"] == 16 and calls[0]["latent_channels"] == 4
     assert "samples -> " in log
 
@@ -83,11 +84,13 @@ def test_config_validation_up_front(monkeypatch):
     c.mesh.rules = (("batch", ("data", "model")),)
     c.sample.every = 5
     c.train.loss_weighting = "image"
+    c.train.subject_weight = -1.0
     monkeypatch.setattr(trainer, "load_sample_hook", lambda: None)  # as if no sampler were installed
     with pytest.raises(ValueError) as e:
         trainer.validate_config(c)
     msg = str(e.value)
-    for part in ("train.steps", "batch_size", "no axis", "jedi_jax.train.hooks", "train.loss_weighting"):
+    for part in ("train.steps", "batch_size", "no axis", "jedi_jax.train.hooks", "train.loss_weighting",
+                 "train.subject_weight"):
         assert part in msg, msg
     monkeypatch.undo()
     hook = trainer.load_sample_hook()

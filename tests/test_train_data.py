@@ -280,3 +280,38 @@ def test_with_clip_tokenizer(tmp_path):
             assert (cap[s, m] == "") == np.array_equal(ids[s, m], empty)
     assert ids[0, 0, 0] == tok.convert_tokens_to_ids("<|startoftext|>")
     assert tok.convert_tokens_to_ids("subject</w>") in ids
+
+
+def test_latent_records_carry_their_subject_masks_with_the_members():
+    """A latent record (the encoded pool) with masks at image resolution: with_masks=True puts each
+    member's mask in the slot its latent went to (same member draw), padding slots get none, and a
+    latent record without masks is an error when masks were asked for."""
+
+    class LatentSource:
+        def __len__(self):
+            return 6
+
+        def __getitem__(self, i):
+            n = 2 + i % 3  # 2..4 members: some sets pad
+            lat = np.zeros((n, 4, 4, 4), np.float32)
+            lat[:, 0, 0, 0] = 100 * i + np.arange(n)  # member id readable from the latent
+            masks = np.zeros((n, 16, 16), bool)
+            for m in range(n):
+                masks[m, m, :] = True  # member m's mask: row m
+            return {"latents": lat, "masks": masks, "captions": [f"c{m}" for m in range(n)], "subject": f"s{i}"}
+
+    loader = make(LatentSource(), batch_size=6, with_masks=True, hflip=0.0)
+    batch = next(iter(loader))
+    assert batch["masks"].shape == (6, 4, 16, 16) and batch["latents"].shape == (6, 4, 4, 4, 4)
+    for b in range(6):
+        for slot in range(4):
+            if not batch["member_mask"][b, slot]:
+                assert batch["masks"][b, slot].max() == 0
+                continue
+            m = int(round(batch["latents"][b, slot, 0, 0, 0])) % 100  # which member sits in this slot
+            rows = np.flatnonzero(batch["masks"][b, slot].max(axis=1))
+            assert rows.tolist() == [m] and batch["masks"][b, slot, m].min() == 1.0
+    with pytest.raises(ValueError, match="needs 'masks'"):
+        plain = type("P", (), {"__len__": lambda s: 6, "__getitem__": lambda s, i: {
+            k: v for k, v in LatentSource()[i].items() if k != "masks"}})()
+        next(iter(make(plain, batch_size=6, with_masks=True, hflip=0.0)))

@@ -94,6 +94,52 @@ def test_set_loss_weighting_weighs_every_set_the_same():
         loss("image")
 
 
+def test_subject_weight_is_a_weighted_mean_over_the_latent_grid():
+    """train.subject_weight=a: within each member the squared error is averaged over latent cells with
+    weight 1 + a * (subject fraction of the cell), masks pooled from image resolution (2x here); so
+    the gradient at a subject cell is 1 + a times that at a background cell with the same error, the
+    loss keeps the plain loss's scale (all-background masks give exactly the plain loss), and a
+    batch without masks is an error, not a silent plain loss."""
+    schedule = make_schedule(NoiseScheduleConfig())
+    key = jax.random.key(7)
+    a = 3.0
+    pred = jnp.asarray(np.random.default_rng(4).normal(size=(B, N, H, H, C)), jnp.float32)
+    masks = np.zeros((B, N, 2 * H, 2 * H), np.float32)  # image resolution: 2x the latent grid
+    masks[:, :, :4, :4] = 1.0  # subject = latent cells [0:2, 0:2] in full
+    masks[:, :, 4, 4] = 1.0  # and a quarter of latent cell (2, 2)
+    batch = dict(_batch(), masks=jnp.asarray(masks))
+    cell = np.asarray(step_lib.subject_weight_map(batch["masks"], a, (H, H)))  # (B, N, H, H)
+    want_cell = np.ones((H, H), np.float32)
+    want_cell[:2, :2], want_cell[2, 2] = 1 + a, 1 + a / 4
+    np.testing.assert_allclose(cell, np.broadcast_to(want_cell, cell.shape), rtol=1e-6)
+
+    def loss(p, b=batch, w=a):
+        return step_lib.jedi_loss(EchoModels(), schedule, "epsilon", {"pred": p}, FROZEN, b, key, "member", w)[0]
+
+    k_t, k_noise, _ = jax.random.split(key, 3)
+    noise = np.asarray(jax.random.normal(k_noise, pred.shape))
+    sq = np.mean((np.asarray(pred) - noise) ** 2, axis=-1)  # (B, N, H, H)
+    per = (sq * want_cell).sum(axis=(2, 3)) / want_cell.sum()  # (B, N)
+    gen = np.asarray(batch["member_mask"] & ~batch["ref_mask"])
+    value, grad = jax.value_and_grad(loss)(pred)
+    np.testing.assert_allclose(float(value), per[gen].mean(), rtol=1e-5)
+    plain = float(loss(pred, w=0.0))
+    np.testing.assert_allclose(plain, sq.mean(axis=(2, 3))[gen].mean(), rtol=1e-5)
+    assert abs(float(value) - plain) > 1e-3
+    # d loss / d pred = weight * 2 (pred - noise) / (C * sum weight * #generated): the ratio of subject to background
+    ratio = np.asarray(grad) / (np.asarray(pred) - noise)  # (B, N, H, H, C)
+    b0, n0 = np.argwhere(gen)[0]
+    np.testing.assert_allclose(ratio[b0, n0, 0, 0] / ratio[b0, n0, 3, 3], 1 + a, rtol=1e-4)
+    np.testing.assert_allclose(ratio[b0, n0, 2, 2] / ratio[b0, n0, 3, 3], 1 + a / 4, rtol=1e-4)
+    background = dict(batch, masks=jnp.zeros_like(batch["masks"]))
+    np.testing.assert_allclose(float(loss(pred, background)), plain, rtol=1e-6)
+    no_masks = {k: v for k, v in batch.items() if k != "masks"}
+    with pytest.raises(KeyError, match="subject masks"):
+        loss(pred, no_masks)
+    with pytest.raises(ValueError, match="do not pool"):
+        step_lib.subject_weight_map(jnp.zeros((B, N, 9, 9)), a, (H, H))
+
+
 def test_unet_input_carries_references_clean_and_noisy_channel_for_all():
     schedule = make_schedule(NoiseScheduleConfig())
     batch = _batch()

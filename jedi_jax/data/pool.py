@@ -54,10 +54,11 @@ def _render_chunk(args):
     split, start, stop, n, num_subjects, wording = args  # set indices [start, stop) of the world
     templates = WORDINGS[wording]
     images = np.empty((stop - start, n, mw.RES, mw.RES, 3), np.uint8)
+    masks = np.empty((stop - start, n, mw.RES, mw.RES), bool)
     captions, subjects = [], []
     for j, i in enumerate(range(start, stop)):
         s = mw.make_set(split, i, n=n, num_subjects=num_subjects)
-        images[j] = s["images"]
+        images[j], masks[j] = s["images"], s["masks"]
         if templates is None:
             captions.append(list(s["captions"]))
         else:  # own stream: the renders do not depend on the wording
@@ -66,7 +67,7 @@ def _render_chunk(args):
             captions.append([mw.caption(subject, ctx, template=templates[int(rng.integers(len(templates)))])
                              for ctx in s["contexts"]])
         subjects.append(s["subject"])
-    return images, captions, subjects
+    return images, masks, captions, subjects
 
 
 class RenderPool:
@@ -93,7 +94,10 @@ class RenderPool:
                 raise ValueError(f"pool cache {cache} holds {data['images'].shape[:2]} sets from {held_first} of split "
                                  f"{data['split']} worded {held!r}, not ({num_sets}, {set_size}) from {first_set} of "
                                  f"{split} worded {wording!r}: delete it")
+            if "masks" not in data:  # renders are deterministic, so re-rendering keeps a latent cache valid
+                raise ValueError(f"pool cache {cache} predates subject masks: delete it (it re-renders identically)")
             self.images, self.captions, self.subjects = data["images"], data["captions"], data["subjects"]
+            self.masks = data["masks"]
             log(f"pool: loaded {num_sets} sets from {cache}")
             return
         start = time.time()
@@ -107,13 +111,14 @@ class RenderPool:
         else:
             parts = [_render_chunk(c) for c in chunks]
         self.images = np.concatenate([p[0] for p in parts])  # (S, R, 64, 64, 3) uint8
-        self.captions = np.array([c for p in parts for c in p[1]])  # (S, R) str
-        self.subjects = np.array([s for p in parts for s in p[2]])  # (S,) str
+        self.masks = np.concatenate([p[1] for p in parts])  # (S, R, 64, 64) bool, True = subject
+        self.captions = np.array([c for p in parts for c in p[2]])  # (S, R) str
+        self.subjects = np.array([s for p in parts for s in p[3]])  # (S,) str
         log(f"pool: rendered {num_sets} sets of {set_size} in {time.time() - start:.1f} s on {processes} processes "
             f"({self.images.nbytes / 2**30:.2f} GiB)")
         if cache:
             tmp = f"{cache}.tmp.npz"
-            np.savez(tmp, images=self.images, captions=self.captions, subjects=self.subjects, split=split,
+            np.savez(tmp, images=self.images, masks=self.masks, captions=self.captions, subjects=self.subjects, split=split,
                      wording=wording, first_set=first_set)
             os.replace(tmp, cache)
 
@@ -121,7 +126,8 @@ class RenderPool:
         return int(self.images.shape[0])
 
     def __getitem__(self, i: int) -> dict:
-        return {"images": self.images[i], "captions": [str(c) for c in self.captions[i]], "subject": str(self.subjects[i])}
+        return {"images": self.images[i], "masks": self.masks[i], "captions": [str(c) for c in self.captions[i]],
+                "subject": str(self.subjects[i])}
 
 
 def from_config(data_cfg) -> RenderPool:
@@ -154,7 +160,7 @@ class LatentPool:
         from jedi_jax.loading import load_component
         from jedi_jax.models.vae import scale_latents
 
-        self.captions, self.subjects = renders.captions, renders.subjects
+        self.captions, self.subjects, self.masks = renders.captions, renders.subjects, renders.masks
         vae = load_component(vae_folder, "vae")
         fingerprint = params_fingerprint(vae.params)
         images_fp = renders_fingerprint(renders.images)
@@ -192,7 +198,8 @@ class LatentPool:
         return int(self.latents.shape[0])
 
     def __getitem__(self, i: int) -> dict:
-        return {"latents": self.latents[i], "captions": [str(c) for c in self.captions[i]],
+        # masks stay at render resolution: the loss pools them to the latent grid (train/step.py)
+        return {"latents": self.latents[i], "masks": self.masks[i], "captions": [str(c) for c in self.captions[i]],
                 "subject": str(self.subjects[i])}
 
 

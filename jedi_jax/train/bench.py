@@ -40,9 +40,12 @@ def synthetic_batch(config, process_count: int = 1) -> dict:
     rng = np.random.default_rng(0)
     ref = np.zeros((b, n), bool)
     ref[:, 0] = n > 1
-    return {"images": rng.uniform(-1, 1, (b, n, s, s, 3)).astype(np.float32),
-            "input_ids": rng.integers(0, 200, (b, n, t)).astype(np.int32),
-            "member_mask": np.ones((b, n), bool), "ref_mask": ref}
+    batch = {"images": rng.uniform(-1, 1, (b, n, s, s, 3)).astype(np.float32),
+             "input_ids": rng.integers(0, 200, (b, n, t)).astype(np.int32),
+             "member_mask": np.ones((b, n), bool), "ref_mask": ref}
+    if float(config.train.get("subject_weight", 0.0)) > 0:  # the step then reads subject masks too
+        batch["masks"] = (rng.uniform(size=(b, n, s, s)) < 0.25).astype(np.float32)
+    return batch
 
 
 def memory_figures(compiled, local_sets: int, device=None) -> dict:
@@ -97,7 +100,8 @@ def prepare(config) -> dict:
     schedule = make_schedule(NoiseScheduleConfig(**config.schedule.to_dict()))
     fn = step_lib.make_train_step(bundle.models, schedule, tx, lr, prediction_type=config.schedule.prediction_type,
                                   ema_decay=float(config.train.ema_decay),
-                                  loss_weighting=config.train.loss_weighting)
+                                  loss_weighting=config.train.loss_weighting,
+                                  subject_weight=float(config.train.get("subject_weight", 0.0)))
     local = synthetic_batch(config, jax.process_count())
     bsh = shd.batch_sharding(mesh, rules)
     compiled, info = step_lib.compile_train_step(

@@ -19,14 +19,15 @@ from typing import Any, Callable
 import numpy as np
 
 
-def make_source(data_cfg) -> Any:
+def make_source(data_cfg, with_masks: bool = False) -> Any:
+    """with_masks: records carry subject masks (mini_world; other sources carry them if their data has them)."""
     src = str(data_cfg.source)
     if src == "mini_world":
         from jedi_jax.data.set_source import MiniWorldSource
 
         n = int(data_cfg.source_set_size) or int(data_cfg.set_size)
         return MiniWorldSource(data_cfg.split, int(data_cfg.num_sets), n, int(data_cfg.num_subjects) or None,
-                               with_masks=False, first_set=int(data_cfg.get("first_set", 0)))
+                               with_masks=with_masks, first_set=int(data_cfg.get("first_set", 0)))
     if src.startswith("array_record:"):
         from jedi_jax.data.set_source import ArrayRecordSetSource
 
@@ -39,12 +40,13 @@ def make_source(data_cfg) -> Any:
 
 
 def make_loader(data_cfg, *, tokenize_fn: Callable[[list[str]], np.ndarray] | None, seed: int,
-                process_index: int, process_count: int):
-    """SetLoader for this process (its slice of each global batch)."""
+                process_index: int, process_count: int, with_masks: bool = False):
+    """SetLoader for this process (its slice of each global batch); with_masks: batches carry the
+    subject masks (for train.subject_weight), and a source without them is an error."""
     from jedi_jax.train.loader import SetLoader
 
     return SetLoader(
-        make_source(data_cfg),
+        make_source(data_cfg, with_masks),
         batch_size=int(data_cfg.batch_size),
         set_size=int(data_cfg.set_size),
         image_size=int(data_cfg.image_size),
@@ -61,7 +63,7 @@ def make_loader(data_cfg, *, tokenize_fn: Callable[[list[str]], np.ndarray] | No
         crop_scale=tuple(data_cfg.crop_scale),
         crop_ratio=tuple(data_cfg.crop_ratio),
         resample=str(data_cfg.resample),
-        with_masks=False,
+        with_masks=with_masks,
         num_workers=int(data_cfg.num_workers),
         prefetch=int(data_cfg.prefetch),
     )

@@ -183,7 +183,16 @@ def _process_latent_set(record: Mapping[str, Any], rng: np.random.Generator, cfg
     out[: len(members)] = latents[members]
     out_captions = [captions[m] if keep_caption[slot] else "" for slot, m in enumerate(members)]
     out_captions += [""] * (cfg.set_size - len(members))
-    return {"latents": out, "captions": out_captions, "member_mask": member_mask, "ref_mask": ref_mask}
+    ex = {"latents": out, "captions": out_captions, "member_mask": member_mask, "ref_mask": ref_mask}
+    if cfg.with_masks:  # kept at render resolution (S, S): the loss pools them to the latent grid
+        masks = np.asarray(record["masks"]) if "masks" in record else None
+        if masks is None or masks.shape != (latents.shape[0], cfg.image_size, cfg.image_size):
+            raise ValueError(f"loader was configured with masks: a latent record needs 'masks' "
+                             f"({latents.shape[0]}, {cfg.image_size}, {cfg.image_size}), got "
+                             f"{None if masks is None else masks.shape}")
+        ex["masks"] = np.zeros((cfg.set_size, cfg.image_size, cfg.image_size), np.uint8)
+        ex["masks"][: len(members)] = (masks[members] != 0).astype(np.uint8) * 255
+    return ex
 
 
 def process_set(record: Mapping[str, Any], rng: np.random.Generator, cfg: AugmentConfig) -> dict:

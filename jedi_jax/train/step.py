@@ -23,6 +23,17 @@ With k ~ U{0..N-1} references, "member" gives a set with k=0 N times the weight 
 k=N-1 (it has N generated members against 1), so the many-reference case that personalization
 with several references needs is the one least trained; "set" gives every k the same weight.
 
+Subject weighting (train.subject_weight = a > 0; needs subject masks in the batch): within a member
+the squared error is a weighted mean over the latent grid,
+
+    m      = avg_pool(subject mask)                     (B, N, h, w)  fraction of subject pixels per cell
+    l      = sum_{h,w} (1 + a m) mean_c (pred - target)^2 / sum_{h,w} (1 + a m)
+
+so each member's loss keeps its scale while the subject's cells count 1 + a times a background cell.
+Why: identity (palette, texture, marks) lives in the subject's pixels, which are a small share of an
+image whose background the caption already names; an unweighted mean spends most of the gradient on
+the background.
+
 PRNG: the step's key is `fold_in(base_key, state.step)`, so a resumed run draws exactly the
 noise of an uninterrupted one.
 """
@@ -43,7 +54,7 @@ from jedi_jax.train.models import Models
 
 log = logging.getLogger(__name__)
 
-BATCH_KEYS = ("images", "latents", "input_ids", "member_mask", "ref_mask")
+BATCH_KEYS = ("images", "latents", "input_ids", "member_mask", "ref_mask", "masks")
 
 # Dense bf16 peak FLOP/s per chip (no sparsity), matched by substring of `device.device_kind`.
 PEAK_FLOPS = (
@@ -74,7 +85,8 @@ def peak_flops_per_chip(device=None) -> float | None:
 
 
 def select_batch(batch: dict) -> dict:
-    """The arrays the step consumes (images OR latents, input_ids, member_mask, ref_mask)."""
+    """The arrays the step consumes (images OR latents, input_ids, member_mask, ref_mask; subject masks
+    when the loader emits them, i.e. when the loss weights the subject)."""
     out = {k: batch[k] for k in BATCH_KEYS if k in batch}
     if "latents" in out:
         out.pop("images", None)
@@ -87,8 +99,22 @@ def select_batch(batch: dict) -> dict:
 LOSS_WEIGHTINGS = ("member", "set")
 
 
+def subject_weight_map(masks: jax.Array, subject_weight: float, latent_hw: tuple[int, int]) -> jax.Array:
+    """1 + subject_weight * (fraction of subject pixels in each latent cell): (B, N, H, W) -> (B, N, h, w).
+
+    masks: subject masks in [0, 1] at image resolution, H and W multiples of h and w (the VAE factor).
+    """
+    B, N, H, W = masks.shape
+    h, w = latent_hw
+    if H % h or W % w:
+        raise ValueError(f"subject masks {H}x{W} do not pool to the {h}x{w} latent grid")
+    frac = masks.astype(jnp.float32).reshape(B, N, h, H // h, w, W // w).mean(axis=(3, 5))  # (B, N, h, w)
+    return 1.0 + subject_weight * frac
+
+
 def jedi_loss(models: Models, schedule: NoiseSchedule, prediction_type: str, unet_params, frozen: dict,
-              batch: dict, key: jax.Array, loss_weighting: str = "member") -> tuple[jax.Array, dict]:
+              batch: dict, key: jax.Array, loss_weighting: str = "member",
+              subject_weight: float = 0.0) -> tuple[jax.Array, dict]:
     """The JeDi denoising loss of one batch (see module docstring). Returns (loss, aux)."""
     member = batch["member_mask"].astype(bool)  # (B, N)
     ref = batch["ref_mask"].astype(bool) & member  # (B, N)
@@ -106,21 +132,30 @@ def jedi_loss(models: Models, schedule: NoiseSchedule, prediction_type: str, une
     ctx = models.encode_text(frozen["text_encoder"], ids.reshape(B * N, ids.shape[-1]))  # (B*N, T, D)
     ctx = jax.lax.stop_gradient(ctx.reshape((B, N) + ctx.shape[1:]))  # (B, N, T, D)
 
+    cell_weight = None
+    if subject_weight > 0:
+        if "masks" not in batch:
+            raise KeyError("train.subject_weight > 0 needs subject masks in the batch (a source whose records "
+                           "have 'masks', loaded with with_masks=True)")
+        cell_weight = subject_weight_map(batch["masks"], subject_weight, x0.shape[2:4])  # (B, N, h, w)
     apply = lambda p, x, t, c, m: models.unet_apply(p, x, t, c, m)  # noqa: E731
     loss, num = latent_set_loss(apply, schedule, prediction_type, unet_params, x0, ctx, member, ref, k_t, k_noise,
-                                loss_weighting)
+                                loss_weighting, cell_weight)
     return loss, {"generated": num, "references": jnp.sum(ref.astype(jnp.float32))}
 
 
 def latent_set_loss(unet_apply: Callable, schedule: NoiseSchedule, prediction_type: str, unet_params,
                     x0: jax.Array, ctx: jax.Array, member: jax.Array, ref: jax.Array, k_t: jax.Array,
-                    k_noise: jax.Array, loss_weighting: str = "member") -> tuple[jax.Array, jax.Array]:
+                    k_noise: jax.Array, loss_weighting: str = "member",
+                    cell_weight: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """The denoising loss of latent sets (JeDi section 3): one timestep per set, references clean
     in the 2C+1 input, the mean squared error over the generated members only, each generated member
     weighing the same (loss_weighting="member") or each set that has one (="set"; module docstring).
 
     unet_apply(params, x_in (B, N, h, w, 2C+1), t (B,), ctx (B, N, T, D), member (B, N)) -> (B, N, h, w, C).
-    x0 (B, N, h, w, C) scaled latents; member / ref (B, N) bool. Returns (loss, number of generated members).
+    x0 (B, N, h, w, C) scaled latents; member / ref (B, N) bool; cell_weight (B, N, h, w) or None: a
+    weighted mean over the latent grid within each member (`subject_weight_map`), None = plain mean.
+    Returns (loss, number of generated members).
     Also the DreamBooth baseline's loss (eval/dreambooth.py: sets of one, nothing known).
     """
     B = x0.shape[0]
@@ -138,7 +173,11 @@ def latent_set_loss(unet_apply: Callable, schedule: NoiseSchedule, prediction_ty
         raise ValueError(f"loss_weighting={loss_weighting!r}: use one of {LOSS_WEIGHTINGS}")
 
     pred = unet_apply(unet_params, x_in, t, ctx, member)  # (B, N, h, w, C)
-    per_member = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=(2, 3, 4))  # (B, N)
+    sq = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=-1)  # (B, N, h, w)
+    if cell_weight is None:
+        per_member = jnp.mean(sq, axis=(2, 3))  # (B, N)
+    else:
+        per_member = jnp.sum(sq * cell_weight, axis=(2, 3)) / jnp.sum(cell_weight, axis=(2, 3))  # (B, N)
     weight = (member & ~ref).astype(jnp.float32)  # (B, N): generated members only
     num = jnp.sum(weight)
     if loss_weighting == "member":
@@ -151,7 +190,7 @@ def latent_set_loss(unet_apply: Callable, schedule: NoiseSchedule, prediction_ty
 
 def make_train_step(models: Models, schedule: NoiseSchedule, tx: optax.GradientTransformation,
                     lr_schedule: optax.Schedule, *, prediction_type: str, ema_decay: float,
-                    loss_weighting: str = "member") -> Callable:
+                    loss_weighting: str = "member", subject_weight: float = 0.0) -> Callable:
     """(state, batch, frozen, base_key) -> (state, metrics). Pure; jit it with `compile_train_step`.
 
     base_key: uint32 key data (`jax.random.key_data(jax.random.key(seed))`), replicated.
@@ -160,7 +199,7 @@ def make_train_step(models: Models, schedule: NoiseSchedule, tx: optax.GradientT
     def train_step(state: state_lib.TrainState, batch: dict, frozen: dict, base_key: jax.Array):
         key = jax.random.fold_in(jax.random.wrap_key_data(base_key), state.step)
         loss_fn = lambda p: jedi_loss(models, schedule, prediction_type, p, frozen, batch, key,  # noqa: E731
-                                      loss_weighting)
+                                      loss_weighting, subject_weight)
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         lr = lr_schedule(state_lib.optimizer_updates(tx, state.opt_state, state.step))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
