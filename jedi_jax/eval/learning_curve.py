@@ -1,6 +1,7 @@
 """The learning curve of the real metric: normalized encoder identity of a run's checkpoints.
 
-    python -m jedi_jax.eval.learning_curve --workdir runs/mini [--steps 1250,1500,2000] [--subjects 8]
+    python -m jedi_jax.eval.learning_curve --workdir runs/mini [--steps 1250,1500,2000] [--subjects 8] \
+        [--guidance-scale 3 --image-guidance-scale 4]
 
 For each checkpoint (default: all in WORKDIR/checkpoints) the EMA UNet is evaluated with
 `minibench.quick_identity` (k = 3 references, held-out prompts, 20 DDIM steps) inside ONE pipeline
@@ -34,6 +35,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", default="", help="comma-separated checkpoint steps (default: all)")
     p.add_argument("--subjects", type=int, default=8)
     p.add_argument("--sampling-steps", type=int, default=20)
+    p.add_argument("--guidance-scale", type=float, default=3.0, help="text guidance sT")
+    p.add_argument("--image-guidance-scale", type=float, default=2.0,
+                   help="image guidance sI (2 = the stage-2 curve's; the shipped model recommends 4)")
     args = p.parse_args(argv)
 
     from jedi_jax.eval.minibench import quick_identity
@@ -51,7 +55,8 @@ def main(argv=None) -> int:
         pipe = JeDiPipeline.from_pretrained(base, max_references=3)
         for step in sorted(steps):
             params = checkpoint_unet(workdir, step)
-            r = quick_identity(pipe, n_subjects=args.subjects, steps=args.sampling_steps, unet_params=params)
+            r = quick_identity(pipe, n_subjects=args.subjects, steps=args.sampling_steps, unet_params=params,
+                               guidance_scale=args.guidance_scale, image_guidance_scale=args.image_guidance_scale)
             rows.append(dict(step=step, **{k: float(v) for k, v in r.items() if np.isscalar(v)}))
             print(json.dumps(rows[-1]), flush=True)
     (workdir / "identity_curve.json").write_text(json.dumps(rows, indent=2))
