@@ -74,7 +74,8 @@ class RenderPool:
     """Record j = mini_world.make_set(split, first_set + j, set_size) for j < num_sets, held in memory.
 
     first_set > 0 gives a pool of other subjects (with num_subjects=None every set index is a new
-    subject): pools [0, 4000) and [4000, 8000) share no subject.
+    subject): pools [0, 4000) and [4000, 8000) share no subject. Records also carry each render's
+    subject mask (bool (R, 64, 64)), which train.subject_weight needs.
     """
 
     def __init__(self, split: str = "train", num_sets: int = 20_000, set_size: int = 6, *,

@@ -13,7 +13,7 @@ A source is any random-access collection (``len(source)``, ``source[i]``) whose 
     'input_ids'   int32   (B_local, N, T)          tokenize_fn(captions); dropped/padded captions are ""
     'member_mask' bool    (B_local, N)             True = real member (False = padding)
     'ref_mask'    bool    (B_local, N)             True = reference (known) member; subset of member_mask
-    'masks'       float32 (B_local, N, S, S)       in [0, 1]; only if the source has masks
+    'masks'       float32 (B_local, N, S, S)       in [0, 1]; only with with_masks (latent records too, at S)
     'set_mask'    bool    (B_local,)               False only for padding sets (drop_remainder=False)
     'set_index'   int32   (B_local,)               source index of each set, -1 for padding sets
 
