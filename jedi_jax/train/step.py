@@ -99,6 +99,11 @@ def select_batch(batch: dict) -> dict:
 LOSS_WEIGHTINGS = ("member", "set")
 
 
+def configured_subject_weight(config) -> float:
+    """config.train.subject_weight (0 for configs saved before the option existed)."""
+    return float(config.train.get("subject_weight", 0.0))
+
+
 def subject_weight_map(masks: jax.Array, subject_weight: float, latent_hw: tuple[int, int]) -> jax.Array:
     """1 + subject_weight * (fraction of subject pixels in each latent cell): (B, N, H, W) -> (B, N, h, w).
 

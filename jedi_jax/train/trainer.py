@@ -55,7 +55,7 @@ def validate_config(config) -> None:
         errors.append("train.log_every and checkpoint.every must be >= 1")
     if t.loss_weighting not in step_lib.LOSS_WEIGHTINGS:
         errors.append(f"train.loss_weighting={t.loss_weighting!r} must be one of {step_lib.LOSS_WEIGHTINGS}")
-    if float(t.get("subject_weight", 0.0)) < 0:
+    if step_lib.configured_subject_weight(config) < 0:
         errors.append(f"train.subject_weight={t.subject_weight} must be >= 0")
     if config.schedule.prediction_type not in ("epsilon", "v_prediction"):
         errors.append(f"schedule.prediction_type={config.schedule.prediction_type!r}")
@@ -245,7 +245,7 @@ def _train(config, workdir, guard: ckpt_lib.PreemptionGuard) -> dict[str, Any]:
                                           prediction_type=config.schedule.prediction_type,
                                           ema_decay=float(config.train.ema_decay),
                                           loss_weighting=config.train.loss_weighting,
-                                          subject_weight=float(config.train.get("subject_weight", 0.0)))
+                                          subject_weight=step_lib.configured_subject_weight(config))
     compiled, info = step_lib.compile_train_step(
         train_step, abstract_state=abstract, state_shardings=state_sh,
         abstract_batch=step_lib.abstract_batch(first, pc), batch_sharding=bsh,
@@ -348,7 +348,7 @@ def _make_loader(config, bundle):
         raise ValueError("no tokenizer: set model.tokenizer to a CLIP tokenizer folder")
     return make_loader(config.data, tokenize_fn=bundle.tokenizer, seed=config.seed,
                        process_index=jax.process_index(), process_count=jax.process_count(),
-                       with_masks=float(config.train.get("subject_weight", 0.0)) > 0)  # only the loss reads them
+                       with_masks=step_lib.configured_subject_weight(config) > 0)  # only the loss reads them
 
 
 def _close(loader) -> None:
