@@ -216,11 +216,21 @@ class JeDiPipeline:
             else image_guidance_scale
         return float(sT), float(sI)
 
+    def guidance_order(self, order: str | None = None) -> str:
+        """The given guidance order, else the model folder's ("sampling": "guidance_order"), else
+        "image_first" (the paper's; sampling/guidance.py)."""
+        rec = getattr(self.model, "sampling", None) or {}
+        order = rec.get("guidance_order", "image_first") if order is None else order
+        if order not in guidance.ORDERS:
+            raise PipelineInputError(f"unknown guidance order {order!r}; choose one of {', '.join(guidance.ORDERS)}")
+        return order
+
     def __call__(self, prompts: str | Sequence[str], references: Sequence = (), *, reference_masks=None,
                  reference_prompts: Sequence[str] | None = None, num_images: int | None = None,
                  num_inference_steps: int = 50, guidance_scale: float | None = None,
                  image_guidance_scale: float | None = None,
                  image_guidance_interval: tuple[float, float] | None = None,
+                 guidance_order: str | None = None,
                  sampler: str = "ddim", eta: float = 0.0, seed: int = 0, replace_known: bool = True,
                  progress: bool = False) -> PipelineOutput:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -241,6 +251,10 @@ class JeDiPipeline:
         if guidance_scale < 0 or image_guidance_scale < 0:
             raise PipelineInputError(f"guidance scales must be >= 0 (got text {guidance_scale}, image {image_guidance_scale})")
         image_scales = per_step_scales(image_guidance_scale, num_inference_steps, image_guidance_interval)  # (S,)
+        guidance_order = self.guidance_order(guidance_order)
+        if guidance_order == "text_first" and num_parts > 1:
+            raise PipelineInputError("guidance order 'text_first' takes one prompt per image, not composed prompts "
+                                     "('A AND B'); use 'image_first'")
         if sampler not in SAMPLERS:
             raise PipelineInputError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
         references = list(references)
@@ -279,7 +293,8 @@ class JeDiPipeline:
         timesteps = jnp.asarray(inference_timesteps(self.schedule_config, num_inference_steps, sampler), jnp.int32)
         # max_references == 0: plain joint text-to-image, 2-branch classifier-free guidance.
         config = JointSamplerConfig(sampler=sampler, prediction_type=self.schedule_config.prediction_type,
-                                    replace_known=replace_known, image_guidance=self.max_references > 0)
+                                    replace_known=replace_known, image_guidance=self.max_references > 0,
+                                    guidance_order=guidance_order if self.max_references > 0 else "image_first")
         params = {name: c.params for name, c in self.model.components.items()}
         args = (params, input_ids, empty_ids, ref_images, member_mask, ref_mask, timesteps,
                 jnp.asarray(image_scales), jnp.float32(guidance_scale), jax.random.key(seed), part_ids,
@@ -299,8 +314,8 @@ class JeDiPipeline:
         images = [Image.fromarray(from_model_range(out[0, i])) for i in range(m)]
         settings = dict(prompts=prompts, reference_prompts=ref_prompts, num_references=k, num_images=m,
                         set_size=n, steps=num_inference_steps, guidance_scale=guidance_scale,
-                        image_guidance_scale=image_guidance_scale, sampler=sampler, eta=eta, seed=seed,
-                        image_guidance_interval=None if image_guidance_interval is None
+                        image_guidance_scale=image_guidance_scale, guidance_order=config.guidance_order,
+                        sampler=sampler, eta=eta, seed=seed, image_guidance_interval=None if image_guidance_interval is None
                         else list(image_guidance_interval),
                         replace_known=replace_known, image_guidance=config.image_guidance, resolution=size, model=str(self.model.folder),
                         prediction_type=self.schedule_config.prediction_type, text_layer=self.text_layer,

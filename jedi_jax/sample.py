@@ -48,6 +48,9 @@ def parse_args(argv=None):
                    help="image guidance scale sI (default: the model's recommended, else 2)")
     p.add_argument("--image-guidance-interval", default=None, metavar="START:END",
                    help="apply sI only on this part of the trajectory (0 = noisiest step, 1 = end), 1 elsewhere")
+    p.add_argument("--guidance-order", default=None, choices=["image_first", "text_first"],
+                   help="image_first: the references' effect measured without the prompt (the paper's); "
+                        "text_first: with it (default: the model's, else image_first)")
     p.add_argument("--sampler", default="ddim", choices=["ddim", "dpmpp_2m"])
     p.add_argument("--eta", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
@@ -134,7 +137,7 @@ def main(argv=None) -> int:
         out = pipe(args.prompt, args.ref, reference_masks=args.ref_mask, reference_prompts=args.ref_prompt,
                    num_images=args.num, num_inference_steps=args.steps, guidance_scale=args.guidance,
                    image_guidance_scale=args.image_guidance, image_guidance_interval=args.image_guidance_interval,
-                   sampler=args.sampler, eta=args.eta, seed=args.seed,
+                   guidance_order=args.guidance_order, sampler=args.sampler, eta=args.eta, seed=args.seed,
                    replace_known=not args.free_known, progress=True)
     except (PipelineInputError, ImageInputError) as e:
         print(f"error: {e}", file=sys.stderr)

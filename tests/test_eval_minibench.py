@@ -100,6 +100,7 @@ def test_quick_minibench_end_to_end(tiny64_pipeline, tmp_path):
     assert rows["ground_truth"]["pix_normalized"]["mean"] == pytest.approx(1.0)
     assert rows["dreambooth"]["images"] == 2 and rows["jedi_k3"]["images"] == rows["jedi_k3_composed"]["images"] == 2
     assert saved["timings"]["dreambooth"]["finetune_subjects"] == 2
+    assert saved["settings"]["guidance_order"] == "image_first"  # the folder says nothing: the paper's
     # without coupled attention the references cannot reach the target: text-only, image for image
     assert saved["checks"]["uncoupled_vs_text_only_max_abs_enc_diff"] < 1e-3
     # the curve helper reuses the compiled sampler (same steps) and takes replacement UNet params
@@ -215,13 +216,14 @@ def test_guidance_sweep_uses_subjects_minibench_does_not(tiny64_pipeline):
     assert res["rows"][0]["enc_ref"]["mean"] != res["rows"][1]["enc_ref"]["mean"]  # the contrast prompt is used
     assert all(r["background_ok"]["n"] == 2 for r in res["rows"])
     assert res["ground_truth"]["background_ok"]["mean"] == pytest.approx(1.0)
-    assert "| 3 | 2 | 0:1 | 1 | 0 |" in GS.report(res) and "| 3 | 2 | 0:1 | 1 | 1 |" in GS.report(res)
+    assert "| 3 | 2 | 0:1 | image_first | 1 | 0 |" in GS.report(res)
+    assert "| 3 | 2 | 0:1 | image_first | 1 | 1 |" in GS.report(res)
     # Image-guidance intervals: sI on the second of 2 steps only is another image than sI on both.
     res = GS.sweep(tiny64_pipeline, first_subject=100, subjects=2, text_scales=(3.0,), image_scales=(4.0,),
                    ks=(1,), intervals=((0.0, 1.0), (0.5, 1.0)), steps=2, log=lambda *a: None)
     assert [r["interval"] for r in res["rows"]] == [[0.0, 1.0], [0.5, 1.0]]
     assert res["rows"][0]["enc_ref"]["mean"] != res["rows"][1]["enc_ref"]["mean"]
-    assert "| 3 | 4 | 0.5:1 | 1 | 0 |" in GS.report(res)
+    assert "| 3 | 4 | 0.5:1 | image_first | 1 | 0 |" in GS.report(res)
     # --eta reaches the sampler: DDIM with eta=1 draws fresh noise per step, another image than eta=0.
     ddim0 = res["rows"][0]["enc_ref"]["mean"]
     res = GS.sweep(tiny64_pipeline, first_subject=100, subjects=2, text_scales=(3.0,), image_scales=(4.0,),
@@ -230,6 +232,15 @@ def test_guidance_sweep_uses_subjects_minibench_does_not(tiny64_pipeline):
     assert "steps of ddim (eta 1)" in GS.report(res)
     with pytest.raises(SystemExit):
         GS.main(["--eta", "-1", "--out", "unused"])
+    # Guidance orders reach the sampler (they differ when sI != sT: sampling/guidance.py).
+    res = GS.sweep(tiny64_pipeline, first_subject=100, subjects=2, text_scales=(1.0,), image_scales=(6.0,),
+                   ks=(1,), orders=("image_first", "text_first"), steps=2, log=lambda *a: None)
+    assert [r["order"] for r in res["rows"]] == ["image_first", "text_first"]
+    assert res["rows"][0]["enc_ref"]["mean"] != res["rows"][1]["enc_ref"]["mean"]
+    assert "| 1 | 6 | 0:1 | text_first | 1 | 0 |" in GS.report(res)
+    for bad in (["--orders", "both"], ["--orders", "text_first", "--placement-contrast", "1"]):
+        with pytest.raises(SystemExit):
+            GS.main(bad + ["--out", "unused"])
 
 
 def test_placement_contrast_prompt_differs_only_in_placement():

@@ -34,6 +34,8 @@ BAD = {
     "bad interval": (["--prompt", "x", "--image-guidance-interval", "0.5"], "expected START:END"),
     "empty interval": (["--prompt", "x", "--image-guidance-interval", "0.8:0.2"], "need 0 <= START < END <= 1"),
     "missing model": (["--prompt", "x", "--model", "{d}/no_model"], "does not exist"),
+    "composed prompt, text_first": (["--prompt", "x AND y", "--guidance-order", "text_first", "--steps", "1"],
+                                    "not composed prompts"),
 }
 
 
@@ -52,12 +54,12 @@ def test_cli_writes_images_grid_and_settings(files, tmp_path, tiny_model_dir):
     out = tmp_path / "out"
     r = _run("--ref", files / "ref.png", "--prompt", "a photo of the dog on the beach", "--num", "2", "--steps", "2",
              "--seed", "3", "--model", tiny_model_dir, "--max-references", "2", "--image-guidance-interval", "0.5:1",
-             "--out", out)
+             "--guidance-order", "text_first", "--out", out)
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in out.iterdir()) == ["grid.png", "image_00.png", "image_01.png", "settings.json"]
     settings = json.loads((out / "settings.json").read_text())
     assert settings["seed"] == 3 and settings["steps"] == 2 and settings["num_references"] == 1
-    assert settings["image_guidance_interval"] == [0.5, 1.0]
+    assert settings["image_guidance_interval"] == [0.5, 1.0] and settings["guidance_order"] == "text_first"
     assert settings["set_size"] == 4 and settings["prompts"] == ["a photo of the dog on the beach"] * 2
     assert "compiled in" in r.stdout
     # the existing output folder is now refused

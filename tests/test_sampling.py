@@ -222,3 +222,77 @@ def test_image_guidance_interval(tiny_pipeline):
     assert np.abs(full - one).max() >= 1
     with pytest.raises(PipelineInputError, match="image_guidance_interval"):
         run(4.0, (0.7, 0.2))
+
+
+def test_text_first_guidance_order(tiny_pipeline):
+    """order="text_first" (guidance.py): out = e(noI,noT) + sT (e(noI,T) - e(noI,noT)) + sI (e(I,T) - e(noI,T)),
+    checked against the three branches run one by one; exactly e(I,T) at sI = sT = 1; at sI = 0 the
+    references have no say at all (the image term alone carries them). The two orders differ by
+    (sI - sT) (e(I,T) - e(noI,T) - e(I,noT) + e(noI,noT)): equal at sI = sT, not otherwise."""
+    unet, fn, x_t, refs, ctx, empty, layout = _branch_setup(tiny_pipeline)
+    t = jnp.int32(450)
+    g = lambda r, si, st, order="text_first": guided_output(fn, unet.params, x_t, t, r, layout, ctx, empty,  # noqa: E731
+                                                          si, st, order=order)
+    ts = jnp.full((1,), t)
+    no_refs = jnp.zeros_like(layout.ref_mask)
+    is_target = layout.target_mask[:, :, None, None]
+    ctx_no_text = jnp.where(is_target, empty, ctx)
+    no_i_no_t = fn(unet.params, unet_input(x_t, refs, no_refs), ts, ctx_no_text, layout.target_mask)
+    no_i_text = fn(unet.params, unet_input(x_t, refs, no_refs), ts, ctx, layout.target_mask)
+    full = fn(unet.params, unet_input(x_t, refs, layout.ref_mask), ts, ctx, layout.member_mask)
+    expected = no_i_no_t + 3.0 * (no_i_text - no_i_no_t) + 4.0 * (full - no_i_text)
+    np.testing.assert_allclose(np.asarray(g(refs, 4.0, 3.0)[:, 0]), np.asarray(expected[:, 0]), atol=5e-5)
+    np.testing.assert_allclose(np.asarray(g(refs, 1.0, 1.0)[:, 0]), np.asarray(full[:, 0]), atol=2e-5)
+    # sI = 0: other reference latents give the same target; sI = 4 they do not
+    other_refs = refs * -3.0 + 1.0
+    np.testing.assert_allclose(np.asarray(g(refs, 0.0, 3.0)[:, 0]), np.asarray(g(other_refs, 0.0, 3.0)[:, 0]),
+                               atol=1e-5)
+    assert float(jnp.abs(g(refs, 4.0, 3.0) - g(other_refs, 4.0, 3.0))[0, 0].max()) > 1e-3
+    assert float(jnp.abs(g(refs, 4.0, 3.0) - g(refs, 4.0, 3.0, "image_first"))[0, 0].max()) > 1e-3
+    np.testing.assert_allclose(np.asarray(g(refs, 3.0, 3.0)[:, 0]), np.asarray(g(refs, 3.0, 3.0, "image_first")[:, 0]),
+                               atol=5e-5)
+    with pytest.raises(ValueError, match="unknown guidance order"):
+        g(refs, 4.0, 3.0, "both")
+    parts = jnp.stack([ctx, ctx])
+    with pytest.raises(ValueError, match="composed prompts"):
+        guided_output(fn, unet.params, x_t, t, refs, layout, ctx, empty, 2.0, 3.0, part_contexts=parts,
+                      part_weights=jnp.ones((2, 1, 3)), order="text_first")
+
+
+def test_pipeline_guidance_order(tiny_model_dir, tmp_path):
+    """The pipeline takes guidance_order, else the model folder's ("sampling": "guidance_order"), else
+    image_first; the settings record what ran; composed prompts, an unknown order and a bad folder
+    value are refused with an error naming the problem."""
+    import json
+    import shutil
+
+    from jedi_jax.convert.torch_naming import ConversionError
+    from jedi_jax.loading import load_model
+    from jedi_jax.pipeline import JeDiPipeline, PipelineInputError
+
+    folder = tmp_path / "order"
+    shutil.copytree(tiny_model_dir, folder)
+    index_path = folder / "jedi_model.json"
+    index = json.loads(index_path.read_text())
+    # sI != sT: at sI = sT the two orders are the same formula (test above)
+    run = lambda pipe, **kw: pipe([PROMPT], _refs(2, 1), num_inference_steps=3, seed=0,  # noqa: E731
+                                  guidance_scale=1.0, image_guidance_scale=8.0, **kw)
+    pipe = JeDiPipeline(load_model(folder), max_references=2)
+    first = run(pipe)
+    assert first.settings["guidance_order"] == "image_first"
+    text = run(pipe, guidance_order="text_first")
+    assert text.settings["guidance_order"] == "text_first"
+    assert np.abs(first.set_images[0].astype(int) - text.set_images[0].astype(int)).max() >= 1
+    index_path.write_text(json.dumps(dict(index, sampling={"guidance_order": "text_first"})))
+    pipe = JeDiPipeline(load_model(folder), max_references=2)
+    by_folder = run(pipe)
+    assert by_folder.settings["guidance_order"] == "text_first"
+    np.testing.assert_array_equal(by_folder.set_images[0], text.set_images[0])
+    assert run(pipe, guidance_order="image_first").settings["guidance_order"] == "image_first"
+    with pytest.raises(PipelineInputError, match="composed prompts"):
+        pipe([f"{PROMPT} AND a red ball"], _refs(2, 1), num_inference_steps=2)
+    with pytest.raises(PipelineInputError, match="unknown guidance order"):
+        run(pipe, guidance_order="both")
+    index_path.write_text(json.dumps(dict(index, sampling={"guidance_order": "both"})))
+    with pytest.raises(ConversionError, match="guidance_order must be one of"):
+        load_model(folder)

@@ -25,6 +25,7 @@ from jedi_jax.convert.torch_naming import ConversionError, params_to_torch, torc
 from jedi_jax.models.clip_text import NAMED_LAYERS
 from jedi_jax.models.functional import Functional
 from jedi_jax.models.jedi_inputs import widen_conv_in
+from jedi_jax.sampling.guidance import ORDERS as GUIDANCE_ORDERS
 
 FORMAT = {"format": "jedi_jax", "version": 1}
 MODEL_FILE = "jedi_model.json"
@@ -48,7 +49,7 @@ def read_model_index(model_dir: str | Path) -> dict[str, str]:
 # scales chosen for it on validation data; the pipeline uses them where the caller gives none.
 # "text_layer" is what the UNet was trained to cross-attend to (clip_text.prompt_embeddings): a
 # folder trained on another layer than "last" must say so, or sampling would read the wrong one.
-SAMPLING_KEYS = ("guidance_scale", "image_guidance_scale", "text_layer")
+SAMPLING_KEYS = ("guidance_scale", "image_guidance_scale", "text_layer", "guidance_order")
 
 
 def read_sampling_defaults(model_dir: str | Path) -> dict:
@@ -62,6 +63,9 @@ def read_sampling_defaults(model_dir: str | Path) -> dict:
     if unknown:
         raise ConversionError(f"{path}: unknown sampling setting(s) {unknown}; known: {list(SAMPLING_KEYS)}")
     layer = values.pop("text_layer", None)
+    order = values.pop("guidance_order", None)
+    if order is not None and order not in GUIDANCE_ORDERS:
+        raise ConversionError(f"{path}: sampling guidance_order must be one of {list(GUIDANCE_ORDERS)}, got {order!r}")
     if layer is not None and not (layer in NAMED_LAYERS or (isinstance(layer, int) and not isinstance(layer, bool))):
         raise ConversionError(f"{path}: sampling text_layer must be one of {list(NAMED_LAYERS)} or an int, got {layer!r}")
     bad = [k for k, v in values.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0]
@@ -70,6 +74,8 @@ def read_sampling_defaults(model_dir: str | Path) -> dict:
     out: dict = {k: float(v) for k, v in values.items()}
     if layer is not None:
         out["text_layer"] = layer
+    if order is not None:
+        out["guidance_order"] = order
     return out
 
 

@@ -3,7 +3,8 @@ touching MiniBench's subjects.
 
     python -m jedi_jax.eval.guidance_sweep [--model DIR] [--out out/guidance_sweep] \
         [--first-subject 100] [--subjects 24] [--image-scales 1,2,3,4] [--text-scales 3,5] [--k 1,3] \
-        [--placement-contrast 0,1,2] [--image-intervals 0:1,0.3:1] [--sampler ddim] [--eta 0]
+        [--placement-contrast 0,1,2] [--image-intervals 0:1,0.3:1] [--orders image_first,text_first] \
+        [--sampler ddim] [--eta 0]
 
 JeDi (CVPR 2024, Sec. 4.3) samples with two guidance scales: sT on the prompt, sI on the reference
 images. They trade identity against prompt fidelity, so they must be picked on data the benchmark
@@ -25,6 +26,9 @@ held-out (background, placement) pair come out right?
 step) and 1 elsewhere (``pipeline.per_step_scales``): when do the references act? (On JeDi-mini,
 identity forms in the second half, and no interval moves placement: model card, experiment 5.)
 
+``--orders image_first,text_first`` compares the two orders of the guidance terms
+(``sampling/guidance.py``): the references' effect measured without the prompt (the paper's) or with it.
+
 ``--sampler`` / ``--eta`` run the whole grid with another sampler (``dpmpp_2m``) or with DDIM's
 stochasticity eta (0 = deterministic DDIM, 1 = DDPM-like ancestral noise).
 """
@@ -41,17 +45,20 @@ from pathlib import Path
 from jedi_jax.eval import metrics as M
 from jedi_jax.eval.minibench import (Scorer, _load_pipeline, call_seed, cli_list, cli_model, generate, make_case,
                                      placement_contrast_prompt)
+from jedi_jax.sampling.guidance import ORDERS
 from jedi_jax.schedulers.schedule import SAMPLERS
 
 SCORES = ("enc_ref", "pix", "background_ok", "placement_ok")
 
 
 def sweep(model, *, first_subject: int = 100, subjects: int = 24, text_scales=(3.0,), image_scales=(2.0,),
-          ks=(3,), contrasts=(0.0,), intervals=((0.0, 1.0),), steps: int = 20, seed_index: int = 0,
-          sampler: str = "ddim", eta: float = 0.0, evaluators: str | None = None, log=print) -> dict:
-    """Runs the grid; returns {'rows': [{sT, sI, k, contrast, interval, <score>: ci, enc_ref_normalized: ci,
-    ...}], ...}. contrasts: placement-contrast weights w (0 = the plain prompt); intervals: (start, end)
-    parts of the trajectory where sI applies (1 elsewhere)."""
+          ks=(3,), contrasts=(0.0,), intervals=((0.0, 1.0),), orders=(None,), steps: int = 20,
+          seed_index: int = 0, sampler: str = "ddim", eta: float = 0.0, evaluators: str | None = None,
+          log=print) -> dict:
+    """Runs the grid; returns {'rows': [{sT, sI, k, contrast, interval, order, <score>: ci,
+    enc_ref_normalized: ci, ...}], ...}. contrasts: placement-contrast weights w (0 = the plain prompt);
+    intervals: (start, end) parts of the trajectory where sI applies (1 elsewhere); orders: guidance
+    orders (sampling/guidance.py; None = the model folder's)."""
     start = time.time()
     pipe = _load_pipeline(model)
     scorer = Scorer(evaluators)
@@ -60,13 +67,13 @@ def sweep(model, *, first_subject: int = 100, subjects: int = 24, text_scales=(3
     idx = M.bootstrap_indices(len(cases))
     records: dict[tuple, list[dict]] = {}
 
-    def run(key, k, sT, sI, w=0.0, interval=(0.0, 1.0)):
+    def run(key, k, sT, sI, w=0.0, interval=(0.0, 1.0), order=None):
         recs = []
         for case in cases:
             prompt = placement_contrast_prompt(case, 0, w) if w else None
             image, _ = generate(pipe, case, 0, call_seed(case["index"], 0, seed_index), k, steps=steps,
                                 guidance_scale=sT, image_guidance_scale=sI, sampler=sampler, eta=eta,
-                                prompt=prompt, image_guidance_interval=interval)
+                                prompt=prompt, image_guidance_interval=interval, guidance_order=order)
             rec = scorer.score(case, 0, image[None])[0]
             rec["subject"] = case["name"]
             recs.append(rec)
@@ -80,11 +87,12 @@ def sweep(model, *, first_subject: int = 100, subjects: int = 24, text_scales=(3
     rows = []
     for sT in text_scales:
         run(("text_only", sT), 0, sT, 0.0)  # k = 0: sI has nothing to act on
-        for sI, k, w, iv in itertools.product(image_scales, ks, contrasts, intervals):
+        for sI, k, w, iv, order in itertools.product(image_scales, ks, contrasts, intervals, orders):
             t0 = time.time()
-            cell = (sT, sI, k, w, iv)
-            run(cell, k, sT, sI, w, iv)
-            row = dict(sT=float(sT), sI=float(sI), k=int(k), contrast=float(w), interval=list(iv),
+            order = pipe.guidance_order(order)
+            cell = (sT, sI, k, w, iv, order)
+            run(cell, k, sT, sI, w, iv, order)
+            row = dict(sT=float(sT), sI=float(sI), k=int(k), contrast=float(w), interval=list(iv), order=order,
                        seconds=round(time.time() - t0, 1))
             for key in SCORES:
                 row[key] = M.mean_ci(M.subject_means(records[cell], key, names), idx)
@@ -93,7 +101,7 @@ def sweep(model, *, first_subject: int = 100, subjects: int = 24, text_scales=(3
                     M.subject_means(records[cell], key, names),
                     M.subject_means(records[("text_only", sT)], key, names), M.subject_means(gt, key, names), idx)
             rows.append(row)
-            log(f"[guidance_sweep] sT={sT:g} sI={sI:g} k={k} contrast={w:g} interval={iv[0]:g}:{iv[1]:g}: identity "
+            log(f"[guidance_sweep] sT={sT:g} sI={sI:g} k={k} contrast={w:g} interval={iv[0]:g}:{iv[1]:g} {order}: identity "
                 f"{M.fmt_ci(row['enc_ref_normalized'], 2)}, background {row['background_ok']['mean']:.2f}, "
                 f"placement {row['placement_ok']['mean']:.2f} ({row['seconds']:.0f} s)")
     ceiling = {key: M.mean_ci(M.subject_means(gt, key, names), idx) for key in ("background_ok", "placement_ok")}
@@ -113,11 +121,12 @@ def report(results: dict) -> str:
              f"`{results['model']}`. Identity is normalized per sT (0 = text-only at that sT, 1 = ground "
              f"truth). Ground truth's background / placement accuracy: "
              f"{gt['background_ok']['mean']:.2f} / {gt['placement_ok']['mean']:.2f}.", "",
-             "| sT | sI | sI interval | k | placement contrast w | encoder identity, normalized | "
-             "pixel identity, normalized | background acc | placement acc |", "|---|---|---|---|---|---|---|---|---|"]
+             "| sT | sI | sI interval | guidance order | k | placement contrast w | encoder identity, normalized | "
+             "pixel identity, normalized | background acc | placement acc |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
         iv = r["interval"]
-        lines.append(f"| {r['sT']:g} | {r['sI']:g} | {iv[0]:g}:{iv[1]:g} | {r['k']} | {r['contrast']:g} | "
+        lines.append(f"| {r['sT']:g} | {r['sI']:g} | {iv[0]:g}:{iv[1]:g} | {r.get('order', 'image_first')} | "
+                     f"{r['k']} | {r['contrast']:g} | "
                      f"{f(r['enc_ref_normalized'], 2)} | "
                      f"{f(r['pix_normalized'], 2)} | {f(r['background_ok'], 2)} | {f(r['placement_ok'], 2)} |")
     lines += ["", f"{results['seconds_total']:.0f} s in all."]
@@ -154,6 +163,9 @@ def main(argv=None) -> int:
     p.add_argument("--image-intervals", default="0:1",
                    help="comma-separated start:end parts of the trajectory (0 = noisiest step) where sI applies; "
                         "1 elsewhere")
+    p.add_argument("--orders", default=None,
+                   help="comma-separated guidance orders (image_first, text_first; sampling/guidance.py); "
+                        "default: the model folder's")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--sampler", default="ddim", choices=SAMPLERS)
     p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (0 = deterministic)")
@@ -170,12 +182,19 @@ def main(argv=None) -> int:
     if any(k < 1 or k > 3 for k in ks) or any(s < 0 for s in text_scales + image_scales + contrasts):
         p.error("k must be in 1..3, guidance scales and placement-contrast weights >= 0")
     intervals = cli_intervals(p, args.image_intervals)
+    orders = (None,) if args.orders is None else tuple(o.strip() for o in args.orders.split(",") if o.strip())
+    bad = [o for o in orders if o is not None and o not in ORDERS]
+    if bad or not orders:
+        p.error(f"--orders: {', '.join(bad) or 'empty'}; choose from {', '.join(ORDERS)}")
+    if "text_first" in orders and any(contrasts):
+        p.error("--placement-contrast > 0 composes prompts, which guidance order text_first does not take")
     if args.eta < 0:
         p.error("--eta must be >= 0")
     if args.first_subject < 0 or args.subjects < 2:
         p.error("--first-subject must be >= 0 and --subjects >= 2 (a CI needs subjects)")
     results = sweep(model, first_subject=args.first_subject, subjects=args.subjects, text_scales=text_scales,
-                    image_scales=image_scales, ks=ks, contrasts=contrasts, intervals=intervals, steps=args.steps,
+                    image_scales=image_scales, ks=ks, contrasts=contrasts, intervals=intervals, orders=orders,
+                    steps=args.steps,
                     sampler=args.sampler, eta=args.eta, evaluators=args.evaluators)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

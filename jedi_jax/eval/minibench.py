@@ -38,6 +38,7 @@ from jedi_jax.data import mini_world as mw
 from jedi_jax.data.pool import PLACEMENT_ONLY
 from jedi_jax.eval import metrics as M
 from jedi_jax.eval.minibench_report import plot, report, write_grid
+from jedi_jax.sampling.guidance import ORDERS
 
 BENCH_TAG = 4242  # seed space of MiniBench's references / prompts / galleries
 # The "composed prompt" row's parts: the full prompt's labels said as placement AND background. Each
@@ -90,6 +91,7 @@ class Settings:
     steps: int = 50
     guidance_scale: float | None = None  # None: the model folder's recommended (JeDiPipeline.guidance_scales)
     image_guidance_scale: float | None = None
+    guidance_order: str | None = None  # None: the model folder's (JeDiPipeline.guidance_order)
     sampler: str = "ddim"
     dreambooth_steps: int = 400
     dreambooth_lr: float = 2e-4  # the better of 5e-5 and 2e-4 on eval.dreambooth_curve
@@ -213,16 +215,18 @@ def placement_contrast_prompt(case: dict, prompt_index: int, weight: float) -> s
 
 def generate(pipe, case: dict, prompt_index: int, seed: int, k: int, *, steps: int, guidance_scale: float,
              image_guidance_scale: float, sampler: str = "ddim", eta: float = 0.0, prompt: str | None = None,
-             image_guidance_interval: tuple[float, float] | None = None) -> tuple[np.ndarray, dict]:
+             image_guidance_interval: tuple[float, float] | None = None,
+             guidance_order: str | None = None) -> tuple[np.ndarray, dict]:
     """One image for case's prompt (or for `prompt`, another wording of it, e.g. its "composed" form)
-    with the first k references. Returns (uint8 (H, W, 3), seconds)."""
+    with the first k references; guidance_order None = the model folder's. Returns (uint8 (H, W, 3), seconds)."""
     k = min(k, pipe.max_references)
     if prompt is None:
         prompt = case["prompts"][prompt_index]["prompt"]
     out = pipe([prompt], list(case["ref_images"][:k]),
                reference_prompts=case["ref_captions"][:k], num_inference_steps=steps,
                guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale,
-               image_guidance_interval=image_guidance_interval, sampler=sampler, eta=eta, seed=seed)
+               image_guidance_interval=image_guidance_interval, guidance_order=guidance_order, sampler=sampler,
+               eta=eta, seed=seed)
     return np.asarray(out.images[0]), out.seconds
 
 
@@ -251,7 +255,9 @@ def _row_images(row: Row, case, pipes, settings: Settings, dreambooth, timing) -
             images[(p, s)], sec = generate(pipe, case, p, call_seed(case["index"], p, s), k, steps=settings.steps,
                                            guidance_scale=settings.guidance_scale, image_guidance_scale=sI,
                                            sampler=settings.sampler,
-                                           prompt=case["prompts"][p]["composed"] if row.composed else None)
+                                           prompt=case["prompts"][p]["composed"] if row.composed else None,
+                                           # composed prompts take only the paper's order (sampling/guidance.py)
+                                           guidance_order="image_first" if row.composed else settings.guidance_order)
             timing["compile"] = timing.get("compile", 0.0) + sec["compile"]
             timing["run"] = timing.get("run", 0.0) + sec["run"]
             timing["images"] = timing.get("images", 0) + 1
@@ -282,6 +288,7 @@ def run(model, out: str | Path, settings: Settings, *, evaluators: str | None = 
     settings = dataclasses.replace(settings)  # the caller's stays as given
     settings.guidance_scale, settings.image_guidance_scale = pipe.guidance_scales(settings.guidance_scale,
                                                                                  settings.image_guidance_scale)
+    settings.guidance_order = pipe.guidance_order(settings.guidance_order)
     pipes = {"coupled": pipe}
     if any(not r.coupled for r in rows):
         pipes["uncoupled"] = JeDiPipeline(pipe.model, max_references=pipe.max_references, text_layer=pipe.text_layer,
@@ -494,6 +501,8 @@ def main(argv=None) -> int:
     p.add_argument("--guidance-scale", type=float, default=None, help="sT (default: the model's recommended, else 3)")
     p.add_argument("--image-guidance-scale", type=float, default=None,
                    help="sI (default: the model's recommended, else 2)")
+    p.add_argument("--guidance-order", default=None, choices=ORDERS,
+                   help="which guidance term conditions on the other (sampling/guidance.py; default: the model's)")
     p.add_argument("--dreambooth-steps", type=int, default=None, help="finetuning steps (default 400; quick 3)")
     p.add_argument("--dreambooth-lr", type=float, default=2e-4)
     p.add_argument("--dreambooth-subjects", type=int, default=None,
@@ -513,6 +522,7 @@ def main(argv=None) -> int:
         if value is not None:
             setattr(settings, field, value)
     settings.guidance_scale, settings.image_guidance_scale = args.guidance_scale, args.image_guidance_scale
+    settings.guidance_order = args.guidance_order
     settings.dreambooth_lr = args.dreambooth_lr
     rows = tuple(r.strip() for r in args.rows.split(",") if r.strip())
     bad = [r for r in rows if r not in ROW_NAMES]

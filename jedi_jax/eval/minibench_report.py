@@ -73,7 +73,8 @@ def report(results: dict) -> str:
     lines += [f"Model `{s['model']}` ({s['resolution']} px, max {s['max_references']} references). "
               f"{len(results['subjects'])} test subjects x {s['prompts']} prompts x {s['seeds']} seeds, "
               f"{s['steps']} {s['sampler']} steps, text guidance sT={s['guidance_scale']}, image guidance "
-              f"sI={s['image_guidance_scale']}. CIs: {results['ci']}.", "",
+              f"sI={s['image_guidance_scale']}, guidance order {s.get('guidance_order') or 'image_first'} "
+              f"(composed prompts: image_first). CIs: {results['ci']}.", "",
               "## Identity", "",
               "Normalized: 0 = text-only (k=0), 1 = ground-truth renders (per bootstrap resample).", "",
               "| row | encoder identity, normalized | encoder cos vs refs | encoder cos vs unseen gallery "

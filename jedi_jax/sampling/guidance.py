@@ -25,6 +25,17 @@ member with fewer parts):
 so the model is asked for every part at full strength (a product of the parts' conditionals), not
 for the one sentence, whose combination of words it may never have seen. With P = 1 and w = 1 this
 is the formula above. Branches then number 2 + P (1 + P without image guidance).
+
+The order of the two guidance terms (`order`). The formula above ("image_first", InstructPix2Pix's
+and the paper's) measures the references' effect WITHOUT the targets' prompts: the image term pulls
+a target toward what the references alone suggest, their layout and background included. The
+alternative ("text_first") measures it WITH the prompts, so the image term carries what the
+references add to the prompted image:
+
+    noI_noT, noI_T (references removed, targets with their prompts), I_T
+    out = e(noI,noT) + sT * (e(noI,T) - e(noI,noT)) + sI * (e(I,T) - e(noI,T))
+
+It is still exactly e(I,T) at sI = sT = 1 and needs the same 3 branches (one prompt part only).
 """
 from __future__ import annotations
 
@@ -32,7 +43,16 @@ import jax.numpy as jnp
 from flax import struct
 
 BRANCHES = ("noI_noT", "I_noT", "I_T")
+TEXT_FIRST_BRANCHES = ("noI_noT", "noI_T", "I_T")
 TEXT_BRANCHES = ("noT", "T")
+ORDERS = ("image_first", "text_first")
+
+
+def check_order(order: str, num_parts: int = 1) -> None:
+    if order not in ORDERS:
+        raise ValueError(f"unknown guidance order {order!r}; choose one of {ORDERS}")
+    if order == "text_first" and num_parts != 1:
+        raise ValueError("guidance order 'text_first' takes one prompt per target, not composed prompts")
 
 
 def num_branches(image_guidance: bool, num_parts: int = 1) -> int:
@@ -57,7 +77,8 @@ class SetLayout:
 
 
 def branch_inputs(layout: SetLayout, context_text: jnp.ndarray, context_empty: jnp.ndarray,
-                  image_guidance: bool = True, part_contexts: jnp.ndarray | None = None):
+                  image_guidance: bool = True, part_contexts: jnp.ndarray | None = None,
+                  order: str = "image_first"):
     """Builds the branches' member masks, reference masks and contexts, stacked on axis 0.
 
     context_text:  (B, N, T, D) every member's caption embedding (targets: their prompts,
@@ -65,9 +86,12 @@ def branch_inputs(layout: SetLayout, context_text: jnp.ndarray, context_empty: j
     context_empty: (B, N, T, D) the empty-prompt embedding, used for targets in the noT branches.
     part_contexts: optional (P, B, N, T, D) composed prompts: the targets' part j in text branch j
                    (references keep their captions in every branch); replaces the targets' context_text.
+    order: "image_first" (BRANCHES) or "text_first" (TEXT_FIRST_BRANCHES); see the module docstring.
     Returns member_mask (GB, N), ref_mask (GB, N), context (GB, N, T, D), in the order of BRANCHES
-    (or TEXT_BRANCHES when image_guidance is False), the text branch repeated once per part.
+    (TEXT_FIRST_BRANCHES for "text_first"; TEXT_BRANCHES when image_guidance is False), the text
+    branch repeated once per part.
     """
+    check_order(order, 1 if part_contexts is None else part_contexts.shape[0])
     refs = layout.ref_mask
     targets = layout.target_mask
     no_refs = jnp.zeros_like(refs)
@@ -83,6 +107,10 @@ def branch_inputs(layout: SetLayout, context_text: jnp.ndarray, context_empty: j
         member_mask = jnp.concatenate([layout.member_mask] * (1 + p), axis=0)  # ((1+P)B, N)
         ref_mask = jnp.concatenate([refs] * (1 + p), axis=0)  # ((1+P)B, N)
         return member_mask, ref_mask, jnp.concatenate([context_no_text] + text_branches, axis=0)
+    if order == "text_first":  # noI_noT, noI_T, I_T; references removed by the member mask, as in noI_noT
+        member_mask = jnp.concatenate([targets, targets, layout.member_mask], axis=0)  # (3B, N)
+        ref_mask = jnp.concatenate([no_refs, no_refs, refs], axis=0)  # (3B, N)
+        return member_mask, ref_mask, jnp.concatenate([context_no_text] + text_branches * 2, axis=0)
     member_mask = jnp.concatenate([targets] + [layout.member_mask] * (1 + p), axis=0)  # ((2+P)B, N)
     ref_mask = jnp.concatenate([no_refs] + [refs] * (1 + p), axis=0)  # ((2+P)B, N)
     context = jnp.concatenate([context_no_text, context_no_text] + text_branches, axis=0)  # ((2+P)B, N, T, D)
@@ -90,12 +118,17 @@ def branch_inputs(layout: SetLayout, context_text: jnp.ndarray, context_empty: j
 
 
 def combine(outputs: jnp.ndarray, image_scale, text_scale, image_guidance: bool = True,
-            part_weights: jnp.ndarray | None = None) -> jnp.ndarray:
+            part_weights: jnp.ndarray | None = None, order: str = "image_first") -> jnp.ndarray:
     """outputs (GB, N, ...) in branch_inputs' order -> guided (B, N, ...).
 
-    part_weights: (P, B, N) weights of the P text branches of composed prompts (None: one text branch)."""
+    part_weights: (P, B, N) weights of the P text branches of composed prompts (None: one text branch).
+    order: the order branch_inputs built the branches in (module docstring)."""
     p = 1 if part_weights is None else part_weights.shape[0]
+    check_order(order, p)
     branches = jnp.split(outputs, num_branches(image_guidance, p), axis=0)
+    if image_guidance and order == "text_first":
+        no_i_no_t, no_i_text, full = branches  # each (B, N, ...)
+        return no_i_no_t + text_scale * (no_i_text - no_i_no_t) + image_scale * (full - no_i_text)
     if not image_guidance:
         base = no_text = branches[0]
     else:

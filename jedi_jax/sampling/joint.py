@@ -36,11 +36,13 @@ class JointSamplerConfig:
     replace_known: bool = struct.field(pytree_node=False, default=True)
     # False: plain classifier-free text guidance in 2 branches (for sets without references).
     image_guidance: bool = struct.field(pytree_node=False, default=True)
+    # Which guidance term conditions on the other (guidance.py): "image_first" or "text_first".
+    guidance_order: str = struct.field(pytree_node=False, default="image_first")
 
 
 def guided_output(unet_fn: UNetFn, unet_params, x_t, t, ref_latents, layout: guidance.SetLayout,
                   context_text, context_empty, image_scale, text_scale, image_guidance: bool = True,
-                  part_contexts=None, part_weights=None):
+                  part_contexts=None, part_weights=None, order: str = "image_first"):
     """One batched UNet call over all guidance branches (G = 3, or 2 without image guidance; one
     more per extra part of composed prompts: part_contexts (P, B, N, T, D), part_weights (P, B, N))
     -> guided output (B, N, h, w, C)."""
@@ -49,13 +51,13 @@ def guided_output(unet_fn: UNetFn, unet_params, x_t, t, ref_latents, layout: gui
     num_parts = 1 if part_contexts is None else part_contexts.shape[0]
     g = guidance.num_branches(image_guidance, num_parts)
     member_mask, ref_mask, context = guidance.branch_inputs(layout, context_text, context_empty, image_guidance,
-                                                            part_contexts)
+                                                            part_contexts, order)
     x_g = jnp.concatenate([x_t] * g, axis=0)  # (G*B, N, h, w, C)
     refs_g = jnp.concatenate([ref_latents] * g, axis=0)  # (G*B, N, h, w, C)
     model_in = unet_input(x_g, refs_g, ref_mask)  # (G*B, N, h, w, 2C+1)
     t_g = jnp.full((g * x_t.shape[0],), t, dtype=jnp.int32)  # (G*B,)
     out = unet_fn(unet_params, model_in, t_g, context, member_mask)  # (G*B, N, h, w, C)
-    return guidance.combine(out.astype(jnp.float32), image_scale, text_scale, image_guidance, part_weights)
+    return guidance.combine(out.astype(jnp.float32), image_scale, text_scale, image_guidance, part_weights, order)
 
 
 def step_scale(scale, i):
@@ -97,7 +99,7 @@ def sample_set(unet_fn: UNetFn, unet_params, schedule, timesteps: jnp.ndarray, x
         s_i = step_scale(image_scale, i)
         s_t = step_scale(text_scale, i)
         return guided_output(unet_fn, unet_params, x, t, ref_latents, layout, context_text, context_empty,
-                             s_i, s_t, config.image_guidance, part_contexts, part_weights)
+                             s_i, s_t, config.image_guidance, part_contexts, part_weights, config.guidance_order)
 
     x = sample_loop(denoise, x_T, timesteps, schedule, sampler=config.sampler,
                     prediction_type=config.prediction_type, eta=eta, key=eta_key,
