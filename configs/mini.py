@@ -22,11 +22,12 @@ to the captions (data/pool.WORDINGS; stages 3a-3b used it); `world+prompt+place`
 of the captions name the placement without the background (stage 3c); `placed` keeps only captions
 that name the placement (stage 3d); stage 3e adds `--config.train.loss_weighting=set`
 (every set weighs the same in the loss, so sets with 3 references count as much as those with
-none; train/step.py), and stage 3f, the shipped UNet, `--config.train.subject_weight=3` (the
-subject's latent cells weigh 1 + 3 in each image's loss). The text encoder
+none; train/step.py), stage 3f `--config.train.subject_weight=3` (the subject's latent cells
+weigh 1 + 3 in each image's loss), and stage 3g, the shipped UNet, continues 3f's folder with
+`--config.train.subject_weight=6` (jedi_jax/assets/jedi_mini/MODEL_CARD.md has every command). The text encoder
 is a small CLIP (random, frozen: its job is to keep the caption tokens apart; the UNet's
 cross-attention learns to read them), read at `model.text_layer="embeddings"` (the shipped model's
-stages 3b-3f; stages 1-3a read "last"; export records the layer in jedi_model.json).
+stages 3b-3g; stages 1-3a read "last"; export records the layer in jedi_model.json).
 """
 import os
 import sys

@@ -315,7 +315,8 @@ class JeDiPipeline:
         settings = dict(prompts=prompts, reference_prompts=ref_prompts, num_references=k, num_images=m,
                         set_size=n, steps=num_inference_steps, guidance_scale=guidance_scale,
                         image_guidance_scale=image_guidance_scale, guidance_order=config.guidance_order,
-                        sampler=sampler, eta=eta, seed=seed, image_guidance_interval=None if image_guidance_interval is None
+                        sampler=sampler, eta=eta, seed=seed,
+                        image_guidance_interval=None if image_guidance_interval is None
                         else list(image_guidance_interval),
                         replace_known=replace_known, image_guidance=config.image_guidance, resolution=size, model=str(self.model.folder),
                         prediction_type=self.schedule_config.prediction_type, text_layer=self.text_layer,
