@@ -238,6 +238,8 @@ def test_guidance_sweep_uses_subjects_minibench_does_not(tiny64_pipeline):
     assert [r["order"] for r in res["rows"]] == ["image_first", "text_first"]
     assert res["rows"][0]["enc_ref"]["mean"] != res["rows"][1]["enc_ref"]["mean"]
     assert "| 1 | 6 | 0:1 | text_first | 1 | 0 |" in GS.report(res)
+    with pytest.raises(ValueError, match="text_first"):
+        GS.sweep(tiny64_pipeline, subjects=2, orders=("text_first",), contrasts=(0.0, 1.0), log=lambda *a: None)
     for bad in (["--orders", "both"], ["--orders", "text_first", "--placement-contrast", "1"]):
         with pytest.raises(SystemExit):
             GS.main(bad + ["--out", "unused"])

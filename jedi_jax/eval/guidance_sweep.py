@@ -61,6 +61,9 @@ def sweep(model, *, first_subject: int = 100, subjects: int = 24, text_scales=(3
     orders (sampling/guidance.py; None = the model folder's)."""
     start = time.time()
     pipe = _load_pipeline(model)
+    orders = tuple(dict.fromkeys(pipe.guidance_order(o) for o in orders))  # None -> the folder's
+    if "text_first" in orders and any(contrasts):  # refuse before the first image, not midway
+        raise ValueError("placement contrast > 0 composes prompts, which guidance order text_first does not take")
     scorer = Scorer(evaluators)
     cases = [make_case(first_subject + i, 1) for i in range(subjects)]
     names = [c["name"] for c in cases]
@@ -89,7 +92,6 @@ def sweep(model, *, first_subject: int = 100, subjects: int = 24, text_scales=(3
         run(("text_only", sT), 0, sT, 0.0)  # k = 0: sI has nothing to act on
         for sI, k, w, iv, order in itertools.product(image_scales, ks, contrasts, intervals, orders):
             t0 = time.time()
-            order = pipe.guidance_order(order)
             cell = (sT, sI, k, w, iv, order)
             run(cell, k, sT, sI, w, iv, order)
             row = dict(sT=float(sT), sI=float(sI), k=int(k), contrast=float(w), interval=list(iv), order=order,
