@@ -103,6 +103,12 @@ def test_quick_minibench_end_to_end(tiny64_pipeline, tmp_path):
     assert saved["settings"]["guidance_order"] == "image_first"  # the folder says nothing: the paper's
     # without coupled attention the references cannot reach the target: text-only, image for image
     assert saved["checks"]["uncoupled_vs_text_only_max_abs_enc_diff"] < 1e-3
+    # placement by prompted pair covers every image of every row; the ground truth is where it was asked
+    by_pair = saved["placement_by_pair"]
+    for name in ROW_NAMES:
+        assert sum(c["n"] for c in by_pair[name].values()) == rows[name]["images"], name
+    assert all(c["acc"] == 1.0 for c in by_pair["ground_truth"].values())
+    assert "Placement by prompted (background, placement) pair" in report
     # the curve helper reuses the compiled sampler (same steps) and takes replacement UNet params
     q = quick_identity(tiny64_pipeline, n_subjects=1, steps=5,
                        unet_params=tiny64_pipeline.model.unet.params)
@@ -284,3 +290,27 @@ def test_composed_prompts_say_the_same_labels_in_training_words():
             assert background["background"] == whole["background"] == prompt["context"].background
             for key in ("category", "size", "orientation"):
                 assert place[key] == background[key] == whole[key]
+
+
+def test_placement_by_pair_counts_hits_and_where_misses_went():
+    from jedi_jax.eval.minibench import placement_by_pair
+    from jedi_jax.eval.minibench_report import _placement_by_pair_table
+
+    def rec(row, bg, place, pred):
+        return dict(row=row, prompt_background=bg, prompt_placement=place, placement_pred=pred,
+                    placement_ok=float(pred == place))
+
+    records = [rec("jedi_k3", "beach", "right", "right"), rec("jedi_k3", "beach", "right", "left"),
+               rec("jedi_k3", "beach", "right", "left"), rec("jedi_k3", "beach", "right", "center"),
+               rec("jedi_k3", "grass", "left", "left"), rec("text_only", "grass", "left", "center"),
+               dict(row="jedi_k3", placement_ok=1.0)]  # an older record without labels: skipped
+    out = placement_by_pair(records, ["text_only", "jedi_k3", "jedi_k1"])
+    assert set(out) == {"text_only", "jedi_k3"}  # a row without records has no entry
+    beach = out["jedi_k3"]["beach / right"]
+    assert beach == dict(acc=0.25, n=4, went={"left": 2, "center": 1})
+    assert out["jedi_k3"]["grass / left"] == dict(acc=1.0, n=1, went={})
+    assert out["text_only"]["grass / left"]["went"] == {"center": 1}
+    info = {r: {"label": r.upper()} for r in out}
+    table = "\n".join(_placement_by_pair_table(out, info))
+    assert "| beach / right | - | 0.25 (4); misses: center 1, left 2 |" in table
+    assert _placement_by_pair_table({}, info) == []

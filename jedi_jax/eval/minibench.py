@@ -186,6 +186,10 @@ class Scorer:
             rec.update(st["pixels"].score(image, prompt["gt_mask"]))
             for head in ("background", "placement", "size", "orientation"):
                 rec[f"{head}_ok"] = float(pred[head][i] == labels[head])
+            # the prompted pair and where the subject went, by name: placement_by_pair's inputs
+            rec.update(prompt_background=mw.BACKGROUNDS[labels["background"]],
+                       prompt_placement=mw.PLACEMENTS[labels["placement"]],
+                       placement_pred=mw.PLACEMENTS[int(pred["placement"][i])])
             out.append(rec)
         return out
 
@@ -324,6 +328,7 @@ def run(model, out: str | Path, settings: Settings, *, evaluators: str | None = 
 
     results = summarize(records, [c["name"] for c in cases], rows)
     results["checks"] = sanity_checks(records)
+    results["placement_by_pair"] = placement_by_pair(records, [r.name for r in rows])
     results.update(settings=_settings_dict(settings, pipe), timings=_timings(timings),
                    evaluators=_evaluator_info(scorer), seconds_total=round(time.time() - start, 1),
                    records=records)
@@ -353,6 +358,32 @@ def summarize(records: list[dict], subjects: list[str], rows: list[Row]) -> dict
         table[r.name] = entry
     return dict(rows=table, row_info={r.name: dict(label=r.label, meaning=r.meaning) for r in rows},
                 subjects=subjects, ci="95% percentile bootstrap over subjects (2000 resamples, paired across rows)")
+
+
+def placement_by_pair(records: list[dict], rows: list[str]) -> dict:
+    """Placement accuracy per prompted (background, placement) pair, and where the misses went.
+
+    -> {row: {"beach / right": {"acc", "n", "went": {placement: count of misses}}}}. Every prompt is a
+    held-out pair, and training rendered each background with only the other 2 placements, so every
+    miss is a placement the model saw with that background (mini_world.HELDOUT_COMBOS). Records
+    without the prompted labels (older results.json) are skipped.
+    """
+    out: dict[str, dict] = {}
+    for row in rows:
+        cells: dict[str, dict] = {}
+        for r in records:
+            if r["row"] != row or "prompt_placement" not in r:
+                continue
+            cell = cells.setdefault(f"{r['prompt_background']} / {r['prompt_placement']}",
+                                    dict(hits=0, n=0, went={}))
+            cell["n"] += 1
+            if r["placement_ok"]:
+                cell["hits"] += 1
+            else:
+                cell["went"][r["placement_pred"]] = cell["went"].get(r["placement_pred"], 0) + 1
+        if cells:
+            out[row] = {pair: dict(acc=c["hits"] / c["n"], n=c["n"], went=c["went"]) for pair, c in sorted(cells.items())}
+    return out
 
 
 def sanity_checks(records: list[dict]) -> dict:

@@ -92,6 +92,7 @@ def report(results: dict) -> str:
         lines.append(f"| {info[r]['label']} | {f(e['background_ok'], 2)} | {f(e['placement_ok'], 2)} | "
                      f"{f(e['size_ok'], 2)} | {f(e['orientation_ok'], 2)} | {e['images']} | "
                      f"{'-' if spi is None else f'{spi:.2f}'} |")
+    lines += _placement_by_pair_table(results.get("placement_by_pair") or {}, info)
     lines += ["", "## Rows", ""] + [f"* **{info[r]['label']}** (`{r}`): {info[r]['meaning']}." for r in rows]
     diff = results.get("checks", {}).get("uncoupled_vs_text_only_max_abs_enc_diff")
     if diff is not None:
@@ -130,6 +131,30 @@ def report(results: dict) -> str:
     lines += ["", f"Total: {results['seconds_total']:.0f} s.", "", "## Settings", "", "```",
               json.dumps({k: v for k, v in s.items()}, indent=1, default=str), "```", ""]
     return "\n".join(lines)
+
+
+def _placement_by_pair_table(by_pair: dict, info: dict) -> list[str]:
+    """Placement accuracy per prompted held-out pair (rows as columns); misses and where they went."""
+    rows = [r for r in by_pair if r != "ground_truth"]
+    if not rows:
+        return []
+    pairs = sorted({p for r in rows for p in by_pair[r]})
+    lines = ["", "### Placement by prompted (background, placement) pair", "",
+             "Training rendered each background with the other 2 placements only, so a miss puts the subject "
+             "where the model saw that background. Cell: accuracy (images); misses: the placement read instead.",
+             "", "| pair | " + " | ".join(info[r]["label"] for r in rows) + " |",
+             "|---|" + "---|" * len(rows)]
+    for pair in pairs:
+        cells = []
+        for r in rows:
+            c = by_pair[r].get(pair)
+            if c is None:
+                cells.append("-")
+                continue
+            went = ", ".join(f"{k} {v}" for k, v in sorted(c["went"].items()))
+            cells.append(f"{c['acc']:.2f} ({c['n']})" + (f"; misses: {went}" if went else ""))
+        lines.append(f"| {pair} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _m(stat: dict) -> str:
