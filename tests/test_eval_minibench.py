@@ -106,8 +106,11 @@ def test_quick_minibench_end_to_end(tiny64_pipeline, tmp_path):
     # placement by prompted pair covers every image of every row; the ground truth is where it was asked
     by_pair = saved["placement_by_pair"]
     for name in ROW_NAMES:
-        assert sum(c["n"] for c in by_pair[name].values()) == rows[name]["images"], name
-    assert all(c["acc"] == 1.0 for c in by_pair["ground_truth"].values())
+        assert sum(c["n"] for c in by_pair[name]["pairs"].values()) == rows[name]["images"], name
+    assert all(c["acc"] == 1.0 for c in by_pair["ground_truth"]["pairs"].values())
+    assert by_pair["text_only"]["to_reference"] == 0  # shown no reference: no miss can borrow one
+    shown = {r["row"]: len(r["ref_placements"]) for r in saved["records"]}
+    assert (shown["text_only"], shown["jedi_k1"], shown["jedi_k3"]) == (0, 1, 3)
     assert "Placement by prompted (background, placement) pair" in report
     # the curve helper reuses the compiled sampler (same steps) and takes replacement UNet params
     q = quick_identity(tiny64_pipeline, n_subjects=1, steps=5,
@@ -296,21 +299,26 @@ def test_placement_by_pair_counts_hits_and_where_misses_went():
     from jedi_jax.eval.minibench import placement_by_pair
     from jedi_jax.eval.minibench_report import _placement_by_pair_table
 
-    def rec(row, bg, place, pred):
+    def rec(row, bg, place, pred, refs=("left", "left", "left")):
         return dict(row=row, prompt_background=bg, prompt_placement=place, placement_pred=pred,
-                    placement_ok=float(pred == place))
+                    placement_ok=float(pred == place), ref_placements=list(refs))
 
     records = [rec("jedi_k3", "beach", "right", "right"), rec("jedi_k3", "beach", "right", "left"),
                rec("jedi_k3", "beach", "right", "left"), rec("jedi_k3", "beach", "right", "center"),
-               rec("jedi_k3", "grass", "left", "left"), rec("text_only", "grass", "left", "center"),
+               rec("jedi_k3", "grass", "left", "left"), rec("text_only", "grass", "left", "center", refs=()),
                dict(row="jedi_k3", placement_ok=1.0)]  # an older record without labels: skipped
     out = placement_by_pair(records, ["text_only", "jedi_k3", "jedi_k1"])
     assert set(out) == {"text_only", "jedi_k3"}  # a row without records has no entry
-    beach = out["jedi_k3"]["beach / right"]
-    assert beach == dict(acc=0.25, n=4, went={"left": 2, "center": 1})
-    assert out["jedi_k3"]["grass / left"] == dict(acc=1.0, n=1, went={})
-    assert out["text_only"]["grass / left"]["went"] == {"center": 1}
+    k3 = out["jedi_k3"]
+    assert k3["pairs"]["beach / right"] == dict(acc=0.25, n=4, went={"left": 2, "center": 1})
+    assert k3["pairs"]["grass / left"] == dict(acc=1.0, n=1, went={})
+    # 3 misses; the references all show "left": 2 misses went there; by chance 1 of the 2 wrong
+    # placements (left, center) is shown, so 0.5 a miss
+    assert (k3["misses"], k3["to_reference"], k3["to_reference_chance"]) == (3, 2, 1.5)
+    assert out["text_only"]["pairs"]["grass / left"]["went"] == {"center": 1}
+    assert (out["text_only"]["to_reference"], out["text_only"]["to_reference_chance"]) == (0, 0.0)
     info = {r: {"label": r.upper()} for r in out}
     table = "\n".join(_placement_by_pair_table(out, info))
     assert "| beach / right | - | 0.25 (4); misses: center 1, left 2 |" in table
+    assert "JEDI_K3 2 of 3 (chance 1.5)" in table
     assert _placement_by_pair_table({}, info) == []

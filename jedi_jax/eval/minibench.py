@@ -115,12 +115,13 @@ def make_case(index: int, num_prompts: int) -> dict[str, Any]:
     placement) pairs with their ground truth, and a gallery of unseen test-context renders."""
     subject = mw.subject_for("test", index)
     rng = np.random.default_rng([BENCH_TAG, index])
-    refs, masks, captions, used = [], [], [], []
+    refs, masks, captions, used, places = [], [], [], [], []
     for j in range(NUM_REFERENCES):
         ctx = mw.sample_context(rng, "train", exclude_backgrounds=used)
         ctx = mw.make_context(ctx.background, ctx.placement, size="large",
                               orientation=int(j == NUM_REFERENCES - 1), seed=ctx.bg_seed)
         used.append(ctx.background)
+        places.append(mw.PLACEMENTS[ctx.placement])
         image, mask = mw.render(subject, ctx)
         refs.append(image)
         masks.append(mask)
@@ -139,7 +140,8 @@ def make_case(index: int, num_prompts: int) -> dict[str, Any]:
     for _ in range(GALLERY):
         gallery.append(mw.render(subject, mw.sample_context(rng, "test"))[0])
     return dict(index=index, name=subject.name, subject=subject, ref_images=np.stack(refs),
-                ref_masks=np.stack(masks), ref_captions=captions, prompts=prompts, gallery=np.stack(gallery))
+                ref_masks=np.stack(masks), ref_captions=captions, ref_placements=places, prompts=prompts,
+                gallery=np.stack(gallery))
 
 
 def call_seed(case_index: int, prompt_index: int, seed_index: int) -> int:
@@ -317,7 +319,10 @@ def run(model, out: str | Path, settings: Settings, *, evaluators: str | None = 
             timings[row.name]["wall"] = timings[row.name].get("wall", 0.0) + time.time() - t0
             for (p, s), image in images.items():
                 rec = scorer.score(case, p, image[None])[0]
-                rec.update(row=row.name, subject=case["name"], prompt=case["prompts"][p]["prompt"], seed_index=s)
+                rec.update(row=row.name, subject=case["name"], prompt=case["prompts"][p]["prompt"], seed_index=s,
+                           # where the references this row was shown put the subject (none for k=0 rows)
+                           ref_placements=[] if row.name in ("ground_truth", "text_only")
+                           else case["ref_placements"][:row.k])
                 records.append(rec)
             samples[case["name"]][row.name] = [images[(p, 0)] for p in range(len(case["prompts"]))]
         log(f"[minibench] {case['name']}: {len(rows)} rows in {time.time() - t_case:.1f} s")
@@ -363,14 +368,19 @@ def summarize(records: list[dict], subjects: list[str], rows: list[Row]) -> dict
 def placement_by_pair(records: list[dict], rows: list[str]) -> dict:
     """Placement accuracy per prompted (background, placement) pair, and where the misses went.
 
-    -> {row: {"beach / right": {"acc", "n", "went": {placement: count of misses}}}}. Every prompt is a
-    held-out pair, and training rendered each background with only the other 2 placements, so every
-    miss is a placement the model saw with that background (mini_world.HELDOUT_COMBOS). Records
-    without the prompted labels (older results.json) are skipped.
+    -> {row: {"pairs": {"beach / right": {"acc", "n", "went": {placement: count of misses}}},
+              "misses", "to_reference", "to_reference_chance"}}.
+    Every prompt is a held-out pair, and training rendered each background with only the other 2
+    placements, so every miss is a placement the model saw with that background
+    (mini_world.HELDOUT_COMBOS). to_reference counts the misses that went to a placement one of the
+    row's references shows; to_reference_chance is its expectation if a miss picked either wrong
+    placement at random: do the references lend their layout? Records without the prompted labels
+    (older results.json) are skipped.
     """
     out: dict[str, dict] = {}
     for row in rows:
         cells: dict[str, dict] = {}
+        misses, to_ref, chance = 0, 0, 0.0
         for r in records:
             if r["row"] != row or "prompt_placement" not in r:
                 continue
@@ -379,10 +389,17 @@ def placement_by_pair(records: list[dict], rows: list[str]) -> dict:
             cell["n"] += 1
             if r["placement_ok"]:
                 cell["hits"] += 1
-            else:
-                cell["went"][r["placement_pred"]] = cell["went"].get(r["placement_pred"], 0) + 1
+                continue
+            cell["went"][r["placement_pred"]] = cell["went"].get(r["placement_pred"], 0) + 1
+            shown = set(r.get("ref_placements") or ())
+            misses += 1
+            to_ref += r["placement_pred"] in shown
+            wrong = [p for p in mw.PLACEMENTS if p != r["prompt_placement"]]
+            chance += sum(p in shown for p in wrong) / len(wrong)
         if cells:
-            out[row] = {pair: dict(acc=c["hits"] / c["n"], n=c["n"], went=c["went"]) for pair, c in sorted(cells.items())}
+            out[row] = dict(pairs={pair: dict(acc=c["hits"] / c["n"], n=c["n"], went=c["went"])
+                                   for pair, c in sorted(cells.items())},
+                            misses=misses, to_reference=to_ref, to_reference_chance=chance)
     return out
 
 

@@ -138,7 +138,7 @@ def _placement_by_pair_table(by_pair: dict, info: dict) -> list[str]:
     rows = [r for r in by_pair if r != "ground_truth"]
     if not rows:
         return []
-    pairs = sorted({p for r in rows for p in by_pair[r]})
+    pairs = sorted({p for r in rows for p in by_pair[r]["pairs"]})
     lines = ["", "### Placement by prompted (background, placement) pair", "",
              "Training rendered each background with the other 2 placements only, so a miss puts the subject "
              "where the model saw that background. Cell: accuracy (images); misses: the placement read instead.",
@@ -147,13 +147,18 @@ def _placement_by_pair_table(by_pair: dict, info: dict) -> list[str]:
     for pair in pairs:
         cells = []
         for r in rows:
-            c = by_pair[r].get(pair)
+            c = by_pair[r]["pairs"].get(pair)
             if c is None:
                 cells.append("-")
                 continue
             went = ", ".join(f"{k} {v}" for k, v in sorted(c["went"].items()))
             cells.append(f"{c['acc']:.2f} ({c['n']})" + (f"; misses: {went}" if went else ""))
         lines.append(f"| {pair} | " + " | ".join(cells) + " |")
+    lent = [f"{info[r]['label']} {by_pair[r]['to_reference']} of {by_pair[r]['misses']} "
+            f"(chance {by_pair[r]['to_reference_chance']:.1f})" for r in rows if by_pair[r]["misses"]]
+    if lent:
+        lines += ["", "Misses that went to a placement one of the row's references shows (chance: if a miss picked "
+                  "either wrong placement at random): " + "; ".join(lent) + "."]
     return lines
 
 
