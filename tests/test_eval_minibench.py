@@ -109,6 +109,8 @@ def test_quick_minibench_end_to_end(tiny64_pipeline, tmp_path):
         assert sum(c["n"] for c in by_pair[name]["pairs"].values()) == rows[name]["images"], name
     assert all(c["acc"] == 1.0 for c in by_pair["ground_truth"]["pairs"].values())
     assert by_pair["text_only"]["to_reference"] == 0  # shown no reference: no miss can borrow one
+    # the copy row IS its reference: every miss reads the reference's placement
+    assert by_pair["copy_reference"]["to_reference"] == by_pair["copy_reference"]["misses"]
     shown = {r["row"]: len(r["ref_placements"]) for r in saved["records"]}
     assert (shown["text_only"], shown["jedi_k1"], shown["jedi_k3"]) == (0, 1, 3)
     assert "Placement by prompted (background, placement) pair" in report
