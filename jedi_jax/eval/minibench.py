@@ -320,9 +320,8 @@ def run(model, out: str | Path, settings: Settings, *, evaluators: str | None = 
             for (p, s), image in images.items():
                 rec = scorer.score(case, p, image[None])[0]
                 rec.update(row=row.name, subject=case["name"], prompt=case["prompts"][p]["prompt"], seed_index=s,
-                           # where the references this row was shown put the subject (none for k=0 rows)
-                           ref_placements=[] if row.name in ("ground_truth", "text_only")
-                           else case["ref_placements"][:row.k])
+                           # where the references this row was shown put the subject (Row.k = 0: none)
+                           ref_placements=case["ref_placements"][:row.k])
                 records.append(rec)
             samples[case["name"]][row.name] = [images[(p, 0)] for p in range(len(case["prompts"]))]
         log(f"[minibench] {case['name']}: {len(rows)} rows in {time.time() - t_case:.1f} s")
