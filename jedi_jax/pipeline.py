@@ -92,6 +92,22 @@ def per_step_scales(scale: float, steps: int, interval: tuple[float, float] | No
     return np.where((position >= start) & (position < end), scales, np.float32(1.0)).astype(np.float32)
 
 
+def reference_steps(steps: int, start: float) -> np.ndarray | None:
+    """Which denoising steps see the references -> bool (steps,), or None when all do (start 0).
+
+    start: the fraction of the trajectory (0 = the first, noisiest step) before which the targets are
+    denoised as a text-only set, references left out (sampling/joint.sample_set, `references_on`).
+    On JeDi-mini this trades background for placement: the first steps set both, and the references
+    carry the background while the prompt alone carries the placement (model card, experiment 16).
+    """
+    start = float(start)
+    if not 0.0 <= start < 1.0:
+        raise PipelineInputError(f"reference_start={start} must satisfy 0 <= start < 1")
+    if start == 0.0:
+        return None
+    return np.arange(steps) / steps >= start  # (S,)
+
+
 @dataclasses.dataclass
 class PipelineOutput:
     images: list  # PIL images, one per prompt, in prompt order
@@ -146,10 +162,11 @@ class JeDiPipeline:
 
     # ------------------------------------------------------------------ the compiled program
     def _generate(self, params, input_ids, empty_ids, ref_images, member_mask, ref_mask, timesteps,
-                  image_scale, text_scale, key, part_ids=None, part_weights=None, *, config: JointSamplerConfig,
-                  eta: float):
+                  image_scale, text_scale, key, part_ids=None, part_weights=None, references_on=None, *,
+                  config: JointSamplerConfig, eta: float):
         """ref_images (B, N, H, W, 3) in [-1, 1]; input_ids (B, N, T); masks (B, N) -> images (B, N, H, W, 3).
-        Composed prompts: part_ids (P, B, N, T), part_weights (P, B, N); None for plain prompts."""
+        Composed prompts: part_ids (P, B, N, T), part_weights (P, B, N); None for plain prompts.
+        references_on: (S,) bool, the steps that see the references (None: all; reference_steps)."""
         unet, vae, text = self.model.unet, self.model.vae, self.model.text_encoder
         b, n, t = input_ids.shape
         text_model = text.functional.bind(params["text_encoder"])
@@ -182,7 +199,7 @@ class JeDiPipeline:
         latents = sample_set(unet_fn, params["unet"], self.schedule, timesteps, x_T, ref_latents, layout,
                              context, context_empty, image_scale, text_scale, jax.random.fold_in(key, 1),
                              config=config, eta=eta, on_step=self._on_step, part_contexts=part_contexts,
-                             part_weights=part_weights)
+                             part_weights=part_weights, references_on=references_on)
         decoded = vae_module.decode(unscale_latents(latents, vae.config).reshape((b * n,) + latents.shape[2:]))
         return decoded.reshape((b, n, h, w, 3))
 
@@ -230,7 +247,7 @@ class JeDiPipeline:
                  num_inference_steps: int = 50, guidance_scale: float | None = None,
                  image_guidance_scale: float | None = None,
                  image_guidance_interval: tuple[float, float] | None = None,
-                 guidance_order: str | None = None,
+                 guidance_order: str | None = None, reference_start: float = 0.0,
                  sampler: str = "ddim", eta: float = 0.0, seed: int = 0, replace_known: bool = True,
                  progress: bool = False) -> PipelineOutput:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -251,6 +268,7 @@ class JeDiPipeline:
         if guidance_scale < 0 or image_guidance_scale < 0:
             raise PipelineInputError(f"guidance scales must be >= 0 (got text {guidance_scale}, image {image_guidance_scale})")
         image_scales = per_step_scales(image_guidance_scale, num_inference_steps, image_guidance_interval)  # (S,)
+        references_on = reference_steps(num_inference_steps, reference_start)  # (S,) bool or None
         guidance_order = self.guidance_order(guidance_order)
         if guidance_order == "text_first" and num_parts > 1:
             raise PipelineInputError("guidance order 'text_first' takes one prompt per image, not composed prompts "
@@ -259,6 +277,8 @@ class JeDiPipeline:
             raise PipelineInputError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
         references = list(references)
         k, m = len(references), len(prompts)
+        if k == 0:  # no references: every step is already text-only (and one program serves it)
+            references_on = None
         if k > self.max_references:
             raise PipelineInputError(f"{k} references given but the set holds at most {self.max_references} "
                                      "(raise max_references)")
@@ -298,7 +318,7 @@ class JeDiPipeline:
         params = {name: c.params for name, c in self.model.components.items()}
         args = (params, input_ids, empty_ids, ref_images, member_mask, ref_mask, timesteps,
                 jnp.asarray(image_scales), jnp.float32(guidance_scale), jax.random.key(seed), part_ids,
-                part_weights)
+                part_weights, None if references_on is None else jnp.asarray(references_on))
 
         compiled, compile_s = self._program(args, config, float(eta))
         start = time.time()
@@ -317,7 +337,7 @@ class JeDiPipeline:
                         image_guidance_scale=image_guidance_scale, guidance_order=config.guidance_order,
                         sampler=sampler, eta=eta, seed=seed,
                         image_guidance_interval=None if image_guidance_interval is None
-                        else list(image_guidance_interval),
+                        else list(image_guidance_interval), reference_start=float(reference_start),
                         replace_known=replace_known, image_guidance=config.image_guidance, resolution=size, model=str(self.model.folder),
                         prediction_type=self.schedule_config.prediction_type, text_layer=self.text_layer,
                         coupled_attention=self.coupled_attention, prompt_parts=num_parts)

@@ -48,6 +48,9 @@ def parse_args(argv=None):
                    help="image guidance scale sI (default: the model's recommended, else 2)")
     p.add_argument("--image-guidance-interval", default=None, metavar="START:END",
                    help="apply sI only on this part of the trajectory (0 = noisiest step, 1 = end), 1 elsewhere")
+    p.add_argument("--reference-start", type=float, default=0.0, metavar="FRACTION",
+                   help="leave the references out of the first FRACTION of the steps (text-only there; "
+                        "0 = references at every step)")
     p.add_argument("--guidance-order", default=None, choices=["image_first", "text_first"],
                    help="image_first: the references' effect measured without the prompt (the paper's); "
                         "text_first: with it (default: the model's, else image_first)")
@@ -89,6 +92,8 @@ def validate(args) -> None:
                          f"--image-guidance {args.image_guidance})")
     if args.image_guidance_interval is not None:
         args.image_guidance_interval = parse_interval(args.image_guidance_interval)
+    if not 0.0 <= args.reference_start < 1.0:
+        raise ValueError(f"--reference-start {args.reference_start}: need 0 <= FRACTION < 1")
     if args.eta < 0:
         raise ValueError(f"--eta {args.eta} must be >= 0")
     if len(args.ref) > args.max_references:
@@ -137,7 +142,7 @@ def main(argv=None) -> int:
         out = pipe(args.prompt, args.ref, reference_masks=args.ref_mask, reference_prompts=args.ref_prompt,
                    num_images=args.num, num_inference_steps=args.steps, guidance_scale=args.guidance,
                    image_guidance_scale=args.image_guidance, image_guidance_interval=args.image_guidance_interval,
-                   guidance_order=args.guidance_order, sampler=args.sampler, eta=args.eta, seed=args.seed,
+                   guidance_order=args.guidance_order, reference_start=args.reference_start, sampler=args.sampler, eta=args.eta, seed=args.seed,
                    replace_known=not args.free_known, progress=True)
     except (PipelineInputError, ImageInputError) as e:
         print(f"error: {e}", file=sys.stderr)

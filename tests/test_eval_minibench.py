@@ -114,6 +114,13 @@ def test_quick_minibench_end_to_end(tiny64_pipeline, tmp_path):
     shown = {r["row"]: len(r["ref_placements"]) for r in saved["records"]}
     assert (shown["text_only"], shown["jedi_k1"], shown["jedi_k3"]) == (0, 1, 3)
     assert "Placement by prompted (background, placement) pair" in report
+    # both labels right: an image-level AND, so never above either accuracy; the ground truth has both
+    assert rows["ground_truth"]["context_ok"]["mean"] == pytest.approx(1.0)
+    for name in ROW_NAMES:
+        assert rows[name]["context_ok"]["mean"] <= min(rows[name]["background_ok"]["mean"],
+                                                        rows[name]["placement_ok"]["mean"]) + 1e-9, name
+    assert all(r["context_ok"] == r["background_ok"] * r["placement_ok"] for r in saved["records"])
+    assert "| placement acc | both |" in report
     # the curve helper reuses the compiled sampler (same steps) and takes replacement UNet params
     q = quick_identity(tiny64_pipeline, n_subjects=1, steps=5,
                        unet_params=tiny64_pipeline.model.unet.params)
@@ -167,6 +174,12 @@ def test_prompt_probe_text_sensitivity_separates_mixing_from_position(tiny64_pip
     last = text_sensitivity(model, "last")
     assert last[0]["cosine"] < 1.0 - 1e-4 and all(-1 <= r["cosine"] <= 1 for r in last)
     assert "| shifted by one word" in sensitivity_table(last)
+    # "tokens" drops the position embeddings: a word is the same vector wherever it stands, and only
+    # changing the word itself moves it.
+    tokens = {r["change"]: r for r in text_sensitivity(model, "tokens")}
+    swap, shift, other = (tokens[k] for k in SENSITIVITY_PROMPTS)
+    assert swap["cosine"] == pytest.approx(1.0, abs=1e-6) and shift["cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert other["cosine"] < 0.99
 
 
 def test_dreambooth_snapshots_are_points_of_one_run(tiny64_pipeline):
@@ -227,14 +240,17 @@ def test_guidance_sweep_uses_subjects_minibench_does_not(tiny64_pipeline):
     assert res["rows"][0]["enc_ref"]["mean"] != res["rows"][1]["enc_ref"]["mean"]  # the contrast prompt is used
     assert all(r["background_ok"]["n"] == 2 for r in res["rows"])
     assert res["ground_truth"]["background_ok"]["mean"] == pytest.approx(1.0)
-    assert "| 3 | 2 | 0:1 | image_first | 1 | 0 |" in GS.report(res)
-    assert "| 3 | 2 | 0:1 | image_first | 1 | 1 |" in GS.report(res)
+    assert res["ground_truth"]["context_ok"]["mean"] == pytest.approx(1.0)
+    for r in res["rows"]:  # both right is never above either label alone
+        assert r["context_ok"]["mean"] <= min(r["background_ok"]["mean"], r["placement_ok"]["mean"]) + 1e-9
+    assert "| 3 | 2 | 0:1 | image_first | 0 | 1 | 0 |" in GS.report(res)
+    assert "| 3 | 2 | 0:1 | image_first | 0 | 1 | 1 |" in GS.report(res)
     # Image-guidance intervals: sI on the second of 2 steps only is another image than sI on both.
     res = GS.sweep(tiny64_pipeline, first_subject=100, subjects=2, text_scales=(3.0,), image_scales=(4.0,),
                    ks=(1,), intervals=((0.0, 1.0), (0.5, 1.0)), steps=2, log=lambda *a: None)
     assert [r["interval"] for r in res["rows"]] == [[0.0, 1.0], [0.5, 1.0]]
     assert res["rows"][0]["enc_ref"]["mean"] != res["rows"][1]["enc_ref"]["mean"]
-    assert "| 3 | 4 | 0.5:1 | image_first | 1 | 0 |" in GS.report(res)
+    assert "| 3 | 4 | 0.5:1 | image_first | 0 | 1 | 0 |" in GS.report(res)
     # --eta reaches the sampler: DDIM with eta=1 draws fresh noise per step, another image than eta=0.
     ddim0 = res["rows"][0]["enc_ref"]["mean"]
     res = GS.sweep(tiny64_pipeline, first_subject=100, subjects=2, text_scales=(3.0,), image_scales=(4.0,),
@@ -243,12 +259,20 @@ def test_guidance_sweep_uses_subjects_minibench_does_not(tiny64_pipeline):
     assert "steps of ddim (eta 1)" in GS.report(res)
     with pytest.raises(SystemExit):
         GS.main(["--eta", "-1", "--out", "unused"])
+    # reference_starts reach the sampler: from 0.5 the first of 2 steps runs without the references.
+    res = GS.sweep(tiny64_pipeline, first_subject=100, subjects=2, text_scales=(3.0,), image_scales=(4.0,),
+                   ks=(1,), reference_starts=(0.0, 0.5), steps=2, log=lambda *a: None)
+    assert [r["reference_start"] for r in res["rows"]] == [0.0, 0.5]
+    assert res["rows"][0]["enc_ref"]["mean"] != res["rows"][1]["enc_ref"]["mean"]
+    assert "| 3 | 4 | 0:1 | image_first | 0.5 | 1 | 0 |" in GS.report(res)
+    with pytest.raises(SystemExit):
+        GS.main(["--reference-starts", "1", "--out", "unused"])
     # Guidance orders reach the sampler (they differ when sI != sT: sampling/guidance.py).
     res = GS.sweep(tiny64_pipeline, first_subject=100, subjects=2, text_scales=(1.0,), image_scales=(6.0,),
                    ks=(1,), orders=("image_first", "text_first"), steps=2, log=lambda *a: None)
     assert [r["order"] for r in res["rows"]] == ["image_first", "text_first"]
     assert res["rows"][0]["enc_ref"]["mean"] != res["rows"][1]["enc_ref"]["mean"]
-    assert "| 1 | 6 | 0:1 | text_first | 1 | 0 |" in GS.report(res)
+    assert "| 1 | 6 | 0:1 | text_first | 0 | 1 | 0 |" in GS.report(res)
     with pytest.raises(ValueError, match="text_first"):
         GS.sweep(tiny64_pipeline, subjects=2, orders=("text_first",), contrasts=(0.0, 1.0), log=lambda *a: None)
     for bad in (["--orders", "both"], ["--orders", "text_first", "--placement-contrast", "1"]):

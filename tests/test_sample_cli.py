@@ -33,6 +33,7 @@ BAD = {
     "negative image guidance": (["--prompt", "x", "--image-guidance", "-0.5"], "must be >= 0"),
     "bad interval": (["--prompt", "x", "--image-guidance-interval", "0.5"], "expected START:END"),
     "empty interval": (["--prompt", "x", "--image-guidance-interval", "0.8:0.2"], "need 0 <= START < END <= 1"),
+    "reference start out of range": (["--prompt", "x", "--reference-start", "1"], "need 0 <= FRACTION < 1"),
     "missing model": (["--prompt", "x", "--model", "{d}/no_model"], "does not exist"),
     "composed prompt, text_first": (["--prompt", "x AND y", "--guidance-order", "text_first", "--steps", "1"],
                                     "not composed prompts"),

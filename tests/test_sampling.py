@@ -133,6 +133,13 @@ def test_model_folder_recommends_guidance_scales(tiny_model_dir, tmp_path):
     index_path.write_text(json.dumps(dict(index, sampling={"text_layer": "embeddings"})))
     assert JeDiPipeline(load_model(folder)).text_layer == "embeddings"
     assert JeDiPipeline(load_model(folder), text_layer="last").text_layer == "last"
+    index_path.write_text(json.dumps(dict(index, sampling={"text_layer": "tokens"})))  # the bag of words
+    tokens = JeDiPipeline(load_model(folder), max_references=2)
+    assert tokens.text_layer == "tokens"
+    same = dict(num_inference_steps=2, guidance_scale=3.0, image_guidance_scale=2.0)
+    a = tokens([PROMPT], _refs(0, 1), **same).set_images.astype(int)
+    b = JeDiPipeline(tokens.model, max_references=2, text_layer="embeddings")([PROMPT], _refs(0, 1), **same)
+    assert np.abs(a - b.set_images.astype(int)).max() >= 1  # the same folder, another context for the UNet
     for bad, match in (({"image_scale": 2.0}, "unknown sampling setting"), ({"guidance_scale": -1}, "numbers >= 0"),
                        ({"guidance_scale": "3"}, "numbers >= 0"), ({"text_layer": "first"}, "text_layer must be"),
                        ({"text_layer": True}, "text_layer must be")):
@@ -222,6 +229,44 @@ def test_image_guidance_interval(tiny_pipeline):
     assert np.abs(full - one).max() >= 1
     with pytest.raises(PipelineInputError, match="image_guidance_interval"):
         run(4.0, (0.7, 0.2))
+
+
+def test_reference_start_runs_the_first_steps_text_only(tiny_pipeline):
+    """reference_start r: the steps before r see no references and are exactly the text-only sampler's
+    (pipeline.reference_steps, joint.sample_set's references_on); r = 0 is the plain program."""
+    from jedi_jax.pipeline import PipelineInputError, reference_steps
+
+    np.testing.assert_array_equal(reference_steps(10, 0.3), [False] * 3 + [True] * 7)
+    assert reference_steps(4, 0.0) is None
+    for bad in (-0.1, 1.0, 1.5):
+        with pytest.raises(PipelineInputError, match="reference_start"):
+            reference_steps(4, bad)
+    refs = _refs(7, 2)
+    run = lambda refs, start=0.0: tiny_pipeline([PROMPT], refs, num_inference_steps=3, seed=0, guidance_scale=2.0,
+                                                image_guidance_scale=3.0, reference_start=start).set_images[0].astype(int)
+    full, text_only = run(refs), run([])
+    assert np.abs(full - text_only).max() >= 1  # the references matter on the plain program
+    np.testing.assert_array_equal(run(refs, 0.0), full)
+    # Steps sit at 0, 1/3, 2/3: from 0.9 no step sees the references, so the target is the text-only
+    # one whatever the references hold.
+    late = run(refs, 0.9)
+    assert np.abs(late - text_only).max() <= 1, np.abs(late - text_only).max()
+    np.testing.assert_array_equal(run(_refs(8, 2), 0.9), late)
+    # From 0.5 only the last step sees them: unlike both, and the references' pixels matter again.
+    mid = run(refs, 0.5)
+    assert np.abs(mid - full).max() >= 1 and np.abs(mid - text_only).max() >= 1
+    assert np.abs(run(_refs(8, 2), 0.5) - mid).max() >= 1
+    assert tiny_pipeline([PROMPT], refs, num_inference_steps=3, reference_start=0.5).settings["reference_start"] == 0.5
+
+
+def test_references_on_must_match_the_steps(tiny_pipeline):
+    from jedi_jax.sampling.joint import JointSamplerConfig, sample_set
+
+    unet, fn, x_t, refs, ctx, empty, layout = _branch_setup(tiny_pipeline)
+    timesteps = jnp.array([900, 500, 100], jnp.int32)
+    with pytest.raises(ValueError, match="one flag per step"):
+        sample_set(fn, unet.params, tiny_pipeline.schedule, timesteps, x_t, refs, layout, ctx, empty, 2.0, 2.0,
+                   jax.random.key(0), config=JointSamplerConfig(), references_on=jnp.ones((2,), bool))
 
 
 def test_text_first_guidance_order(tiny_pipeline):

@@ -22,7 +22,7 @@ import numpy as np
 from jedi_jax.convert import components as comp
 from jedi_jax.convert.param_io import atomic_directory, restore_params, save_params
 from jedi_jax.convert.torch_naming import ConversionError, params_to_torch, torch_to_params
-from jedi_jax.models.clip_text import NAMED_LAYERS
+from jedi_jax.models.clip_text import TEXT_LAYERS
 from jedi_jax.models.functional import Functional
 from jedi_jax.models.jedi_inputs import widen_conv_in
 from jedi_jax.sampling.guidance import ORDERS as GUIDANCE_ORDERS
@@ -66,8 +66,8 @@ def read_sampling_defaults(model_dir: str | Path) -> dict:
     order = values.pop("guidance_order", None)
     if order is not None and order not in GUIDANCE_ORDERS:
         raise ConversionError(f"{path}: sampling guidance_order must be one of {list(GUIDANCE_ORDERS)}, got {order!r}")
-    if layer is not None and not (layer in NAMED_LAYERS or (isinstance(layer, int) and not isinstance(layer, bool))):
-        raise ConversionError(f"{path}: sampling text_layer must be one of {list(NAMED_LAYERS)} or an int, got {layer!r}")
+    if layer is not None and not (layer in TEXT_LAYERS or (isinstance(layer, int) and not isinstance(layer, bool))):
+        raise ConversionError(f"{path}: sampling text_layer must be one of {list(TEXT_LAYERS)} or an int, got {layer!r}")
     bad = [k for k, v in values.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0]
     if bad:
         raise ConversionError(f"{path}: sampling setting(s) {bad} must be numbers >= 0")

@@ -4,7 +4,7 @@ touching MiniBench's subjects.
     python -m jedi_jax.eval.guidance_sweep [--model DIR] [--out out/guidance_sweep] \
         [--first-subject 100] [--subjects 24] [--image-scales 1,2,3,4] [--text-scales 3,5] [--k 1,3] \
         [--placement-contrast 0,1,2] [--image-intervals 0:1,0.3:1] [--orders image_first,text_first] \
-        [--sampler ddim] [--eta 0]
+        [--reference-starts 0,0.2] [--sampler ddim] [--eta 0]
 
 JeDi (CVPR 2024, Sec. 4.3) samples with two guidance scales: sT on the prompt, sI on the reference
 images. They trade identity against prompt fidelity, so they must be picked on data the benchmark
@@ -15,7 +15,9 @@ MiniBench (``minibench.make_case`` / ``generate`` / ``Scorer``).
 
 For every (sT, sI, k) it reports normalized encoder identity (0 = text-only at the same sT,
 1 = ground truth), pixel identity and background / placement accuracy, each with a 95% bootstrap CI
-over subjects, as a markdown table (OUT/report.md) and JSON (OUT/results.json).
+over subjects, as a markdown table (OUT/report.md) and JSON (OUT/results.json). "both" is the share
+of images with the prompted background AND the prompted placement: every prompt names a held-out
+pair, so it measures composition, which neither accuracy alone does.
 
 ``--placement-contrast w`` (w > 0) also says each prompt as a weighted composed prompt that adds
 w x (the prompt - the same prompt at the other placements) to the text guidance
@@ -28,6 +30,11 @@ identity forms in the second half, and no interval moves placement: model card, 
 
 ``--orders image_first,text_first`` compares the two orders of the guidance terms
 (``sampling/guidance.py``): the references' effect measured without the prompt (the paper's) or with it.
+
+``--reference-starts r`` leaves the references out of the first fraction r of the steps, which are
+then the text-only sampler's (``pipeline.reference_steps``): does the layout follow the prompt better
+when the references join after it is set? (On JeDi-mini: placement up, background down; model
+card, experiment 16.)
 
 ``--sampler`` / ``--eta`` run the whole grid with another sampler (``dpmpp_2m``) or with DDIM's
 stochasticity eta (0 = deterministic DDIM, 1 = DDPM-like ancestral noise).
@@ -48,17 +55,19 @@ from jedi_jax.eval.minibench import (Scorer, _load_pipeline, call_seed, cli_list
 from jedi_jax.sampling.guidance import ORDERS
 from jedi_jax.schedulers.schedule import SAMPLERS
 
-SCORES = ("enc_ref", "pix", "background_ok", "placement_ok")
+SCORES = ("enc_ref", "pix", "background_ok", "placement_ok", "context_ok")
 
 
 def sweep(model, *, first_subject: int = 100, subjects: int = 24, text_scales=(3.0,), image_scales=(2.0,),
-          ks=(3,), contrasts=(0.0,), intervals=((0.0, 1.0),), orders=(None,), steps: int = 20,
+          ks=(3,), contrasts=(0.0,), intervals=((0.0, 1.0),), orders=(None,), reference_starts=(0.0,),
+          steps: int = 20,
           seed_index: int = 0, sampler: str = "ddim", eta: float = 0.0, evaluators: str | None = None,
           log=print) -> dict:
-    """Runs the grid; returns {'rows': [{sT, sI, k, contrast, interval, order, <score>: ci,
+    """Runs the grid; returns {'rows': [{sT, sI, k, contrast, interval, order, reference_start, <score>: ci,
     enc_ref_normalized: ci, ...}], ...}. contrasts: placement-contrast weights w (0 = the plain prompt);
     intervals: (start, end) parts of the trajectory where sI applies (1 elsewhere); orders: guidance
-    orders (sampling/guidance.py; None = the model folder's)."""
+    orders (sampling/guidance.py; None = the model folder's); reference_starts: fractions of the
+    trajectory run without the references (pipeline.reference_steps)."""
     start = time.time()
     pipe = _load_pipeline(model)
     orders = tuple(dict.fromkeys(pipe.guidance_order(o) for o in orders))  # None -> the folder's
@@ -70,32 +79,33 @@ def sweep(model, *, first_subject: int = 100, subjects: int = 24, text_scales=(3
     idx = M.bootstrap_indices(len(cases))
     records: dict[tuple, list[dict]] = {}
 
-    def run(key, k, sT, sI, w=0.0, interval=(0.0, 1.0), order=None):
+    def run(key, k, sT, sI, w=0.0, interval=(0.0, 1.0), order=None, ref_start=0.0):
         recs = []
         for case in cases:
             prompt = placement_contrast_prompt(case, 0, w) if w else None
             image, _ = generate(pipe, case, 0, call_seed(case["index"], 0, seed_index), k, steps=steps,
                                 guidance_scale=sT, image_guidance_scale=sI, sampler=sampler, eta=eta,
-                                prompt=prompt, image_guidance_interval=interval, guidance_order=order)
-            rec = scorer.score(case, 0, image[None])[0]
-            rec["subject"] = case["name"]
-            recs.append(rec)
+                                prompt=prompt, image_guidance_interval=interval, guidance_order=order,
+                                reference_start=ref_start)
+            recs.append(scored(case, image))
         records[key] = recs
 
-    gt = []
-    for case in cases:
-        rec = scorer.score(case, 0, case["prompts"][0]["gt"][None])[0]
+    def scored(case, image):
+        rec = scorer.score(case, 0, image[None])[0]
         rec["subject"] = case["name"]
-        gt.append(rec)
+        return rec
+
+    gt = [scored(case, case["prompts"][0]["gt"]) for case in cases]
     rows = []
     for sT in text_scales:
         run(("text_only", sT), 0, sT, 0.0)  # k = 0: sI has nothing to act on
-        for sI, k, w, iv, order in itertools.product(image_scales, ks, contrasts, intervals, orders):
+        for sI, k, w, iv, order, r0 in itertools.product(image_scales, ks, contrasts, intervals, orders,
+                                                         reference_starts):
             t0 = time.time()
-            cell = (sT, sI, k, w, iv, order)
-            run(cell, k, sT, sI, w, iv, order)
+            cell = (sT, sI, k, w, iv, order, r0)
+            run(cell, k, sT, sI, w, iv, order, r0)
             row = dict(sT=float(sT), sI=float(sI), k=int(k), contrast=float(w), interval=list(iv), order=order,
-                       seconds=round(time.time() - t0, 1))
+                       reference_start=float(r0), seconds=round(time.time() - t0, 1))
             for key in SCORES:
                 row[key] = M.mean_ci(M.subject_means(records[cell], key, names), idx)
             for key in ("enc_ref", "pix"):
@@ -103,10 +113,12 @@ def sweep(model, *, first_subject: int = 100, subjects: int = 24, text_scales=(3
                     M.subject_means(records[cell], key, names),
                     M.subject_means(records[("text_only", sT)], key, names), M.subject_means(gt, key, names), idx)
             rows.append(row)
-            log(f"[guidance_sweep] sT={sT:g} sI={sI:g} k={k} contrast={w:g} interval={iv[0]:g}:{iv[1]:g} {order}: identity "
-                f"{M.fmt_ci(row['enc_ref_normalized'], 2)}, background {row['background_ok']['mean']:.2f}, "
-                f"placement {row['placement_ok']['mean']:.2f} ({row['seconds']:.0f} s)")
-    ceiling = {key: M.mean_ci(M.subject_means(gt, key, names), idx) for key in ("background_ok", "placement_ok")}
+            log(f"[guidance_sweep] sT={sT:g} sI={sI:g} k={k} contrast={w:g} interval={iv[0]:g}:{iv[1]:g} {order} "
+                f"reference_start={r0:g}: identity {M.fmt_ci(row['enc_ref_normalized'], 2)}, background "
+                f"{row['background_ok']['mean']:.2f}, placement {row['placement_ok']['mean']:.2f}, both "
+                f"{row['context_ok']['mean']:.2f} ({row['seconds']:.0f} s)")
+    ceiling = {key: M.mean_ci(M.subject_means(gt, key, names), idx)
+               for key in ("background_ok", "placement_ok", "context_ok")}
     return dict(rows=rows, ground_truth=ceiling, subjects=names, first_subject=first_subject, steps=steps,
                 sampler=sampler, eta=float(eta), seconds_total=round(time.time() - start, 1), model=str(pipe.model.folder))
 
@@ -121,16 +133,19 @@ def report(results: dict) -> str:
              f"(background, placement) prompt each, one seed, {results['steps']} steps of "
              f"{results['sampler']} (eta {results['eta']:g}); model "
              f"`{results['model']}`. Identity is normalized per sT (0 = text-only at that sT, 1 = ground "
-             f"truth). Ground truth's background / placement accuracy: "
-             f"{gt['background_ok']['mean']:.2f} / {gt['placement_ok']['mean']:.2f}.", "",
-             "| sT | sI | sI interval | guidance order | k | placement contrast w | encoder identity, normalized | "
-             "pixel identity, normalized | background acc | placement acc |", "|---|---|---|---|---|---|---|---|---|---|"]
+             f"truth). Ground truth's background / placement / both accuracy: "
+             f"{gt['background_ok']['mean']:.2f} / {gt['placement_ok']['mean']:.2f} / "
+             f"{gt['context_ok']['mean']:.2f}.", "",
+             "| sT | sI | sI interval | guidance order | references from | k | placement contrast w | "
+             "encoder identity, normalized | pixel identity, normalized | background acc | placement acc | both |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
         iv = r["interval"]
         lines.append(f"| {r['sT']:g} | {r['sI']:g} | {iv[0]:g}:{iv[1]:g} | {r.get('order', 'image_first')} | "
-                     f"{r['k']} | {r['contrast']:g} | "
+                     f"{r.get('reference_start', 0.0):g} | {r['k']} | {r['contrast']:g} | "
                      f"{f(r['enc_ref_normalized'], 2)} | "
-                     f"{f(r['pix_normalized'], 2)} | {f(r['background_ok'], 2)} | {f(r['placement_ok'], 2)} |")
+                     f"{f(r['pix_normalized'], 2)} | {f(r['background_ok'], 2)} | {f(r['placement_ok'], 2)} | "
+                     f"{f(r['context_ok'], 2)} |")
     lines += ["", f"{results['seconds_total']:.0f} s in all."]
     return "\n".join(lines) + "\n"
 
@@ -168,6 +183,8 @@ def main(argv=None) -> int:
     p.add_argument("--orders", default=None,
                    help="comma-separated guidance orders (image_first, text_first; sampling/guidance.py); "
                         "default: the model folder's")
+    p.add_argument("--reference-starts", default="0",
+                   help="comma-separated fractions of the trajectory (0 = noisiest step) run without the references")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--sampler", default="ddim", choices=SAMPLERS)
     p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (0 = deterministic)")
@@ -181,6 +198,9 @@ def main(argv=None) -> int:
     image_scales = cli_list(p, "--image-scales", args.image_scales)
     ks = cli_list(p, "--k", args.k, int)
     contrasts = cli_list(p, "--placement-contrast", args.placement_contrast)
+    reference_starts = cli_list(p, "--reference-starts", args.reference_starts)
+    if any(not 0 <= r < 1 for r in reference_starts):
+        p.error("--reference-starts: each fraction must be in [0, 1)")
     if any(k < 1 or k > 3 for k in ks) or any(s < 0 for s in text_scales + image_scales + contrasts):
         p.error("k must be in 1..3, guidance scales and placement-contrast weights >= 0")
     intervals = cli_intervals(p, args.image_intervals)
@@ -196,7 +216,7 @@ def main(argv=None) -> int:
         p.error("--first-subject must be >= 0 and --subjects >= 2 (a CI needs subjects)")
     results = sweep(model, first_subject=args.first_subject, subjects=args.subjects, text_scales=text_scales,
                     image_scales=image_scales, ks=ks, contrasts=contrasts, intervals=intervals, orders=orders,
-                    steps=args.steps,
+                    reference_starts=reference_starts, steps=args.steps,
                     sampler=args.sampler, eta=args.eta, evaluators=args.evaluators)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -140,7 +140,8 @@ def make_case(index: int, num_prompts: int) -> dict[str, Any]:
     for _ in range(GALLERY):
         gallery.append(mw.render(subject, mw.sample_context(rng, "test"))[0])
     return dict(index=index, name=subject.name, subject=subject, ref_images=np.stack(refs),
-                ref_masks=np.stack(masks), ref_captions=captions, ref_placements=places, prompts=prompts,
+                ref_masks=np.stack(masks), ref_captions=captions, ref_placements=places,
+                ref_backgrounds=[mw.BACKGROUNDS[b] for b in used], prompts=prompts,
                 gallery=np.stack(gallery))
 
 
@@ -188,6 +189,8 @@ class Scorer:
             rec.update(st["pixels"].score(image, prompt["gt_mask"]))
             for head in ("background", "placement", "size", "orientation"):
                 rec[f"{head}_ok"] = float(pred[head][i] == labels[head])
+            # both labels as prompted: every prompt names a held-out pair, so this is composition
+            rec["context_ok"] = rec["background_ok"] * rec["placement_ok"]
             # the prompted pair and where the subject went, by name: placement_by_pair's inputs
             rec.update(prompt_background=mw.BACKGROUNDS[labels["background"]],
                        prompt_placement=mw.PLACEMENTS[labels["placement"]],
@@ -222,16 +225,18 @@ def placement_contrast_prompt(case: dict, prompt_index: int, weight: float) -> s
 def generate(pipe, case: dict, prompt_index: int, seed: int, k: int, *, steps: int, guidance_scale: float,
              image_guidance_scale: float, sampler: str = "ddim", eta: float = 0.0, prompt: str | None = None,
              image_guidance_interval: tuple[float, float] | None = None,
-             guidance_order: str | None = None) -> tuple[np.ndarray, dict]:
+             guidance_order: str | None = None, reference_start: float = 0.0) -> tuple[np.ndarray, dict]:
     """One image for case's prompt (or for `prompt`, another wording of it, e.g. its "composed" form)
-    with the first k references; guidance_order None = the model folder's. Returns (uint8 (H, W, 3), seconds)."""
+    with the first k references; guidance_order None = the model folder's; reference_start: the part of
+    the trajectory run without the references (pipeline.reference_steps). Returns (uint8 (H, W, 3), seconds)."""
     k = min(k, pipe.max_references)
     if prompt is None:
         prompt = case["prompts"][prompt_index]["prompt"]
     out = pipe([prompt], list(case["ref_images"][:k]),
                reference_prompts=case["ref_captions"][:k], num_inference_steps=steps,
                guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale,
-               image_guidance_interval=image_guidance_interval, guidance_order=guidance_order, sampler=sampler,
+               image_guidance_interval=image_guidance_interval, guidance_order=guidance_order,
+               reference_start=reference_start, sampler=sampler,
                eta=eta, seed=seed)
     return np.asarray(out.images[0]), out.seconds
 
@@ -347,9 +352,11 @@ def run(model, out: str | Path, settings: Settings, *, evaluators: str | None = 
 def summarize(records: list[dict], subjects: list[str], rows: list[Row]) -> dict:
     """Per row: mean + 95% bootstrap CI (over subjects) of every score, and normalized identities."""
     idx = M.bootstrap_indices(len(subjects))
+    # records of older results.json lack context_ok (both labels as prompted); it follows from the two
+    records = [x if "context_ok" in x else {**x, "context_ok": x["background_ok"] * x["placement_ok"]} for x in records]
     by_row = {r.name: [x for x in records if x["row"] == r.name] for r in rows}
-    keys = ("enc_ref", "enc_gallery", "pix", "palette", "texture", "background_ok", "placement_ok", "size_ok",
-            "orientation_ok")
+    keys = ("enc_ref", "enc_gallery", "pix", "palette", "texture", "background_ok", "placement_ok", "context_ok",
+            "size_ok", "orientation_ok")
     per_subject = {r: {k: M.subject_means(by_row[r], k, subjects) for k in keys} for r in by_row}
     table = {}
     for r in rows:

@@ -85,11 +85,13 @@ def report(results: dict) -> str:
                      f"{f(e.get('enc_gallery_normalized'), 2)} | {f(e.get('pix_normalized'), 2)} | {f(e['pix'])} "
                      f"({_m(e['palette'])} / {_m(e['texture'])}) | {e['enc_ref']['n']} |")
     lines += ["", "## Prompt fidelity (context classifier reads back the prompted labels)", "",
-              "| row | background acc | placement acc | size acc | orientation acc | images | s / image |",
-              "|---|---|---|---|---|---|---|"]
+              "| row | background acc | placement acc | both | size acc | orientation acc | images | s / image |",
+              "|---|---|---|---|---|---|---|---|"]
     for r, e in rows.items():
         spi = t.get(r, {}).get("seconds_per_image")
+        both = e.get("context_ok")  # absent from results.json written before session 13
         lines.append(f"| {info[r]['label']} | {f(e['background_ok'], 2)} | {f(e['placement_ok'], 2)} | "
+                     f"{'-' if both is None else f(both, 2)} | "
                      f"{f(e['size_ok'], 2)} | {f(e['orientation_ok'], 2)} | {e['images']} | "
                      f"{'-' if spi is None else f'{spi:.2f}'} |")
     lines += _placement_by_pair_table(results.get("placement_by_pair") or {}, info)
@@ -116,7 +118,8 @@ def report(results: dict) -> str:
               "context (eroded 1 px), so a subject drawn in the wrong place/size also scores low.",
               "* **prompt fidelity**: the context classifier's background / placement (/ size / orientation) "
               "equal the prompt's. Its accuracy on ground truth is the ceiling. Background and placement are the "
-              "prompt-fidelity metrics (the prompts' held-out pairs are exactly these two labels); size and "
+              "prompt-fidelity metrics (the prompts' held-out pairs are exactly these two labels); *both* is the "
+              "share of images with the two right at once, the composition the held-out pair asks for; size and "
               "orientation are shown for completeness only: the classifier reads orientation at ~2/3 on clean "
               "test renders (many shapes look alike tilted or upright).",
               "* **rows are paired**: every row sees the same subjects, references, prompts and initial noise "

@@ -232,6 +232,13 @@ class CLIPTextModelWithProjection(nnx.Module):
 
 # Named conditioning layers -> index into hidden_states (0 = token + position embeddings).
 NAMED_LAYERS = {"last": -1, "penultimate": -2, "embeddings": 0}
+# "tokens": final_layer_norm(token embeddings) WITHOUT the position embeddings (encode_prompts only:
+# no hidden state holds it). Every word is one vector wherever it stands: a bag of words, which is all
+# a mini-world caption needs (each label has its own words). Why: with "embeddings" a one-word shift
+# moves a word's vector more than changing the word does (a frozen random position table as large as
+# the token table); model card, "Why prompt fidelity is low".
+TOKEN_LAYER = "tokens"
+TEXT_LAYERS = tuple(NAMED_LAYERS) + (TOKEN_LAYER,)
 
 
 def prompt_embeddings(outputs: CLIPTextOutput, layer: str | int = "last", apply_final_norm: bool | None = None,
@@ -272,7 +279,11 @@ def prompt_embeddings(outputs: CLIPTextOutput, layer: str | int = "last", apply_
 
 def encode_prompts(model: "CLIPTextModel", input_ids: jax.Array, layer: str | int = "last") -> jax.Array:
     """Token ids (M, T) -> the UNet's cross-attention context (M, T, D) in float32, taken at `layer`
-    (see prompt_embeddings). The one place pipelines and training turn prompts into context."""
+    (see prompt_embeddings; layer="tokens": the normed token embeddings alone, TOKEN_LAYER). The one
+    place pipelines and training turn prompts into context."""
+    if layer == TOKEN_LAYER:
+        text = model.text_model
+        return text.final_layer_norm(text.embeddings.token_embedding(input_ids)).astype(jnp.float32)  # (M, T, D)
     hidden = layer != "last"
     outputs = model(input_ids, output_hidden_states=hidden)
     norm = model.text_model.final_layer_norm if hidden else None
@@ -286,5 +297,5 @@ def pooled_text_embeds(outputs: CLIPTextOutput) -> jax.Array:
     return outputs.text_embeds
 
 
-__all__ = ["NAMED_LAYERS", "CLIPTextConfig", "CLIPTextOutput", "CLIPTextModel", "CLIPTextModelWithProjection",
+__all__ = ["NAMED_LAYERS", "TOKEN_LAYER", "TEXT_LAYERS", "CLIPTextConfig", "CLIPTextOutput", "CLIPTextModel", "CLIPTextModelWithProjection",
            "prompt_embeddings", "encode_prompts", "pooled_text_embeds", "attention_mask_2d"]

@@ -71,7 +71,8 @@ def sample_set(unet_fn: UNetFn, unet_params, schedule, timesteps: jnp.ndarray, x
                context_empty: jnp.ndarray, image_scale, text_scale, key: jax.Array, *,
                config: JointSamplerConfig, eta: float = 0.0,
                on_step: Callable[[jnp.ndarray], None] | None = None,
-               part_contexts: jnp.ndarray | None = None, part_weights: jnp.ndarray | None = None) -> jnp.ndarray:
+               part_contexts: jnp.ndarray | None = None, part_weights: jnp.ndarray | None = None,
+               references_on: jnp.ndarray | None = None) -> jnp.ndarray:
     """Denoises a padded set; returns clean latents (B, N, h, w, C).
 
     timesteps: (S,) int, descending (the scheduler's inference timesteps).
@@ -95,11 +96,31 @@ def sample_set(unet_fn: UNetFn, unet_params, schedule, timesteps: jnp.ndarray, x
         noise = jax.random.normal(jax.random.fold_in(known_key, i), x.shape, x.dtype)
         return jnp.where(known, add_noise(schedule, ref_latents, noise, jnp.full((x.shape[0],), t)), x)
 
-    def denoise(x, t, i):
+    def denoise_with_references(x, t, i):
         s_i = step_scale(image_scale, i)
         s_t = step_scale(text_scale, i)
         return guided_output(unet_fn, unet_params, x, t, ref_latents, layout, context_text, context_empty,
                              s_i, s_t, config.image_guidance, part_contexts, part_weights, config.guidance_order)
+
+    # The reference-free step: the same set with its references removed (targets only), 2 text branches.
+    targets_only = guidance.SetLayout(member_mask=layout.target_mask, ref_mask=jnp.zeros_like(layout.ref_mask))
+
+    def denoise_without_references(x, t, i):
+        return guided_output(unet_fn, unet_params, x, t, ref_latents, targets_only, context_text, context_empty,
+                             0.0, step_scale(text_scale, i), False, part_contexts, part_weights)
+
+    if references_on is None:
+        denoise = denoise_with_references
+    else:
+        references_on = jnp.asarray(references_on, bool)  # (S,)
+        if references_on.shape != timesteps.shape:
+            raise ValueError(f"references_on has shape {references_on.shape}; expected one flag per step "
+                             f"{tuple(timesteps.shape)}")
+        if not config.image_guidance:
+            raise ValueError("references_on needs image guidance (a set with references)")
+
+        def denoise(x, t, i):  # one branch runs per step; both are compiled once
+            return jax.lax.cond(references_on[i], denoise_with_references, denoise_without_references, x, t, i)
 
     x = sample_loop(denoise, x_T, timesteps, schedule, sampler=config.sampler,
                     prediction_type=config.prediction_type, eta=eta, key=eta_key,
