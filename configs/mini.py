@@ -23,11 +23,13 @@ of the captions name the placement without the background (stage 3c); `placed` k
 that name the placement (stage 3d); stage 3e adds `--config.train.loss_weighting=set`
 (every set weighs the same in the loss, so sets with 3 references count as much as those with
 none; train/step.py), stage 3f `--config.train.subject_weight=3` (the subject's latent cells
-weigh 1 + 3 in each image's loss), and stage 3g, the shipped UNet, continues 3f's folder with
-`--config.train.subject_weight=6` (jedi_jax/assets/jedi_mini/MODEL_CARD.md has every command). The text encoder
-is a small CLIP (random, frozen: its job is to keep the caption tokens apart; the UNet's
-cross-attention learns to read them), read at `model.text_layer="embeddings"` (the shipped model's
-stages 3b-3g; stages 1-3a read "last"; export records the layer in jedi_model.json).
+weigh 1 + 3 in each image's loss), stage 3g continues 3f's folder with
+`--config.train.subject_weight=6`, and stage 3h, the shipped UNet, continues 3g's with
+`--config.model.text_layer=tokens` (jedi_jax/assets/jedi_mini/MODEL_CARD.md has every command). The
+text encoder is a small CLIP (random, frozen: its job is to keep the caption tokens apart; the
+UNet's cross-attention learns to read them), read at `model.text_layer="tokens"`: its token
+embeddings, normed, without the position embeddings (stage 3h; stages 3b-3g read "embeddings", token
++ position; stages 1-3a "last"; export records the layer in jedi_model.json).
 """
 import os
 import sys
@@ -54,9 +56,10 @@ def get_config(arg: str | None = None):
     c.model.vae = ml_collections.ConfigDict(common.tiny_vae())  # replaced by the pretrained VAE
     c.model.text_encoder = ml_collections.ConfigDict(common.tiny_text(hidden=64, max_len=20))
     c.model.max_text_len = 20
-    # Cross-attend to the (normed) token + position embeddings, not the random encoder's last layer,
-    # whose causal attention leaks each word into the next (MODEL_CARD: "the text side").
-    c.model.text_layer = "embeddings"
+    # Cross-attend to the (normed) token embeddings alone: not the random encoder's last layer, whose
+    # causal attention leaks each word into the next, nor its random position embeddings, which move a
+    # word's vector more than changing the word does (MODEL_CARD: "the text side", stage 3h).
+    c.model.text_layer = "tokens"
     c.model.dtype = "float32"
     c.schedule = ml_collections.ConfigDict(MINI_SCHEDULE)
 

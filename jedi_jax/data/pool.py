@@ -33,7 +33,7 @@ from jedi_jax.data import mini_world as mw
 # (stage 3b of JeDi-mini: held-out pairs 0.19 placement, seen pairs 1.00). Here a quarter of the
 # captions leave the background unsaid, so the placement word alone has to carry where the subject
 # is. Each shares its words up to the placement with a full template, so with
-# text_layer="embeddings" the placement token is the very vector the full sentence gives the UNet.
+# text_layer="embeddings" or "tokens" the placement token is the very vector the full sentence gives the UNet.
 # Renders are untouched: the held-out (background, placement) pairs stay unseen.
 PLACEMENT_ONLY = ("a photo of a {size} {orient} {cat} at the {place}", "a photo of a {size} {cat} at the {place}",
                   "a {cat} at the {place}")
