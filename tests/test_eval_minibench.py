@@ -109,6 +109,7 @@ def test_quick_minibench_end_to_end(tiny64_pipeline, tmp_path):
         assert sum(c["n"] for c in by_pair[name]["pairs"].values()) == rows[name]["images"], name
     assert all(c["acc"] == 1.0 for c in by_pair["ground_truth"]["pairs"].values())
     assert by_pair["text_only"]["to_reference"] == 0  # shown no reference: no miss can borrow one
+    assert list(by_pair["text_only"]["by_reference_background"]) == ["not shown"]
     # the copy row IS its reference: every miss reads the reference's placement
     assert by_pair["copy_reference"]["to_reference"] == by_pair["copy_reference"]["misses"]
     shown = {r["row"]: len(r["ref_placements"]) for r in saved["records"]}
@@ -325,13 +326,13 @@ def test_placement_by_pair_counts_hits_and_where_misses_went():
     from jedi_jax.eval.minibench import placement_by_pair
     from jedi_jax.eval.minibench_report import _placement_by_pair_table
 
-    def rec(row, bg, place, pred, refs=("left", "left", "left")):
+    def rec(row, bg, place, pred, refs=("left", "left", "left"), ref_bgs=("snow", "beach", "road")):
         return dict(row=row, prompt_background=bg, prompt_placement=place, placement_pred=pred,
-                    placement_ok=float(pred == place), ref_placements=list(refs))
+                    placement_ok=float(pred == place), ref_placements=list(refs), ref_backgrounds=list(ref_bgs))
 
     records = [rec("jedi_k3", "beach", "right", "right"), rec("jedi_k3", "beach", "right", "left"),
                rec("jedi_k3", "beach", "right", "left"), rec("jedi_k3", "beach", "right", "center"),
-               rec("jedi_k3", "grass", "left", "left"), rec("text_only", "grass", "left", "center", refs=()),
+               rec("jedi_k3", "grass", "left", "left"), rec("text_only", "grass", "left", "center", refs=(), ref_bgs=()),
                dict(row="jedi_k3", placement_ok=1.0)]  # an older record without labels: skipped
     out = placement_by_pair(records, ["text_only", "jedi_k3", "jedi_k1"])
     assert set(out) == {"text_only", "jedi_k3"}  # a row without records has no entry
@@ -343,8 +344,12 @@ def test_placement_by_pair_counts_hits_and_where_misses_went():
     assert (k3["misses"], k3["to_reference"], k3["to_reference_chance"]) == (3, 2, 1.5)
     assert out["text_only"]["pairs"]["grass / left"]["went"] == {"center": 1}
     assert (out["text_only"]["to_reference"], out["text_only"]["to_reference_chance"]) == (0, 0.0)
+    # a reference shows "beach" (1 hit in 4 beach prompts), none shows "grass" (1 of 1)
+    assert k3["by_reference_background"] == {"shown": dict(acc=0.25, n=4), "not shown": dict(acc=1.0, n=1)}
+    assert out["text_only"]["by_reference_background"] == {"not shown": dict(acc=0.0, n=1)}
     info = {r: {"label": r.upper()} for r in out}
     table = "\n".join(_placement_by_pair_table(out, info))
     assert "| beach / right | - | 0.25 (4); misses: center 1, left 2 |" in table
     assert "JEDI_K3 2 of 3 (chance 1.5)" in table
+    assert "JEDI_K3 0.25 (4) / 1.00 (1)" in table and "TEXT_ONLY -" not in table  # text-only has no split
     assert _placement_by_pair_table({}, info) == []

@@ -326,7 +326,8 @@ def run(model, out: str | Path, settings: Settings, *, evaluators: str | None = 
                 rec = scorer.score(case, p, image[None])[0]
                 rec.update(row=row.name, subject=case["name"], prompt=case["prompts"][p]["prompt"], seed_index=s,
                            # where the references this row was shown put the subject (Row.k = 0: none)
-                           ref_placements=case["ref_placements"][:row.k])
+                           ref_placements=case["ref_placements"][:row.k],
+                           ref_backgrounds=case["ref_backgrounds"][:row.k])
                 records.append(rec)
             samples[case["name"]][row.name] = [images[(p, 0)] for p in range(len(case["prompts"]))]
         log(f"[minibench] {case['name']}: {len(rows)} rows in {time.time() - t_case:.1f} s")
@@ -375,17 +376,21 @@ def placement_by_pair(records: list[dict], rows: list[str]) -> dict:
     """Placement accuracy per prompted (background, placement) pair, and where the misses went.
 
     -> {row: {"pairs": {"beach / right": {"acc", "n", "went": {placement: count of misses}}},
-              "misses", "to_reference", "to_reference_chance"}}.
+              "misses", "to_reference", "to_reference_chance",
+              "by_reference_background": {"shown" | "not shown": {"acc", "n"}}}}.
     Every prompt is a held-out pair, and training rendered each background with only the other 2
     placements, so every miss is a placement the model saw with that background
     (mini_world.HELDOUT_COMBOS). to_reference counts the misses that went to a placement one of the
     row's references shows; to_reference_chance is its expectation if a miss picked either wrong
-    placement at random: do the references lend their layout? Records without the prompted labels
-    (older results.json) are skipped.
+    placement at random: do the references lend their layout? by_reference_background splits the
+    accuracy by whether one of the row's references shows the prompted background (records without
+    ref_backgrounds count as "not shown"): does a reference on the same background pull the subject
+    to its own placement? Records without the prompted labels (older results.json) are skipped.
     """
     out: dict[str, dict] = {}
     for row in rows:
         cells: dict[str, dict] = {}
+        split = {"shown": [0, 0], "not shown": [0, 0]}  # [hits, n]
         misses, to_ref, chance = 0, 0, 0.0
         for r in records:
             if r["row"] != row or "prompt_placement" not in r:
@@ -393,6 +398,9 @@ def placement_by_pair(records: list[dict], rows: list[str]) -> dict:
             cell = cells.setdefault(f"{r['prompt_background']} / {r['prompt_placement']}",
                                     dict(hits=0, n=0, went={}))
             cell["n"] += 1
+            same = split["shown" if r["prompt_background"] in (r.get("ref_backgrounds") or ()) else "not shown"]
+            same[0] += bool(r["placement_ok"])
+            same[1] += 1
             if r["placement_ok"]:
                 cell["hits"] += 1
                 continue
@@ -405,7 +413,8 @@ def placement_by_pair(records: list[dict], rows: list[str]) -> dict:
         if cells:
             out[row] = dict(pairs={pair: dict(acc=c["hits"] / c["n"], n=c["n"], went=c["went"])
                                    for pair, c in sorted(cells.items())},
-                            misses=misses, to_reference=to_ref, to_reference_chance=chance)
+                            misses=misses, to_reference=to_ref, to_reference_chance=chance,
+                            by_reference_background={k: dict(acc=h / n, n=n) for k, (h, n) in split.items() if n})
     return out
 
 

@@ -162,6 +162,13 @@ def _placement_by_pair_table(by_pair: dict, info: dict) -> list[str]:
     if lent:
         lines += ["", "Misses that went to a placement one of the row's references shows (chance: if a miss picked "
                   "either wrong placement at random): " + "; ".join(lent) + "."]
+    split = [f"{info[r]['label']} " + " / ".join(
+        f"{by_pair[r]['by_reference_background'][k]['acc']:.2f} ({by_pair[r]['by_reference_background'][k]['n']})"
+        if k in by_pair[r].get("by_reference_background", {}) else "-" for k in ("shown", "not shown"))
+        for r in rows if "shown" in by_pair[r].get("by_reference_background", {})]
+    if split:
+        lines += ["", "Placement accuracy (images) when one of the row's references shows the prompted background "
+                  "/ when none does: " + "; ".join(split) + "."]
     return lines
 
 
