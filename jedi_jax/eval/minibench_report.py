@@ -162,10 +162,12 @@ def _placement_by_pair_table(by_pair: dict, info: dict) -> list[str]:
     if lent:
         lines += ["", "Misses that went to a placement one of the row's references shows (chance: if a miss picked "
                   "either wrong placement at random): " + "; ".join(lent) + "."]
-    split = [f"{info[r]['label']} " + " / ".join(
-        f"{by_pair[r]['by_reference_background'][k]['acc']:.2f} ({by_pair[r]['by_reference_background'][k]['n']})"
-        if k in by_pair[r].get("by_reference_background", {}) else "-" for k in ("shown", "not shown"))
-        for r in rows if "shown" in by_pair[r].get("by_reference_background", {})]
+    def acc(cell):  # {"acc", "n"} or None -> "0.75 (16)" or "-"
+        return "-" if cell is None else f"{cell['acc']:.2f} ({cell['n']})"
+
+    by_bg = {r: by_pair[r].get("by_reference_background", {}) for r in rows}
+    split = [f"{info[r]['label']} {acc(s.get('shown'))} / {acc(s.get('not shown'))}"
+             for r, s in by_bg.items() if "shown" in s]
     if split:
         lines += ["", "Placement accuracy (images) when one of the row's references shows the prompted background "
                   "/ when none does: " + "; ".join(split) + "."]

@@ -102,16 +102,16 @@ def sample_set(unet_fn: UNetFn, unet_params, schedule, timesteps: jnp.ndarray, x
         return guided_output(unet_fn, unet_params, x, t, ref_latents, layout, context_text, context_empty,
                              s_i, s_t, config.image_guidance, part_contexts, part_weights, config.guidance_order)
 
-    # The reference-free step: the same set with its references removed (targets only), 2 text branches.
-    targets_only = guidance.SetLayout(member_mask=layout.target_mask, ref_mask=jnp.zeros_like(layout.ref_mask))
-
-    def denoise_without_references(x, t, i):
-        return guided_output(unet_fn, unet_params, x, t, ref_latents, targets_only, context_text, context_empty,
-                             0.0, step_scale(text_scale, i), False, part_contexts, part_weights)
-
     if references_on is None:
         denoise = denoise_with_references
     else:
+        # The reference-free step: the same set with its references removed (targets only), 2 text branches.
+        targets_only = guidance.SetLayout(member_mask=layout.target_mask, ref_mask=jnp.zeros_like(layout.ref_mask))
+
+        def denoise_without_references(x, t, i):
+            return guided_output(unet_fn, unet_params, x, t, ref_latents, targets_only, context_text, context_empty,
+                                 0.0, step_scale(text_scale, i), False, part_contexts, part_weights)
+
         references_on = jnp.asarray(references_on, bool)  # (S,)
         if references_on.shape != timesteps.shape:
             raise ValueError(f"references_on has shape {references_on.shape}; expected one flag per step "
