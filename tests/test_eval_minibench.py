@@ -244,14 +244,14 @@ def test_guidance_sweep_uses_subjects_minibench_does_not(tiny64_pipeline):
     assert res["ground_truth"]["context_ok"]["mean"] == pytest.approx(1.0)
     for r in res["rows"]:  # both right is never above either label alone
         assert r["context_ok"]["mean"] <= min(r["background_ok"]["mean"], r["placement_ok"]["mean"]) + 1e-9
-    assert "| 3 | 2 | 0:1 | image_first | 0 | 1 | 0 |" in GS.report(res)
-    assert "| 3 | 2 | 0:1 | image_first | 0 | 1 | 1 |" in GS.report(res)
+    assert "| 3 | 2 | 0:1 | image_first | 0 | given | 1 | 0 |" in GS.report(res)
+    assert "| 3 | 2 | 0:1 | image_first | 0 | given | 1 | 1 |" in GS.report(res)
     # Image-guidance intervals: sI on the second of 2 steps only is another image than sI on both.
     res = GS.sweep(tiny64_pipeline, first_subject=100, subjects=2, text_scales=(3.0,), image_scales=(4.0,),
                    ks=(1,), intervals=((0.0, 1.0), (0.5, 1.0)), steps=2, log=lambda *a: None)
     assert [r["interval"] for r in res["rows"]] == [[0.0, 1.0], [0.5, 1.0]]
     assert res["rows"][0]["enc_ref"]["mean"] != res["rows"][1]["enc_ref"]["mean"]
-    assert "| 3 | 4 | 0.5:1 | image_first | 0 | 1 | 0 |" in GS.report(res)
+    assert "| 3 | 4 | 0.5:1 | image_first | 0 | given | 1 | 0 |" in GS.report(res)
     # --eta reaches the sampler: DDIM with eta=1 draws fresh noise per step, another image than eta=0.
     ddim0 = res["rows"][0]["enc_ref"]["mean"]
     res = GS.sweep(tiny64_pipeline, first_subject=100, subjects=2, text_scales=(3.0,), image_scales=(4.0,),
@@ -265,15 +265,26 @@ def test_guidance_sweep_uses_subjects_minibench_does_not(tiny64_pipeline):
                    ks=(1,), reference_starts=(0.0, 0.5), steps=2, log=lambda *a: None)
     assert [r["reference_start"] for r in res["rows"]] == [0.0, 0.5]
     assert res["rows"][0]["enc_ref"]["mean"] != res["rows"][1]["enc_ref"]["mean"]
-    assert "| 3 | 4 | 0:1 | image_first | 0.5 | 1 | 0 |" in GS.report(res)
+    assert "| 3 | 4 | 0:1 | image_first | 0.5 | given | 1 | 0 |" in GS.report(res)
     with pytest.raises(SystemExit):
         GS.main(["--reference-starts", "1", "--out", "unused"])
+    # Reference captions reach the sampler: "" in place of each reference's own caption is another image.
+    res = GS.sweep(tiny64_pipeline, first_subject=100, subjects=2, text_scales=(3.0,), image_scales=(4.0,),
+                   ks=(1,), reference_captions=("given", "empty"), steps=2, log=lambda *a: None)
+    assert [r["reference_captions"] for r in res["rows"]] == ["given", "empty"]
+    assert res["rows"][0]["enc_ref"]["mean"] != res["rows"][1]["enc_ref"]["mean"]
+    assert "| 3 | 4 | 0:1 | image_first | 0 | empty | 1 | 0 |" in GS.report(res)
+    with pytest.raises(SystemExit):
+        GS.main(["--reference-captions", "given,none", "--out", "unused"])
+    with pytest.raises(ValueError, match="reference_captions"):
+        GS.generate(tiny64_pipeline, make_case(100, 1), 0, 0, 1, steps=1, guidance_scale=3.0,
+                    image_guidance_scale=1.0, reference_captions="none")
     # Guidance orders reach the sampler (they differ when sI != sT: sampling/guidance.py).
     res = GS.sweep(tiny64_pipeline, first_subject=100, subjects=2, text_scales=(1.0,), image_scales=(6.0,),
                    ks=(1,), orders=("image_first", "text_first"), steps=2, log=lambda *a: None)
     assert [r["order"] for r in res["rows"]] == ["image_first", "text_first"]
     assert res["rows"][0]["enc_ref"]["mean"] != res["rows"][1]["enc_ref"]["mean"]
-    assert "| 1 | 6 | 0:1 | text_first | 0 | 1 | 0 |" in GS.report(res)
+    assert "| 1 | 6 | 0:1 | text_first | 0 | given | 1 | 0 |" in GS.report(res)
     with pytest.raises(ValueError, match="text_first"):
         GS.sweep(tiny64_pipeline, subjects=2, orders=("text_first",), contrasts=(0.0, 1.0), log=lambda *a: None)
     for bad in (["--orders", "both"], ["--orders", "text_first", "--placement-contrast", "1"]):

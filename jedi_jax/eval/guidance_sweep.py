@@ -50,8 +50,8 @@ from pathlib import Path
 
 
 from jedi_jax.eval import metrics as M
-from jedi_jax.eval.minibench import (Scorer, _load_pipeline, call_seed, cli_list, cli_model, generate, make_case,
-                                     placement_contrast_prompt)
+from jedi_jax.eval.minibench import (REFERENCE_CAPTIONS, Scorer, _load_pipeline, call_seed, cli_list, cli_model,
+                                     generate, make_case, placement_contrast_prompt)
 from jedi_jax.sampling.guidance import ORDERS
 from jedi_jax.schedulers.schedule import SAMPLERS
 
@@ -60,14 +60,16 @@ SCORES = ("enc_ref", "pix", "background_ok", "placement_ok", "context_ok")
 
 def sweep(model, *, first_subject: int = 100, subjects: int = 24, text_scales=(3.0,), image_scales=(2.0,),
           ks=(3,), contrasts=(0.0,), intervals=((0.0, 1.0),), orders=(None,), reference_starts=(0.0,),
-          steps: int = 20,
+          reference_captions=("given",), steps: int = 20,
           seed_index: int = 0, sampler: str = "ddim", eta: float = 0.0, evaluators: str | None = None,
           log=print) -> dict:
-    """Runs the grid; returns {'rows': [{sT, sI, k, contrast, interval, order, reference_start, <score>: ci,
+    """Runs the grid; returns {'rows': [{sT, sI, k, contrast, interval, order, reference_start,
+    reference_captions, <score>: ci,
     enc_ref_normalized: ci, ...}], ...}. contrasts: placement-contrast weights w (0 = the plain prompt);
     intervals: (start, end) parts of the trajectory where sI applies (1 elsewhere); orders: guidance
     orders (sampling/guidance.py; None = the model folder's); reference_starts: fractions of the
-    trajectory run without the references (pipeline.reference_steps)."""
+    trajectory run without the references (pipeline.reference_steps); reference_captions: "given" or
+    "empty" (minibench.REFERENCE_CAPTIONS)."""
     start = time.time()
     pipe = _load_pipeline(model)
     orders = tuple(dict.fromkeys(pipe.guidance_order(o) for o in orders))  # None -> the folder's
@@ -79,14 +81,14 @@ def sweep(model, *, first_subject: int = 100, subjects: int = 24, text_scales=(3
     idx = M.bootstrap_indices(len(cases))
     records: dict[tuple, list[dict]] = {}
 
-    def run(key, k, sT, sI, w=0.0, interval=(0.0, 1.0), order=None, ref_start=0.0):
+    def run(key, k, sT, sI, w=0.0, interval=(0.0, 1.0), order=None, ref_start=0.0, ref_captions="given"):
         recs = []
         for case in cases:
             prompt = placement_contrast_prompt(case, 0, w) if w else None
             image, _ = generate(pipe, case, 0, call_seed(case["index"], 0, seed_index), k, steps=steps,
                                 guidance_scale=sT, image_guidance_scale=sI, sampler=sampler, eta=eta,
                                 prompt=prompt, image_guidance_interval=interval, guidance_order=order,
-                                reference_start=ref_start)
+                                reference_start=ref_start, reference_captions=ref_captions)
             recs.append(scored(case, image))
         records[key] = recs
 
@@ -99,13 +101,13 @@ def sweep(model, *, first_subject: int = 100, subjects: int = 24, text_scales=(3
     rows = []
     for sT in text_scales:
         run(("text_only", sT), 0, sT, 0.0)  # k = 0: sI has nothing to act on
-        for sI, k, w, iv, order, r0 in itertools.product(image_scales, ks, contrasts, intervals, orders,
-                                                         reference_starts):
+        for sI, k, w, iv, order, r0, rc in itertools.product(image_scales, ks, contrasts, intervals, orders,
+                                                             reference_starts, reference_captions):
             t0 = time.time()
-            cell = (sT, sI, k, w, iv, order, r0)
-            run(cell, k, sT, sI, w, iv, order, r0)
+            cell = (sT, sI, k, w, iv, order, r0, rc)
+            run(cell, k, sT, sI, w, iv, order, r0, rc)
             row = dict(sT=float(sT), sI=float(sI), k=int(k), contrast=float(w), interval=list(iv), order=order,
-                       reference_start=float(r0), seconds=round(time.time() - t0, 1))
+                       reference_start=float(r0), reference_captions=rc, seconds=round(time.time() - t0, 1))
             for key in SCORES:
                 row[key] = M.mean_ci(M.subject_means(records[cell], key, names), idx)
             for key in ("enc_ref", "pix"):
@@ -114,8 +116,8 @@ def sweep(model, *, first_subject: int = 100, subjects: int = 24, text_scales=(3
                     M.subject_means(records[("text_only", sT)], key, names), M.subject_means(gt, key, names), idx)
             rows.append(row)
             log(f"[guidance_sweep] sT={sT:g} sI={sI:g} k={k} contrast={w:g} interval={iv[0]:g}:{iv[1]:g} {order} "
-                f"reference_start={r0:g}: identity {M.fmt_ci(row['enc_ref_normalized'], 2)}, background "
-                f"{row['background_ok']['mean']:.2f}, placement {row['placement_ok']['mean']:.2f}, both "
+                f"reference_start={r0:g} reference_captions={rc}: identity "
+                f"{M.fmt_ci(row['enc_ref_normalized'], 2)}, background {row['background_ok']['mean']:.2f}, placement {row['placement_ok']['mean']:.2f}, both "
                 f"{row['context_ok']['mean']:.2f} ({row['seconds']:.0f} s)")
     ceiling = {key: M.mean_ci(M.subject_means(gt, key, names), idx)
                for key in ("background_ok", "placement_ok", "context_ok")}
@@ -136,14 +138,15 @@ def report(results: dict) -> str:
              f"truth). Ground truth's background / placement / both accuracy: "
              f"{gt['background_ok']['mean']:.2f} / {gt['placement_ok']['mean']:.2f} / "
              f"{gt['context_ok']['mean']:.2f}.", "",
-             "| sT | sI | sI interval | guidance order | references from | k | placement contrast w | "
-             "encoder identity, normalized | pixel identity, normalized | background acc | placement acc | both |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| sT | sI | sI interval | guidance order | references from | reference captions | k | "
+             "placement contrast w | encoder identity, normalized | pixel identity, normalized | background acc | "
+             "placement acc | both |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
         iv = r["interval"]
         lines.append(f"| {r['sT']:g} | {r['sI']:g} | {iv[0]:g}:{iv[1]:g} | {r.get('order', 'image_first')} | "
-                     f"{r.get('reference_start', 0.0):g} | {r['k']} | {r['contrast']:g} | "
-                     f"{f(r['enc_ref_normalized'], 2)} | "
+                     f"{r.get('reference_start', 0.0):g} | {r.get('reference_captions', 'given')} | {r['k']} | "
+                     f"{r['contrast']:g} | {f(r['enc_ref_normalized'], 2)} | "
                      f"{f(r['pix_normalized'], 2)} | {f(r['background_ok'], 2)} | {f(r['placement_ok'], 2)} | "
                      f"{f(r['context_ok'], 2)} |")
     lines += ["", f"{results['seconds_total']:.0f} s in all."]
@@ -185,6 +188,9 @@ def main(argv=None) -> int:
                         "default: the model folder's")
     p.add_argument("--reference-starts", default="0",
                    help="comma-separated fractions of the trajectory (0 = noisiest step) run without the references")
+    p.add_argument("--reference-captions", default="given",
+                   help=f"comma-separated ways to caption the references: {', '.join(REFERENCE_CAPTIONS)} "
+                        "(their own captions, or '' as the pipeline's default)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--sampler", default="ddim", choices=SAMPLERS)
     p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (0 = deterministic)")
@@ -210,13 +216,17 @@ def main(argv=None) -> int:
         p.error(f"--orders: {', '.join(bad) or 'empty'}; choose from {', '.join(ORDERS)}")
     if "text_first" in orders and any(contrasts):
         p.error("--placement-contrast > 0 composes prompts, which guidance order text_first does not take")
+    reference_captions = tuple(c.strip() for c in args.reference_captions.split(",") if c.strip())
+    bad = [c for c in reference_captions if c not in REFERENCE_CAPTIONS]
+    if bad or not reference_captions:
+        p.error(f"--reference-captions: {', '.join(bad) or 'empty'}; choose from {', '.join(REFERENCE_CAPTIONS)}")
     if args.eta < 0:
         p.error("--eta must be >= 0")
     if args.first_subject < 0 or args.subjects < 2:
         p.error("--first-subject must be >= 0 and --subjects >= 2 (a CI needs subjects)")
     results = sweep(model, first_subject=args.first_subject, subjects=args.subjects, text_scales=text_scales,
                     image_scales=image_scales, ks=ks, contrasts=contrasts, intervals=intervals, orders=orders,
-                    reference_starts=reference_starts, steps=args.steps,
+                    reference_starts=reference_starts, reference_captions=reference_captions, steps=args.steps,
                     sampler=args.sampler, eta=args.eta, evaluators=args.evaluators)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -47,6 +47,9 @@ BENCH_TAG = 4242  # seed space of MiniBench's references / prompts / galleries
 COMPOSED_PARTS = (PLACEMENT_ONLY[0], "a photo of a {size} {orient} {cat} {bgp}")
 NUM_REFERENCES = 3
 GALLERY = 3
+# What the references are captioned with at sampling (generate): their own captions, or "" (the
+# pipeline's default when a user gives none; captions are dropped per member in training).
+REFERENCE_CAPTIONS = ("given", "empty")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,15 +228,21 @@ def placement_contrast_prompt(case: dict, prompt_index: int, weight: float) -> s
 def generate(pipe, case: dict, prompt_index: int, seed: int, k: int, *, steps: int, guidance_scale: float,
              image_guidance_scale: float, sampler: str = "ddim", eta: float = 0.0, prompt: str | None = None,
              image_guidance_interval: tuple[float, float] | None = None,
-             guidance_order: str | None = None, reference_start: float = 0.0) -> tuple[np.ndarray, dict]:
+             guidance_order: str | None = None, reference_start: float = 0.0,
+             reference_captions: str = "given") -> tuple[np.ndarray, dict]:
     """One image for case's prompt (or for `prompt`, another wording of it, e.g. its "composed" form)
     with the first k references; guidance_order None = the model folder's; reference_start: the part of
-    the trajectory run without the references (pipeline.reference_steps). Returns (uint8 (H, W, 3), seconds)."""
+    the trajectory run without the references (pipeline.reference_steps); reference_captions: "given"
+    (each reference's own caption) or "empty" ("", the pipeline's default when a user gives none).
+    Returns (uint8 (H, W, 3), seconds)."""
+    if reference_captions not in REFERENCE_CAPTIONS:
+        raise ValueError(f"unknown reference_captions {reference_captions!r}; choose one of {REFERENCE_CAPTIONS}")
     k = min(k, pipe.max_references)
     if prompt is None:
         prompt = case["prompts"][prompt_index]["prompt"]
+    ref_prompts = list(case["ref_captions"][:k]) if reference_captions == "given" else [""] * k
     out = pipe([prompt], list(case["ref_images"][:k]),
-               reference_prompts=case["ref_captions"][:k], num_inference_steps=steps,
+               reference_prompts=ref_prompts, num_inference_steps=steps,
                guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale,
                image_guidance_interval=image_guidance_interval, guidance_order=guidance_order,
                reference_start=reference_start, sampler=sampler,
