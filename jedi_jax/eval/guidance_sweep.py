@@ -4,7 +4,7 @@ touching MiniBench's subjects.
     python -m jedi_jax.eval.guidance_sweep [--model DIR] [--out out/guidance_sweep] \
         [--first-subject 100] [--subjects 24] [--image-scales 1,2,3,4] [--text-scales 3,5] [--k 1,3] \
         [--placement-contrast 0,1,2] [--image-intervals 0:1,0.3:1] [--orders image_first,text_first] \
-        [--reference-starts 0,0.2] [--sampler ddim] [--eta 0]
+        [--reference-starts 0,0.2] [--reference-captions given,empty] [--sampler ddim] [--eta 0]
 
 JeDi (CVPR 2024, Sec. 4.3) samples with two guidance scales: sT on the prompt, sI on the reference
 images. They trade identity against prompt fidelity, so they must be picked on data the benchmark
@@ -35,6 +35,11 @@ identity forms in the second half, and no interval moves placement: model card, 
 then the text-only sampler's (``pipeline.reference_steps``): does the layout follow the prompt better
 when the references join after it is set? (On JeDi-mini: placement up, background down; model
 card, experiment 16.)
+
+``--reference-captions given,empty`` captions the references with their own captions (MiniBench's
+protocol) or with "" (the pipeline's default when a user gives none): do a reference's words pull
+the target toward its placement? (On JeDi-mini 3h: no, within two images of 48; model card,
+experiment 18.)
 
 ``--sampler`` / ``--eta`` run the whole grid with another sampler (``dpmpp_2m``) or with DDIM's
 stochasticity eta (0 = deterministic DDIM, 1 = DDPM-like ancestral noise).
@@ -117,8 +122,9 @@ def sweep(model, *, first_subject: int = 100, subjects: int = 24, text_scales=(3
             rows.append(row)
             log(f"[guidance_sweep] sT={sT:g} sI={sI:g} k={k} contrast={w:g} interval={iv[0]:g}:{iv[1]:g} {order} "
                 f"reference_start={r0:g} reference_captions={rc}: identity "
-                f"{M.fmt_ci(row['enc_ref_normalized'], 2)}, background {row['background_ok']['mean']:.2f}, placement {row['placement_ok']['mean']:.2f}, both "
-                f"{row['context_ok']['mean']:.2f} ({row['seconds']:.0f} s)")
+                f"{M.fmt_ci(row['enc_ref_normalized'], 2)}, background {row['background_ok']['mean']:.2f}, "
+                f"placement {row['placement_ok']['mean']:.2f}, both {row['context_ok']['mean']:.2f} "
+                f"({row['seconds']:.0f} s)")
     ceiling = {key: M.mean_ci(M.subject_means(gt, key, names), idx)
                for key in ("background_ok", "placement_ok", "context_ok")}
     return dict(rows=rows, ground_truth=ceiling, subjects=names, first_subject=first_subject, steps=steps,
