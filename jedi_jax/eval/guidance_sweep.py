@@ -159,6 +159,15 @@ def report(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cli_choices(parser: argparse.ArgumentParser, flag: str, text: str, choices) -> tuple:
+    """'a,b' -> ('a', 'b'), each one of choices; an unknown or empty list is a parser error naming the flag."""
+    values = tuple(x.strip() for x in text.split(",") if x.strip())
+    bad = [v for v in values if v not in choices]
+    if bad or not values:
+        parser.error(f"{flag}: {', '.join(bad) or 'empty'}; choose from {', '.join(choices)}")
+    return values
+
+
 def cli_intervals(parser: argparse.ArgumentParser, text: str) -> tuple:
     """'0:1,0.3:1' -> ((0.0, 1.0), (0.3, 1.0)); a bad interval is a parser error naming it."""
     from jedi_jax.sample import parse_interval
@@ -216,16 +225,10 @@ def main(argv=None) -> int:
     if any(k < 1 or k > 3 for k in ks) or any(s < 0 for s in text_scales + image_scales + contrasts):
         p.error("k must be in 1..3, guidance scales and placement-contrast weights >= 0")
     intervals = cli_intervals(p, args.image_intervals)
-    orders = (None,) if args.orders is None else tuple(o.strip() for o in args.orders.split(",") if o.strip())
-    bad = [o for o in orders if o is not None and o not in ORDERS]
-    if bad or not orders:
-        p.error(f"--orders: {', '.join(bad) or 'empty'}; choose from {', '.join(ORDERS)}")
+    orders = (None,) if args.orders is None else cli_choices(p, "--orders", args.orders, ORDERS)
     if "text_first" in orders and any(contrasts):
         p.error("--placement-contrast > 0 composes prompts, which guidance order text_first does not take")
-    reference_captions = tuple(c.strip() for c in args.reference_captions.split(",") if c.strip())
-    bad = [c for c in reference_captions if c not in REFERENCE_CAPTIONS]
-    if bad or not reference_captions:
-        p.error(f"--reference-captions: {', '.join(bad) or 'empty'}; choose from {', '.join(REFERENCE_CAPTIONS)}")
+    reference_captions = cli_choices(p, "--reference-captions", args.reference_captions, REFERENCE_CAPTIONS)
     if args.eta < 0:
         p.error("--eta must be >= 0")
     if args.first_subject < 0 or args.subjects < 2:

@@ -407,9 +407,9 @@ def placement_by_pair(records: list[dict], rows: list[str]) -> dict:
             cell = cells.setdefault(f"{r['prompt_background']} / {r['prompt_placement']}",
                                     dict(hits=0, n=0, went={}))
             cell["n"] += 1
-            same = split["shown" if r["prompt_background"] in (r.get("ref_backgrounds") or ()) else "not shown"]
-            same[0] += bool(r["placement_ok"])
-            same[1] += 1
+            bucket = split["shown" if r["prompt_background"] in (r.get("ref_backgrounds") or ()) else "not shown"]
+            bucket[0] += bool(r["placement_ok"])
+            bucket[1] += 1
             if r["placement_ok"]:
                 cell["hits"] += 1
                 continue

@@ -266,8 +266,8 @@ def prompt_embeddings(outputs: CLIPTextOutput, layer: str | int = "last", apply_
         return outputs.last_hidden_state
     index = NAMED_LAYERS.get(layer, layer)
     if not isinstance(index, int):
-        raise ValueError(f"layer must be one of {list(NAMED_LAYERS)} or an int, got {layer!r}"
-                         + (" ('tokens' comes from encode_prompts: no hidden state holds it)" if layer == TOKEN_LAYER else ""))
+        hint = " ('tokens' comes from encode_prompts: no hidden state holds it)" if layer == TOKEN_LAYER else ""
+        raise ValueError(f"layer must be one of {list(NAMED_LAYERS)} or an int, got {layer!r}{hint}")
     if outputs.hidden_states is None:
         raise ValueError("prompt_embeddings needs outputs from output_hidden_states=True")
     h = outputs.hidden_states[index]
