@@ -292,6 +292,20 @@ def test_guidance_sweep_uses_subjects_minibench_does_not(tiny64_pipeline):
             GS.main(bad + ["--out", "unused"])
 
 
+def test_guidance_sweep_grid_is_the_product_with_text_scale_outermost():
+    """Every combination of the 8 axes is one cell, in product order with sT outermost, so each sT's
+    text-only baseline (generated at its first cell) comes before the cells normalized by it."""
+    from jedi_jax.eval.guidance_sweep import Cell, grid
+
+    cells = grid((3, 5), (1, 2), (1, 3), (0,), ((0, 1),), (None,), (0, 0.5), ("given",))
+    assert len(cells) == 2 * 2 * 2 * 2 and len(set(cells)) == len(cells)
+    assert [c.sT for c in cells] == [3.0] * 8 + [5.0] * 8
+    assert cells[0] == Cell(3.0, 1.0, 1, 0.0, (0, 1), None, 0.0, "given")
+    assert cells[1].reference_start == 0.5 and cells[2].k == 3  # the last axis varies fastest
+    assert isinstance(cells[0].k, int) and isinstance(cells[0].sI, float)
+    assert "sT=3 sI=1 k=1 contrast=0 interval=0:1 None reference_start=0" in cells[0].describe()
+
+
 def test_placement_contrast_prompt_differs_only_in_placement():
     """The placement-contrast prompt: the plain prompt at weight 1+w, the same sentence at each other
     placement at -w/2 (weights sum to 1, so w=0 is the plain prompt's guidance); the parts differ

@@ -52,6 +52,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 
 from jedi_jax.eval import metrics as M
@@ -63,18 +64,41 @@ from jedi_jax.schedulers.schedule import SAMPLERS
 SCORES = ("enc_ref", "pix", "background_ok", "placement_ok", "context_ok")
 
 
+class Cell(NamedTuple):
+    """One point of the grid: everything one generation of the validation cases depends on."""
+    sT: float
+    sI: float
+    k: int
+    contrast: float = 0.0  # placement-contrast weight w (0 = the plain prompt)
+    interval: tuple[float, float] = (0.0, 1.0)  # part of the trajectory where sI applies (1 elsewhere)
+    order: str | None = None  # guidance order (sampling/guidance.py); None = the folder's
+    reference_start: float = 0.0  # fraction of the trajectory run without the references
+    reference_captions: str = "given"  # minibench.REFERENCE_CAPTIONS
+
+    def describe(self) -> str:
+        a, b = self.interval
+        return (f"sT={self.sT:g} sI={self.sI:g} k={self.k} contrast={self.contrast:g} interval={a:g}:{b:g} "
+                f"{self.order} reference_start={self.reference_start:g} reference_captions={self.reference_captions}")
+
+
+def grid(text_scales, image_scales, ks, contrasts, intervals, orders, reference_starts, reference_captions):
+    """The cells, sT outermost (each sT's text-only baseline is generated before its cells)."""
+    return [Cell(float(sT), float(sI), int(k), float(w), tuple(iv), order, float(r0), rc)
+            for sT, sI, k, w, iv, order, r0, rc in itertools.product(
+                text_scales, image_scales, ks, contrasts, intervals, orders, reference_starts, reference_captions)]
+
+
 def sweep(model, *, first_subject: int = 100, subjects: int = 24, text_scales=(3.0,), image_scales=(2.0,),
           ks=(3,), contrasts=(0.0,), intervals=((0.0, 1.0),), orders=(None,), reference_starts=(0.0,),
           reference_captions=("given",), steps: int = 20,
           seed_index: int = 0, sampler: str = "ddim", eta: float = 0.0, evaluators: str | None = None,
           log=print) -> dict:
-    """Runs the grid; returns {'rows': [{sT, sI, k, contrast, interval, order, reference_start,
-    reference_captions, <score>: ci,
-    enc_ref_normalized: ci, ...}], ...}. contrasts: placement-contrast weights w (0 = the plain prompt);
-    intervals: (start, end) parts of the trajectory where sI applies (1 elsewhere); orders: guidance
-    orders (sampling/guidance.py; None = the model folder's); reference_starts: fractions of the
-    trajectory run without the references (pipeline.reference_steps); reference_captions: "given" or
-    "empty" (minibench.REFERENCE_CAPTIONS)."""
+    """Runs the grid (one ``Cell`` per combination of the axes); returns {'rows': [{<Cell's fields>,
+    <score>: ci, enc_ref_normalized: ci, pix_normalized: ci, seconds}], 'ground_truth': ..., ...}.
+    contrasts: placement-contrast weights w (0 = the plain prompt); intervals: (start, end) parts of the
+    trajectory where sI applies (1 elsewhere); orders: guidance orders (sampling/guidance.py; None = the
+    model folder's); reference_starts: fractions of the trajectory run without the references
+    (pipeline.reference_steps); reference_captions: "given" or "empty" (minibench.REFERENCE_CAPTIONS)."""
     start = time.time()
     pipe = _load_pipeline(model)
     orders = tuple(dict.fromkeys(pipe.guidance_order(o) for o in orders))  # None -> the folder's
@@ -84,49 +108,48 @@ def sweep(model, *, first_subject: int = 100, subjects: int = 24, text_scales=(3
     cases = [make_case(first_subject + i, 1) for i in range(subjects)]
     names = [c["name"] for c in cases]
     idx = M.bootstrap_indices(len(cases))
-    records: dict[tuple, list[dict]] = {}
-
-    def run(key, k, sT, sI, w=0.0, interval=(0.0, 1.0), order=None, ref_start=0.0, ref_captions="given"):
-        recs = []
-        for case in cases:
-            prompt = placement_contrast_prompt(case, 0, w) if w else None
-            image, _ = generate(pipe, case, 0, call_seed(case["index"], 0, seed_index), k, steps=steps,
-                                guidance_scale=sT, image_guidance_scale=sI, sampler=sampler, eta=eta,
-                                prompt=prompt, image_guidance_interval=interval, guidance_order=order,
-                                reference_start=ref_start, reference_captions=ref_captions)
-            recs.append(scored(case, image))
-        records[key] = recs
 
     def scored(case, image):
         rec = scorer.score(case, 0, image[None])[0]
         rec["subject"] = case["name"]
         return rec
 
+    def run(cell: Cell) -> list[dict]:
+        recs = []
+        for case in cases:
+            prompt = placement_contrast_prompt(case, 0, cell.contrast) if cell.contrast else None
+            image, _ = generate(pipe, case, 0, call_seed(case["index"], 0, seed_index), cell.k, steps=steps,
+                                guidance_scale=cell.sT, image_guidance_scale=cell.sI, sampler=sampler, eta=eta,
+                                prompt=prompt, image_guidance_interval=cell.interval, guidance_order=cell.order,
+                                reference_start=cell.reference_start, reference_captions=cell.reference_captions)
+            recs.append(scored(case, image))
+        return recs
+
+    def means(recs, key):
+        return M.subject_means(recs, key, names)
+
     gt = [scored(case, case["prompts"][0]["gt"]) for case in cases]
+    text_only: dict[float, list[dict]] = {}
     rows = []
-    for sT in text_scales:
-        run(("text_only", sT), 0, sT, 0.0)  # k = 0: sI has nothing to act on
-        for sI, k, w, iv, order, r0, rc in itertools.product(image_scales, ks, contrasts, intervals, orders,
-                                                             reference_starts, reference_captions):
-            t0 = time.time()
-            cell = (sT, sI, k, w, iv, order, r0, rc)
-            run(cell, k, sT, sI, w, iv, order, r0, rc)
-            row = dict(sT=float(sT), sI=float(sI), k=int(k), contrast=float(w), interval=list(iv), order=order,
-                       reference_start=float(r0), reference_captions=rc, seconds=round(time.time() - t0, 1))
-            for key in SCORES:
-                row[key] = M.mean_ci(M.subject_means(records[cell], key, names), idx)
-            for key in ("enc_ref", "pix"):
-                row[f"{key}_normalized"] = M.normalized_ci(
-                    M.subject_means(records[cell], key, names),
-                    M.subject_means(records[("text_only", sT)], key, names), M.subject_means(gt, key, names), idx)
-            rows.append(row)
-            log(f"[guidance_sweep] sT={sT:g} sI={sI:g} k={k} contrast={w:g} interval={iv[0]:g}:{iv[1]:g} {order} "
-                f"reference_start={r0:g} reference_captions={rc}: identity "
-                f"{M.fmt_ci(row['enc_ref_normalized'], 2)}, background {row['background_ok']['mean']:.2f}, "
-                f"placement {row['placement_ok']['mean']:.2f}, both {row['context_ok']['mean']:.2f} "
-                f"({row['seconds']:.0f} s)")
-    ceiling = {key: M.mean_ci(M.subject_means(gt, key, names), idx)
-               for key in ("background_ok", "placement_ok", "context_ok")}
+    for cell in grid(text_scales, image_scales, ks, contrasts, intervals, orders, reference_starts,
+                     reference_captions):
+        if cell.sT not in text_only:  # k = 0: sI has nothing to act on
+            text_only[cell.sT] = run(Cell(cell.sT, 0.0, 0))
+        t0 = time.time()
+        recs = run(cell)
+        row = cell._asdict()
+        row["interval"] = list(cell.interval)
+        row["seconds"] = round(time.time() - t0, 1)
+        for key in SCORES:
+            row[key] = M.mean_ci(means(recs, key), idx)
+        for key in ("enc_ref", "pix"):
+            row[f"{key}_normalized"] = M.normalized_ci(means(recs, key), means(text_only[cell.sT], key),
+                                                       means(gt, key), idx)
+        rows.append(row)
+        log(f"[guidance_sweep] {cell.describe()}: identity {M.fmt_ci(row['enc_ref_normalized'], 2)}, "
+            f"background {row['background_ok']['mean']:.2f}, placement {row['placement_ok']['mean']:.2f}, "
+            f"both {row['context_ok']['mean']:.2f} ({row['seconds']:.0f} s)")
+    ceiling = {key: M.mean_ci(means(gt, key), idx) for key in ("background_ok", "placement_ok", "context_ok")}
     return dict(rows=rows, ground_truth=ceiling, subjects=names, first_subject=first_subject, steps=steps,
                 sampler=sampler, eta=float(eta), seconds_total=round(time.time() - start, 1), model=str(pipe.model.folder))
 
