@@ -70,7 +70,7 @@ def test_normalized_identity_is_zero_and_one_by_construction():
 
 def test_pixel_identity_prefers_own_subject():
     """Model-free score: same subject in the prompted context >> another subject of that category."""
-    from jedi_jax.eval.minibench import make_case
+    from jedi_jax.eval.protocol import make_case
 
     case = make_case(0, 1)
     ref = M.PixelReference(case["ref_images"], case["ref_masks"])
@@ -189,7 +189,7 @@ def test_dreambooth_snapshots_are_points_of_one_run(tiny64_pipeline):
     import jax
 
     from jedi_jax.eval.dreambooth import DreamBooth
-    from jedi_jax.eval.minibench import make_case
+    from jedi_jax.eval.protocol import make_case
 
     case = make_case(0, 1)
     booth = DreamBooth(tiny64_pipeline, steps=4, lr=1e-2)
@@ -230,7 +230,7 @@ def test_dreambooth_curve_end_to_end_and_reach(tiny64_pipeline, tmp_path):
 
 def test_guidance_sweep_uses_subjects_minibench_does_not(tiny64_pipeline):
     from jedi_jax.eval import guidance_sweep as GS
-    from jedi_jax.eval.minibench import make_case
+    from jedi_jax.eval.protocol import generate, make_case
 
     res = GS.sweep(tiny64_pipeline, first_subject=100, subjects=2, text_scales=(3.0,), image_scales=(0.0, 2.0),
                    ks=(1,), contrasts=(0.0, 1.0), steps=2, log=lambda *a: None)
@@ -277,7 +277,7 @@ def test_guidance_sweep_uses_subjects_minibench_does_not(tiny64_pipeline):
     with pytest.raises(SystemExit):
         GS.main(["--reference-captions", "given,none", "--out", "unused"])
     with pytest.raises(ValueError, match="reference_captions"):
-        GS.generate(tiny64_pipeline, make_case(100, 1), 0, 0, 1, steps=1, guidance_scale=3.0,
+        generate(tiny64_pipeline, make_case(100, 1), 0, 0, 1, steps=1, guidance_scale=3.0,
                     image_guidance_scale=1.0, reference_captions="none")
     # Guidance orders reach the sampler (they differ when sI != sT: sampling/guidance.py).
     res = GS.sweep(tiny64_pipeline, first_subject=100, subjects=2, text_scales=(1.0,), image_scales=(6.0,),
@@ -310,7 +310,7 @@ def test_placement_contrast_prompt_differs_only_in_placement():
     """The placement-contrast prompt: the plain prompt at weight 1+w, the same sentence at each other
     placement at -w/2 (weights sum to 1, so w=0 is the plain prompt's guidance); the parts differ
     from the prompt in the placement word only."""
-    from jedi_jax.eval.minibench import make_case, placement_contrast_prompt
+    from jedi_jax.eval.protocol import make_case, placement_contrast_prompt
     from jedi_jax.pipeline import split_prompt
 
     for i in range(3):
@@ -331,7 +331,7 @@ def test_composed_prompts_say_the_same_labels_in_training_words():
     """The composed-prompt row asks for exactly the plain prompt's labels: placement in one part,
     background in the other, category/size/orientation in both; each part starts a training template."""
     from jedi_jax.data.pool import PLACEMENT_ONLY
-    from jedi_jax.eval.minibench import COMPOSED_PARTS, make_case
+    from jedi_jax.eval.protocol import COMPOSED_PARTS, make_case
 
     assert COMPOSED_PARTS[0] == PLACEMENT_ONLY[0]
     for part in COMPOSED_PARTS:

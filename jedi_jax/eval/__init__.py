@@ -5,6 +5,8 @@
     cnn.py                  the small CNN both use, host-side augmentations, weight files
     metrics.py              per-image scores, normalization, bootstrap CIs
     dreambooth.py           the finetuning baseline (same model, plain denoising loss)
+    protocol.py             MiniBench's cases, paired seeds, one generation, scoring (shared by all below)
+    cli.py                  argument parsing shared by the evaluation CLIs
     minibench.py            the benchmark: `python -m jedi_jax.eval.minibench`, and `quick_identity`
                             for training learning curves
     learning_curve.py       quick identity of every checkpoint of a run

@@ -6,7 +6,7 @@
 JeDi's claim (CVPR 2024, Sec. 1 and 5.2) is identity comparable to test-time finetuning at a
 fraction of its time. MiniBench times one DreamBooth budget; this measures the whole curve. For
 each of MiniBench's first ``--subjects`` cases (same references, prompts, paired seeds and scorers,
-``minibench.make_case``) and each learning rate, ONE finetuning run of max(budgets) steps keeps the
+``protocol.make_case``) and each learning rate, ONE finetuning run of max(budgets) steps keeps the
 UNet after every budget (``DreamBooth.finetune(snapshot_at=...)``); each snapshot generates the
 prompts text-only, as MiniBench's DreamBooth row does. JeDi k=1 and k=3 generate the same prompts
 with the same seeds.
@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from jedi_jax.eval import metrics as M
-from jedi_jax.eval.minibench import Scorer, _load_pipeline, call_seed, cli_list, cli_model, generate, make_case
+from jedi_jax.eval.cli import cli_list, cli_model
+from jedi_jax.eval.protocol import Scorer, call_seed, generate, load_pipeline, make_case
 
 SCORES = ("enc_ref", "pix", "background_ok", "placement_ok")
 
@@ -50,7 +51,7 @@ def measure(model, *, subjects: int = 6, lrs=(5e-5,), budgets=(50, 200), prompts
 
     start = time.time()
     budgets = tuple(sorted(set(int(b) for b in budgets)))
-    pipe = _load_pipeline(model)
+    pipe = load_pipeline(model)
     guidance_scale, image_guidance_scale = pipe.guidance_scales(guidance_scale, image_guidance_scale)
     scorer = Scorer(evaluators)
     cases = [make_case(i, prompts) for i in range(subjects)]

@@ -11,7 +11,7 @@ images. They trade identity against prompt fidelity, so they must be picked on d
 does not score. MiniBench uses test-split subjects 0..S-1; this sweep uses test-split subjects
 ``first_subject .. first_subject + subjects - 1`` (disjoint for first_subject >= MiniBench's
 --subjects), one held-out-pair prompt each, one seed, the same cases, paired noise and scorers as
-MiniBench (``minibench.make_case`` / ``generate`` / ``Scorer``).
+MiniBench (``protocol.make_case`` / ``generate`` / ``Scorer``).
 
 For every (sT, sI, k) it reports normalized encoder identity (0 = text-only at the same sT,
 1 = ground truth), pixel identity and background / placement accuracy, each with a 95% bootstrap CI
@@ -21,7 +21,7 @@ pair, so it measures composition, which neither accuracy alone does.
 
 ``--placement-contrast w`` (w > 0) also says each prompt as a weighted composed prompt that adds
 w x (the prompt - the same prompt at the other placements) to the text guidance
-(``minibench.placement_contrast_prompt``): does guiding the placement word alone harder make a
+(``protocol.placement_contrast_prompt``): does guiding the placement word alone harder make a
 held-out (background, placement) pair come out right?
 
 ``--image-intervals a:b`` applies sI only on the steps in [a, b) of the trajectory (0 = the noisiest
@@ -56,8 +56,9 @@ from typing import NamedTuple
 
 
 from jedi_jax.eval import metrics as M
-from jedi_jax.eval.minibench import (REFERENCE_CAPTIONS, Scorer, _load_pipeline, call_seed, cli_list, cli_model,
-                                     generate, make_case, placement_contrast_prompt)
+from jedi_jax.eval.cli import cli_choices, cli_intervals, cli_list, cli_model
+from jedi_jax.eval.protocol import (REFERENCE_CAPTIONS, Scorer, call_seed, generate, load_pipeline, make_case,
+                                    placement_contrast_prompt)
 from jedi_jax.sampling.guidance import ORDERS
 from jedi_jax.schedulers.schedule import SAMPLERS
 
@@ -73,7 +74,7 @@ class Cell(NamedTuple):
     interval: tuple[float, float] = (0.0, 1.0)  # part of the trajectory where sI applies (1 elsewhere)
     order: str | None = None  # guidance order (sampling/guidance.py); None = the folder's
     reference_start: float = 0.0  # fraction of the trajectory run without the references
-    reference_captions: str = "given"  # minibench.REFERENCE_CAPTIONS
+    reference_captions: str = "given"  # protocol.REFERENCE_CAPTIONS
 
     def describe(self) -> str:
         a, b = self.interval
@@ -98,9 +99,9 @@ def sweep(model, *, first_subject: int = 100, subjects: int = 24, text_scales=(3
     contrasts: placement-contrast weights w (0 = the plain prompt); intervals: (start, end) parts of the
     trajectory where sI applies (1 elsewhere); orders: guidance orders (sampling/guidance.py; None = the
     model folder's); reference_starts: fractions of the trajectory run without the references
-    (pipeline.reference_steps); reference_captions: "given" or "empty" (minibench.REFERENCE_CAPTIONS)."""
+    (pipeline.reference_steps); reference_captions: "given" or "empty" (protocol.REFERENCE_CAPTIONS)."""
     start = time.time()
-    pipe = _load_pipeline(model)
+    pipe = load_pipeline(model)
     orders = tuple(dict.fromkeys(pipe.guidance_order(o) for o in orders))  # None -> the folder's
     if "text_first" in orders and any(contrasts):  # refuse before the first image, not midway
         raise ValueError("placement contrast > 0 composes prompts, which guidance order text_first does not take")
@@ -180,28 +181,6 @@ def report(results: dict) -> str:
                      f"{f(r['context_ok'], 2)} |")
     lines += ["", f"{results['seconds_total']:.0f} s in all."]
     return "\n".join(lines) + "\n"
-
-
-def cli_choices(parser: argparse.ArgumentParser, flag: str, text: str, choices) -> tuple:
-    """'a,b' -> ('a', 'b'), each one of choices; an unknown or empty list is a parser error naming the flag."""
-    values = tuple(x.strip() for x in text.split(",") if x.strip())
-    bad = [v for v in values if v not in choices]
-    if bad or not values:
-        parser.error(f"{flag}: {', '.join(bad) or 'empty'}; choose from {', '.join(choices)}")
-    return values
-
-
-def cli_intervals(parser: argparse.ArgumentParser, text: str) -> tuple:
-    """'0:1,0.3:1' -> ((0.0, 1.0), (0.3, 1.0)); a bad interval is a parser error naming it."""
-    from jedi_jax.sample import parse_interval
-
-    try:
-        intervals = tuple(parse_interval(x.strip(), "--image-intervals") for x in text.split(",") if x.strip())
-    except ValueError as e:
-        parser.error(str(e))
-    if not intervals:
-        parser.error("--image-intervals is empty")
-    return intervals
 
 
 def main(argv=None) -> int:

@@ -8,7 +8,8 @@ renders of the subject in random training-like contexts with their captions as r
 and ask for ``--prompts`` prompted contexts whose (background, placement) pair training never
 rendered (``mw.HELDOUT_COMBOS``), under ``--seeds`` seeds. Every row sees the same subjects,
 references, prompts and initial noise (paired comparison). The ground truth of a prompt is the mini
-world's render of the subject in exactly that context.
+world's render of the subject in exactly that context. The cases, paired seeds, generation and
+scoring are ``protocol.py``'s, shared with the guidance sweep and the DreamBooth curve.
 
 Scores per image (``metrics.py``): encoder identity vs the references (``identity_encoder.py``,
 contrastive CNN) and vs an unseen gallery of the subject; model-free pixel identity (palette and
@@ -25,32 +26,21 @@ identity of JeDi k=3 in well under a minute on a small model (few subjects, 20 s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from jedi_jax.data import mini_world as mw
-from jedi_jax.data.pool import PLACEMENT_ONLY
 from jedi_jax.eval import metrics as M
+from jedi_jax.eval.cli import cli_model
 from jedi_jax.eval.minibench_report import plot, report, write_grid
+from jedi_jax.eval.protocol import Scorer, call_seed, generate, load_pipeline, make_case
 from jedi_jax.sampling.guidance import ORDERS
-
-BENCH_TAG = 4242  # seed space of MiniBench's references / prompts / galleries
-# The "composed prompt" row's parts: the full prompt's labels said as placement AND background. Each
-# part is the start of a training caption template (pool.PLACEMENT_ONLY[0] is FULL_TEMPLATE cut after
-# the placement; the other is TEMPLATES[7] cut before it), so neither part is new wording.
-COMPOSED_PARTS = (PLACEMENT_ONLY[0], "a photo of a {size} {orient} {cat} {bgp}")
-NUM_REFERENCES = 3
-GALLERY = 3
-# What the references are captioned with at sampling (generate): their own captions, or "" (the
-# pipeline's default when a user gives none; captions are dropped per member in training).
-REFERENCE_CAPTIONS = ("given", "empty")
-
 
 @dataclasses.dataclass(frozen=True)
 class Row:
@@ -60,7 +50,7 @@ class Row:
     k: int = 3  # references shown
     image_scale: float | None = None  # None = the run's image_guidance_scale
     coupled: bool = True
-    composed: bool = False  # prompt given as COMPOSED_PARTS joined by " AND " (pipeline: composed prompts)
+    composed: bool = False  # prompt given as protocol.COMPOSED_PARTS joined by " AND " (pipeline: composed prompts)
 
 
 ROWS: tuple[Row, ...] = (
@@ -80,7 +70,7 @@ ROWS: tuple[Row, ...] = (
     Row("jedi_k3_uncoupled", "JeDi k=3, no coupled attn", "coupled attention removed at inference (each member "
         "its own set): references cannot reach the target; expected ~ text-only", 3, coupled=False),
     Row("jedi_k3_composed", "JeDi k=3, composed prompt", "the same prompt said as two parts, placement AND "
-        "background (COMPOSED_PARTS), each part guided on its own (composable guidance; one more UNet branch): "
+        "background (protocol.COMPOSED_PARTS), each part guided on its own (composable guidance; one more UNet branch): "
         "does the model compose a held-out pair it cannot follow as one sentence?", 3, composed=True),
 )
 ROW_NAMES = tuple(r.name for r in ROWS)
@@ -109,147 +99,6 @@ class Settings:
                    grid_subjects=2, quick=True)
 
 
-# ---------------------------------------------------------------------------------- cases
-
-
-def make_case(index: int, num_prompts: int) -> dict[str, Any]:
-    """Test subject `index`: references (training-like contexts with distinct backgrounds, large,
-    upright except the last one, as the shipped examples), prompts in held-out (background,
-    placement) pairs with their ground truth, and a gallery of unseen test-context renders."""
-    subject = mw.subject_for("test", index)
-    rng = np.random.default_rng([BENCH_TAG, index])
-    refs, masks, captions, used, places = [], [], [], [], []
-    for j in range(NUM_REFERENCES):
-        ctx = mw.sample_context(rng, "train", exclude_backgrounds=used)
-        ctx = mw.make_context(ctx.background, ctx.placement, size="large",
-                              orientation=int(j == NUM_REFERENCES - 1), seed=ctx.bg_seed)
-        used.append(ctx.background)
-        places.append(mw.PLACEMENTS[ctx.placement])
-        image, mask = mw.render(subject, ctx)
-        refs.append(image)
-        masks.append(mask)
-        captions.append(mw.caption(subject, ctx, rng))
-    combos = [mw.HELDOUT_COMBO_IDS[i] for i in rng.permutation(len(mw.HELDOUT_COMBO_IDS))]
-    prompts = []
-    for j in range(num_prompts):
-        b, p = combos[j % len(combos)]
-        ctx = mw.make_context(b, p, size=int(rng.integers(2)), orientation=int(rng.integers(2)),
-                              seed=int(rng.integers(2**31 - 1)), jitter=False)
-        gt, gt_mask = mw.render(subject, ctx)
-        composed = " AND ".join(mw.prompt_for(subject.category, ctx, part) for part in COMPOSED_PARTS)
-        prompts.append(dict(prompt=mw.prompt_for(subject.category, ctx), composed=composed, context=ctx, gt=gt,
-                            gt_mask=gt_mask))
-    gallery = []
-    for _ in range(GALLERY):
-        gallery.append(mw.render(subject, mw.sample_context(rng, "test"))[0])
-    return dict(index=index, name=subject.name, subject=subject, ref_images=np.stack(refs),
-                ref_masks=np.stack(masks), ref_captions=captions, ref_placements=places,
-                ref_backgrounds=[mw.BACKGROUNDS[b] for b in used], prompts=prompts,
-                gallery=np.stack(gallery))
-
-
-def call_seed(case_index: int, prompt_index: int, seed_index: int) -> int:
-    """Pipeline seed, identical across rows (paired: same initial noise for every method)."""
-    return 7919 * seed_index + 101 * case_index + prompt_index
-
-
-# ---------------------------------------------------------------------------------- scoring
-
-
-class Scorer:
-    """Loads the shipped evaluators once; scores images against a case."""
-
-    def __init__(self, folder: str | None = None):
-        from jedi_jax.eval.context_classifier import load_context_classifier
-        from jedi_jax.eval.identity_encoder import load_identity_encoder
-
-        self.encoder = load_identity_encoder(folder)
-        self.classifier = load_context_classifier(folder)
-        self._cache: dict[int, dict] = {}
-
-    def _case_state(self, case: dict) -> dict:
-        if case["index"] not in self._cache:
-            self._cache[case["index"]] = dict(
-                refs=self.encoder.embed(case["ref_images"]), gallery=self.encoder.embed(case["gallery"]),
-                pixels=M.PixelReference(case["ref_images"], case["ref_masks"]))
-        return self._cache[case["index"]]
-
-    def score(self, case: dict, prompt_index: int, images: np.ndarray) -> list[dict]:
-        """images uint8 (M, H, W, 3) generated for case's prompt -> one record per image."""
-        from jedi_jax.eval.cnn import to_input
-
-        st = self._case_state(case)
-        prompt = case["prompts"][prompt_index]
-        images = np.asarray(images)
-        if images.shape[1:3] != (mw.RES, mw.RES):
-            images = ((to_input(images) + 1) * 127.5 + 0.5).clip(0, 255).astype(np.uint8)
-        emb = self.encoder.embed(images)
-        pred = self.classifier.predict(images)
-        labels = prompt["context"].labels
-        out = []
-        for i, image in enumerate(images):
-            rec = dict(enc_ref=M.cosine_to_set(emb[i], st["refs"]), enc_gallery=M.cosine_to_set(emb[i], st["gallery"]))
-            rec.update(st["pixels"].score(image, prompt["gt_mask"]))
-            for head in ("background", "placement", "size", "orientation"):
-                rec[f"{head}_ok"] = float(pred[head][i] == labels[head])
-            # both labels as prompted: every prompt names a held-out pair, so this is composition
-            rec["context_ok"] = rec["background_ok"] * rec["placement_ok"]
-            # the prompted pair and where the subject went, by name: placement_by_pair's inputs
-            rec.update(prompt_background=mw.BACKGROUNDS[labels["background"]],
-                       prompt_placement=mw.PLACEMENTS[labels["placement"]],
-                       placement_pred=mw.PLACEMENTS[int(pred["placement"][i])])
-            out.append(rec)
-        return out
-
-
-# ---------------------------------------------------------------------------------- generation
-
-
-def _load_pipeline(pipe_or_dir, max_references: int = NUM_REFERENCES):
-    from jedi_jax.pipeline import JeDiPipeline
-
-    if isinstance(pipe_or_dir, JeDiPipeline):
-        return pipe_or_dir
-    return JeDiPipeline.from_pretrained(pipe_or_dir, max_references=max_references)
-
-
-def placement_contrast_prompt(case: dict, prompt_index: int, weight: float) -> str:
-    """Case's prompt as a weighted composed prompt that guides placement alone harder:
-    "P(x) :1+w AND P(y) :-w/2 AND P(z) :-w/2", where P(y), P(z) are the same sentence at the other
-    two placements. With text_layer="embeddings" only the placement token differs between the parts,
-    so the extra term w (d_x - mean d_others) is a pure placement direction (eval.guidance_sweep)."""
-    prompt = case["prompts"][prompt_index]
-    ctx, category = prompt["context"], case["subject"].category
-    others = [mw.prompt_for(category, dataclasses.replace(ctx, placement=q))
-              for q in range(len(mw.PLACEMENTS)) if q != ctx.placement]
-    return " AND ".join([f"{prompt['prompt']} :{1 + weight:g}"] + [f"{o} :{-weight / len(others):g}" for o in others])
-
-
-def generate(pipe, case: dict, prompt_index: int, seed: int, k: int, *, steps: int, guidance_scale: float,
-             image_guidance_scale: float, sampler: str = "ddim", eta: float = 0.0, prompt: str | None = None,
-             image_guidance_interval: tuple[float, float] | None = None,
-             guidance_order: str | None = None, reference_start: float = 0.0,
-             reference_captions: str = "given") -> tuple[np.ndarray, dict]:
-    """One image for case's prompt (or for `prompt`, another wording of it, e.g. its "composed" form)
-    with the first k references; guidance_order None = the model folder's; reference_start: the part of
-    the trajectory run without the references (pipeline.reference_steps); reference_captions: "given"
-    (each reference's own caption) or "empty" ("", the pipeline's default when a user gives none).
-    Returns (uint8 (H, W, 3), seconds)."""
-    if reference_captions not in REFERENCE_CAPTIONS:
-        raise ValueError(f"unknown reference_captions {reference_captions!r}; choose one of {REFERENCE_CAPTIONS}")
-    k = min(k, pipe.max_references)
-    if prompt is None:
-        prompt = case["prompts"][prompt_index]["prompt"]
-    ref_prompts = list(case["ref_captions"][:k]) if reference_captions == "given" else [""] * k
-    out = pipe([prompt], list(case["ref_images"][:k]),
-               reference_prompts=ref_prompts, num_inference_steps=steps,
-               guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale,
-               image_guidance_interval=image_guidance_interval, guidance_order=guidance_order,
-               reference_start=reference_start, sampler=sampler,
-               eta=eta, seed=seed)
-    return np.asarray(out.images[0]), out.seconds
-
-
 def _row_images(row: Row, case, pipes, settings: Settings, dreambooth, timing) -> dict:
     """{(prompt_index, seed_index): uint8 image} for one row and one case (runs the model)."""
     from jedi_jax.eval.dreambooth import unet_params_swapped
@@ -263,7 +112,7 @@ def _row_images(row: Row, case, pipes, settings: Settings, dreambooth, timing) -
     pipe = pipes["coupled" if row.coupled else "uncoupled"]
     k = 0 if row.name in ("text_only", "dreambooth") else row.k
     sI = settings.image_guidance_scale if row.image_scale is None else row.image_scale
-    context = _nullcontext()
+    context = contextlib.nullcontext()
     if row.name == "dreambooth":
         params, info = dreambooth.finetune(case["ref_images"][:row.k], case["ref_captions"][:row.k],
                                            seed=case["index"])
@@ -284,14 +133,6 @@ def _row_images(row: Row, case, pipes, settings: Settings, dreambooth, timing) -
     return images
 
 
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 # ---------------------------------------------------------------------------------- the benchmark
 
 
@@ -304,7 +145,7 @@ def run(model, out: str | Path, settings: Settings, *, evaluators: str | None = 
     out = Path(out)
     (out / "grids").mkdir(parents=True, exist_ok=True)
     rows = [r for r in ROWS if r.name in settings.rows]
-    pipe = _load_pipeline(model)
+    pipe = load_pipeline(model)
     settings = dataclasses.replace(settings)  # the caller's stays as given
     settings.guidance_scale, settings.image_guidance_scale = pipe.guidance_scales(settings.guidance_scale,
                                                                                  settings.image_guidance_scale)
@@ -509,12 +350,12 @@ def quick_identity(model, n_subjects: int = 8, *, steps: int = 20, k: int = 3, s
     start = time.time()
     if not hasattr(model, "max_references"):  # a folder: build its pipeline once per process
         key = ("pipe", str(Path(model).resolve()))
-        model = _QUICK_CACHE[key] = _QUICK_CACHE.get(key) or _load_pipeline(model)
+        model = _QUICK_CACHE[key] = _QUICK_CACHE.get(key) or load_pipeline(model)
     pipe = model
     scorer = _QUICK_CACHE.get(("scorer", evaluators)) or Scorer(evaluators)
     _QUICK_CACHE[("scorer", evaluators)] = scorer
     cases = [make_case(i, 1) for i in range(n_subjects)]
-    swap = unet_params_swapped(pipe, unet_params) if unet_params is not None else _nullcontext()
+    swap = unet_params_swapped(pipe, unet_params) if unet_params is not None else contextlib.nullcontext()
     scores = {"jedi": [], "text_only": [], "ground_truth": []}
     fidelity = {"background_ok": [], "placement_ok": []}
     with swap:
@@ -537,29 +378,6 @@ def quick_identity(model, n_subjects: int = 8, *, steps: int = 20, k: int = 3, s
 
 
 # ---------------------------------------------------------------------------------- CLI
-
-
-def cli_model(arg: str | None) -> Path | None:
-    """The eval CLIs' --model: a jedi_jax model folder, default the embedded JeDi-mini; None (after
-    one error line on stderr) when there is no model there."""
-    from jedi_jax.assets import DEFAULT_MODEL_DIR
-
-    model = Path(arg) if arg else DEFAULT_MODEL_DIR
-    if not (model / "jedi_model.json").exists():
-        print(f"error: no model at {model} (train JeDi-mini first, or pass --model DIR)", file=sys.stderr)
-        return None
-    return model
-
-
-def cli_list(parser: argparse.ArgumentParser, flag: str, text: str, cast=float) -> tuple:
-    """'1,2.5' -> (1.0, 2.5); a bad or empty list is a parser error naming the flag."""
-    try:
-        values = tuple(cast(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        parser.error(f"{flag} {text!r}: expected a comma-separated list of {cast.__name__}")
-    if not values:
-        parser.error(f"{flag} is empty")
-    return values
 
 
 def main(argv=None) -> int:

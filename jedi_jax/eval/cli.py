@@ -1,0 +1,51 @@
+"""Argument parsing shared by the evaluation CLIs: one clear parser error naming the flag for bad input."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def cli_model(arg: str | None) -> Path | None:
+    """The eval CLIs' --model: a jedi_jax model folder, default the embedded JeDi-mini; None (after
+    one error line on stderr) when there is no model there."""
+    from jedi_jax.assets import DEFAULT_MODEL_DIR
+
+    model = Path(arg) if arg else DEFAULT_MODEL_DIR
+    if not (model / "jedi_model.json").exists():
+        print(f"error: no model at {model} (train JeDi-mini first, or pass --model DIR)", file=sys.stderr)
+        return None
+    return model
+
+
+def cli_list(parser: argparse.ArgumentParser, flag: str, text: str, cast=float) -> tuple:
+    """'1,2.5' -> (1.0, 2.5); a bad or empty list is a parser error naming the flag."""
+    try:
+        values = tuple(cast(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        parser.error(f"{flag} {text!r}: expected a comma-separated list of {cast.__name__}")
+    if not values:
+        parser.error(f"{flag} is empty")
+    return values
+
+
+def cli_choices(parser: argparse.ArgumentParser, flag: str, text: str, choices) -> tuple:
+    """'a,b' -> ('a', 'b'), each one of choices; an unknown or empty list is a parser error naming the flag."""
+    values = tuple(x.strip() for x in text.split(",") if x.strip())
+    bad = [v for v in values if v not in choices]
+    if bad or not values:
+        parser.error(f"{flag}: {', '.join(bad) or 'empty'}; choose from {', '.join(choices)}")
+    return values
+
+
+def cli_intervals(parser: argparse.ArgumentParser, text: str) -> tuple:
+    """'0:1,0.3:1' -> ((0.0, 1.0), (0.3, 1.0)); a bad interval is a parser error naming it."""
+    from jedi_jax.sample import parse_interval
+
+    try:
+        intervals = tuple(parse_interval(x.strip(), "--image-intervals") for x in text.split(",") if x.strip())
+    except ValueError as e:
+        parser.error(str(e))
+    if not intervals:
+        parser.error("--image-intervals is empty")
+    return intervals
