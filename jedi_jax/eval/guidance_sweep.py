@@ -152,7 +152,8 @@ def sweep(model, *, first_subject: int = 100, subjects: int = 24, text_scales=(3
             f"both {row['context_ok']['mean']:.2f} ({row['seconds']:.0f} s)")
     ceiling = {key: M.mean_ci(means(gt, key), idx) for key in ("background_ok", "placement_ok", "context_ok")}
     return dict(rows=rows, ground_truth=ceiling, subjects=names, first_subject=first_subject, steps=steps,
-                sampler=sampler, eta=float(eta), seconds_total=round(time.time() - start, 1), model=str(pipe.model.folder))
+                sampler=sampler, eta=float(eta), seconds_total=round(time.time() - start, 1),
+                model=str(pipe.model.folder))
 
 
 def report(results: dict) -> str:

@@ -70,8 +70,8 @@ ROWS: tuple[Row, ...] = (
     Row("jedi_k3_uncoupled", "JeDi k=3, no coupled attn", "coupled attention removed at inference (each member "
         "its own set): references cannot reach the target; expected ~ text-only", 3, coupled=False),
     Row("jedi_k3_composed", "JeDi k=3, composed prompt", "the same prompt said as two parts, placement AND "
-        "background (protocol.COMPOSED_PARTS), each part guided on its own (composable guidance; one more UNet branch): "
-        "does the model compose a held-out pair it cannot follow as one sentence?", 3, composed=True),
+        "background (protocol.COMPOSED_PARTS), each part guided on its own (composable guidance; one more UNet "
+        "branch): does the model compose a held-out pair it cannot follow as one sentence?", 3, composed=True),
 )
 ROW_NAMES = tuple(r.name for r in ROWS)
 
