@@ -28,8 +28,9 @@ setup(
     ],
     extras_require={
         # PyTorch references for the parity tests. torch==2.13.0 is the CPU wheel on the dev machines.
-        "test": ["torch==2.13.0", "diffusers==0.42.1", "pytest", "pytest-xdist", "nbclient", "ipykernel", "setuptools",
-                 "tensorflow-datasets>=4.9", "importlib_resources"],
+        # setuptools: tests/test_packaging.py builds the wheel without build isolation.
+        "test": ["torch==2.13.0", "diffusers==0.42.1", "pytest", "pytest-xdist", "nbclient", "ipykernel",
+                 "setuptools", "tensorflow-datasets>=4.9", "importlib_resources"],
         # Building the TFDS dataset uses tensorflow-datasets (our builder hands it encoded PNGs, so no
         # TensorFlow is imported); reading array_record needs neither (jedi_jax.data.set_source).
         "data": ["tensorflow-datasets>=4.9", "importlib_resources"],
