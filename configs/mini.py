@@ -24,8 +24,9 @@ that name the placement (stage 3d); stage 3e adds `--config.train.loss_weighting
 (every set weighs the same in the loss, so sets with 3 references count as much as those with
 none; train/step.py), stage 3f `--config.train.subject_weight=3` (the subject's latent cells
 weigh 1 + 3 in each image's loss), stage 3g continues 3f's folder with
-`--config.train.subject_weight=6`, and stage 3h, the shipped UNet, continues 3g's with
-`--config.model.text_layer=tokens` (jedi_jax/assets/jedi_mini/MODEL_CARD.md has every command). The
+`--config.train.subject_weight=6`, stage 3h continues 3g's with `--config.model.text_layer=tokens`,
+and stage 3i, the shipped UNet, continues 3h's 4,000 more steps (seed 1)
+(jedi_jax/assets/jedi_mini/MODEL_CARD.md has every command). The
 text encoder is a small CLIP (random, frozen: its job is to keep the caption tokens apart; the
 UNet's cross-attention learns to read them), read at `model.text_layer="tokens"`: its token
 embeddings, normed, without the position embeddings (stage 3h; stages 3b-3g read "embeddings", token
