@@ -12,11 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch  # the test extra: a missing reference is a failure, not a skip
+import diffusers
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
-
-from jedi_jax.schedulers import (  # noqa: E402
+from jedi_jax.schedulers import (
     NoiseScheduleConfig,
     add_noise,
     ddim_prev_timesteps,

@@ -259,7 +259,6 @@ def test_flips_and_crops_consistent_for_images_and_masks():
 
 
 def test_with_clip_tokenizer(tmp_path):
-    pytest.importorskip("transformers")
     from jedi_jax.models.tokenizer import load_tokenizer, tokenize, write_test_tokenizer
 
     write_test_tokenizer(tmp_path / "tok", ["subject", "photo"])
