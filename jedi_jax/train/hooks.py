@@ -67,7 +67,9 @@ def _generate(models, schedule_cfg, num_steps, unet_params, frozen, images, late
 
 
 def sample_grid(*, step, workdir, config, models, unet_params, frozen, batch, tokenizer, mesh):
-    """Writes the sample grid of `step`; returns its path (process 0) or None."""
+    """Writes the sample grid of `step`; returns its path (process 0) or None. `batch` is this
+    process's numpy batch (its references and captions are personalized from); `unet_params` are the
+    EMA params when `sample.use_ema`."""
     k = min(int(config.sample.num_sets), batch["member_mask"].shape[0])
     images = jnp.asarray(batch["images"][:k]) if "images" in batch else None
     latents = jnp.asarray(batch["latents"][:k]) if images is None else None

@@ -16,13 +16,12 @@ the parameters an uninterrupted one would have.
 """
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -32,6 +31,7 @@ from jedi_jax.train import models as models_lib
 from jedi_jax.train import sharding as shd
 from jedi_jax.train import state as state_lib
 from jedi_jax.train import step as step_lib
+from jedi_jax.train.hooks import sample_grid
 
 log = logging.getLogger("jedi_jax.train")
 
@@ -76,8 +76,8 @@ def validate_config(config) -> None:
         errors.append(f"mesh.dcn_shape={tuple(m.dcn_shape)} must have one entry per mesh axis")
     if c.best_mode not in ("min", "max"):
         errors.append(f"checkpoint.best_mode={c.best_mode!r}")
-    if config.sample.every > 0 and load_sample_hook() is None:
-        errors.append("sample.every > 0 but jedi_jax.train.hooks (sample_grid) does not exist; set sample.every=0")
+    if config.sample.every < 0:
+        errors.append(f"sample.every={config.sample.every} must be >= 0 (0 = no sample grids)")
     if errors:
         raise ValueError("invalid config:\n  " + "\n  ".join(errors))
 
@@ -99,25 +99,6 @@ def validate_models(config, models: models_lib.Models, mesh) -> None:
         errors.append(f"data.batch_size={d.batch_size} must be divisible by the {div} devices of the batch axes")
     if errors:
         raise ValueError("invalid config:\n  " + "\n  ".join(errors))
-
-
-# ----------------------------------------------------------------------------- sample-grid seam
-
-
-def load_sample_hook() -> Callable | None:
-    """`jedi_jax.train.hooks.sample_grid` if that module exists (written with the sampler), else None.
-
-    Called as sample_grid(step=, workdir=, config=, models=, unet_params=, frozen=, batch=,
-    tokenizer=, mesh=) -> path of the written grid (or None); `batch` is this process's numpy batch
-    (references + captions to personalize from), `unet_params` the EMA params when enabled.
-    """
-    try:
-        module = importlib.import_module("jedi_jax.train.hooks")
-    except ModuleNotFoundError as e:
-        if e.name in ("jedi_jax.train.hooks",):
-            return None
-        raise
-    return getattr(module, "sample_grid", None)
 
 
 # ----------------------------------------------------------------------------- metrics output
@@ -260,7 +241,7 @@ def _train(config, workdir, guard: ckpt_lib.PreemptionGuard) -> dict[str, Any]:
     base_key = jax.device_put(jax.random.key_data(step_key), shd.replicated(mesh))
     frozen = bundle.frozen
     writer = MetricsWriter(workdir, enabled=is_main)
-    hook = load_sample_hook() if config.sample.every > 0 else None
+    hook = sample_grid if config.sample.every > 0 else None
     sets_per_step = int(config.data.batch_size)
     images_per_step = sets_per_step * int(config.data.set_size)
 
