@@ -292,6 +292,16 @@ def test_guidance_sweep_uses_subjects_minibench_does_not(tiny64_pipeline):
             GS.main(bad + ["--out", "unused"])
 
 
+def test_eval_clis_refuse_bad_lists_with_one_line_naming_the_flag(capsys):
+    from jedi_jax.eval import minibench as MB
+
+    for argv, flag in ((["--rows", "jedi_k3,jedi_k9"], "--rows: jedi_k9; choose from ground_truth"),
+                       (["--rows", ","], "--rows: empty")):
+        with pytest.raises(SystemExit) as e:
+            MB.main(argv + ["--out", "unused"])
+        assert e.value.code == 2 and flag in capsys.readouterr().err
+
+
 def test_guidance_sweep_grid_is_the_product_with_text_scale_outermost():
     """Every combination of the 8 axes is one cell, in product order with sT outermost, so each sT's
     text-only baseline (generated at its first cell) comes before the cells normalized by it."""

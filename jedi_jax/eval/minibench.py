@@ -37,7 +37,7 @@ import numpy as np
 
 from jedi_jax.data import mini_world as mw
 from jedi_jax.eval import metrics as M
-from jedi_jax.eval.cli import cli_model
+from jedi_jax.eval.cli import cli_choices, cli_model
 from jedi_jax.eval.minibench_report import plot, report, write_grid
 from jedi_jax.eval.protocol import Scorer, call_seed, generate, load_pipeline, make_case
 from jedi_jax.sampling.guidance import ORDERS
@@ -414,10 +414,7 @@ def main(argv=None) -> int:
     settings.guidance_scale, settings.image_guidance_scale = args.guidance_scale, args.image_guidance_scale
     settings.guidance_order = args.guidance_order
     settings.dreambooth_lr = args.dreambooth_lr
-    rows = tuple(r.strip() for r in args.rows.split(",") if r.strip())
-    bad = [r for r in rows if r not in ROW_NAMES]
-    if bad:
-        p.error(f"unknown rows {bad}; choose from {', '.join(ROW_NAMES)}")
+    rows = cli_choices(p, "--rows", args.rows, ROW_NAMES)
     for need in ("ground_truth", "text_only"):  # the normalization's 0 and 1
         if need not in rows:
             rows = (need,) + rows
