@@ -278,7 +278,7 @@ def test_guidance_sweep_uses_subjects_minibench_does_not(tiny64_pipeline):
         GS.main(["--reference-captions", "given,none", "--out", "unused"])
     with pytest.raises(ValueError, match="reference_captions"):
         generate(tiny64_pipeline, make_case(100, 1), 0, 0, 1, steps=1, guidance_scale=3.0,
-                    image_guidance_scale=1.0, reference_captions="none")
+                 image_guidance_scale=1.0, reference_captions="none")
     # Guidance orders reach the sampler (they differ when sI != sT: sampling/guidance.py).
     res = GS.sweep(tiny64_pipeline, first_subject=100, subjects=2, text_scales=(1.0,), image_scales=(6.0,),
                    ks=(1,), orders=("image_first", "text_first"), steps=2, log=lambda *a: None)
