@@ -26,11 +26,11 @@ none; train/step.py), stage 3f `--config.train.subject_weight=3` (the subject's 
 weigh 1 + 3 in each image's loss), stage 3g continues 3f's folder with
 `--config.train.subject_weight=6`, stage 3h continues 3g's with `--config.model.text_layer=tokens`,
 and stage 3i, the shipped UNet, continues 3h's 4,000 more steps (seed 1)
-(jedi_jax/assets/jedi_mini/MODEL_CARD.md has every command). The
-text encoder is a small CLIP (random, frozen: its job is to keep the caption tokens apart; the
-UNet's cross-attention learns to read them), read at `model.text_layer="tokens"`: its token
-embeddings, normed, without the position embeddings (stage 3h; stages 3b-3g read "embeddings", token
-+ position; stages 1-3a "last"; export records the layer in jedi_model.json).
+(jedi_jax/assets/jedi_mini/MODEL_CARD.md has the shipped chain's commands, EXPERIMENTS.md the
+rest). The text encoder is a small CLIP (random, frozen: its job is to keep the caption tokens
+apart; the UNet's cross-attention learns to read them), read at `model.text_layer="tokens"`: its
+token embeddings, normed, without the position embeddings (stage 3h; stages 3b-3g read
+"embeddings", token + position; stages 1-3a "last"; export records the layer in jedi_model.json).
 """
 import os
 import sys
@@ -59,7 +59,8 @@ def get_config(arg: str | None = None):
     c.model.max_text_len = 20
     # Cross-attend to the (normed) token embeddings alone: not the random encoder's last layer, whose
     # causal attention leaks each word into the next, nor its random position embeddings, which move a
-    # word's vector more than changing the word does (MODEL_CARD: "the text side", stage 3h).
+    # word's vector more than changing the word does (MODEL_CARD.md: "the text side"; EXPERIMENTS.md:
+    # stage 3h).
     c.model.text_layer = "tokens"
     c.model.dtype = "float32"
     c.schedule = ml_collections.ConfigDict(MINI_SCHEDULE)

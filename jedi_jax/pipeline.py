@@ -80,7 +80,7 @@ def per_step_scales(scale: float, steps: int, interval: tuple[float, float] | No
     references condition the model but their guidance term is not amplified (guidance in a limited
     interval, Kynkaanniemi et al., NeurIPS 2024). None: `scale` at every step. On JeDi-mini the
     references' identity forms in the later steps: (0.4, 1.0) keeps it, (0.0, 0.5) loses some
-    (model card, experiment 5).
+    (assets/jedi_mini/EXPERIMENTS.md, experiment 5).
     """
     scales = np.full((steps,), scale, np.float32)
     if interval is None:
@@ -98,7 +98,8 @@ def reference_steps(steps: int, start: float) -> np.ndarray | None:
     start: the fraction of the trajectory (0 = the first, noisiest step) before which the targets are
     denoised as a text-only set, references left out (sampling/joint.sample_set, `references_on`).
     On JeDi-mini this trades background for placement: the first steps set both, and the references
-    carry the background while the prompt alone carries the placement (model card, experiment 16).
+    carry the background while the prompt alone carries the placement
+    (assets/jedi_mini/EXPERIMENTS.md, experiment 16).
     """
     start = float(start)
     if not 0.0 <= start < 1.0:

@@ -26,20 +26,20 @@ held-out (background, placement) pair come out right?
 
 ``--image-intervals a:b`` applies sI only on the steps in [a, b) of the trajectory (0 = the noisiest
 step) and 1 elsewhere (``pipeline.per_step_scales``): when do the references act? (On JeDi-mini,
-identity forms in the second half, and no interval moves placement: model card, experiment 5.)
+identity forms in the second half, and no interval moves placement: assets/jedi_mini/EXPERIMENTS.md, experiment 5.)
 
 ``--orders image_first,text_first`` compares the two orders of the guidance terms
 (``sampling/guidance.py``): the references' effect measured without the prompt (the paper's) or with it.
 
 ``--reference-starts r`` leaves the references out of the first fraction r of the steps, which are
 then the text-only sampler's (``pipeline.reference_steps``): does the layout follow the prompt better
-when the references join after it is set? (On JeDi-mini: placement up, background down; model
-card, experiment 16.)
+when the references join after it is set? (On JeDi-mini: placement up, background down;
+assets/jedi_mini/EXPERIMENTS.md, experiment 16.)
 
 ``--reference-captions given,empty`` captions the references with their own captions (MiniBench's
 protocol) or with "" (the pipeline's default when a user gives none): do a reference's words pull
-the target toward its placement? (On JeDi-mini 3h: no, within two images of 48; model card,
-experiment 18.)
+the target toward its placement? (On JeDi-mini 3h: no, within two images of 48;
+assets/jedi_mini/EXPERIMENTS.md, experiment 18.)
 
 ``--sampler`` / ``--eta`` run the whole grid with another sampler (``dpmpp_2m``) or with DDIM's
 stochasticity eta (0 = deterministic DDIM, 1 = DDPM-like ancestral noise).
@@ -191,7 +191,8 @@ def main(argv=None) -> int:
     p.add_argument("--first-subject", type=int, default=100,
                    help="first test-split subject index (MiniBench uses 0..subjects-1: stay above it)")
     p.add_argument("--subjects", type=int, default=24,
-                   help="validation subjects (12 proved too few to tell two UNets apart: model card)")
+                   help="validation subjects (12 proved too few to tell two UNets apart: "
+                        "assets/jedi_mini/EXPERIMENTS.md)")
     p.add_argument("--text-scales", default="3", help="comma-separated sT values")
     p.add_argument("--image-scales", default="1,2,3,4", help="comma-separated sI values")
     p.add_argument("--k", default="1,3", help="comma-separated reference counts (1..3)")

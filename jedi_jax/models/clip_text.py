@@ -236,7 +236,7 @@ NAMED_LAYERS = {"last": -1, "penultimate": -2, "embeddings": 0}
 # no hidden state holds it). Every word is one vector wherever it stands: a bag of words, which is all
 # a mini-world caption needs (each label has its own words). Why: with "embeddings" a one-word shift
 # moves a word's vector more than changing the word does (a frozen random position table as large as
-# the token table); model card, "Why prompt fidelity is low".
+# the token table); model card, "Prompt following" (in full: assets/jedi_mini/EXPERIMENTS.md).
 TOKEN_LAYER = "tokens"
 TEXT_LAYERS = tuple(NAMED_LAYERS) + (TOKEN_LAYER,)
 

@@ -38,7 +38,7 @@ references add to the prompted image:
 It is still exactly e(I,T) at sI = sT = 1 and needs the same 3 branches (one prompt part only).
 The two orders differ by (sI - sT) (e(I,T) - e(noI,T) - e(I,noT) + e(noI,noT)), the interaction of
 references and prompt, so they agree at sI = sT. On JeDi-mini text_first lowers placement for the
-same identity (model card, experiment 11); image_first stays the default.
+same identity (assets/jedi_mini/EXPERIMENTS.md, experiment 11); image_first stays the default.
 """
 from __future__ import annotations
 
