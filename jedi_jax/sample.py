@@ -142,7 +142,8 @@ def main(argv=None) -> int:
         out = pipe(args.prompt, args.ref, reference_masks=args.ref_mask, reference_prompts=args.ref_prompt,
                    num_images=args.num, num_inference_steps=args.steps, guidance_scale=args.guidance,
                    image_guidance_scale=args.image_guidance, image_guidance_interval=args.image_guidance_interval,
-                   guidance_order=args.guidance_order, reference_start=args.reference_start, sampler=args.sampler, eta=args.eta, seed=args.seed,
+                   guidance_order=args.guidance_order, reference_start=args.reference_start,
+                   sampler=args.sampler, eta=args.eta, seed=args.seed,
                    replace_known=not args.free_known, progress=True)
     except (PipelineInputError, ImageInputError) as e:
         print(f"error: {e}", file=sys.stderr)
