@@ -6,6 +6,7 @@ and 687 pixels a side, unlike anything the mini world renders. The path must tak
 it can read from them, the subject's colour, into the prompted contexts.
 """
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -72,7 +73,7 @@ def test_references_carry_the_photos_colour_into_new_contexts(mini_pipeline):
         assert personal.settings["num_references"] == 2 and plain.settings["num_references"] == 0
         for prompt, a, b in zip(PROMPTS, plain.images, personal.images):
             assert redness(b) > redness(a) + 10, (seed, prompt, redness(a), redness(b))
-        # the references the model saw are the photos as loaded, and they head the grid
+        # the references the model saw are the photos as loaded
         for seen, photo in zip(personal.references, RED):
             np.testing.assert_array_equal(np.asarray(seen), load_reference(photo, 64))
 
@@ -81,7 +82,8 @@ def test_cli_personalizes_from_photos(tmp_path):
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, "-m", "jedi_jax.sample", "--ref", RED[0], "--ref", DOG, "--prompt", PROMPTS[0],
                         "--num", "2", "--steps", "4", "--seed", "0", "--out", out],
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "JEDI_JAX_CACHE": str(tmp_path / "xla")})  # no writes to ~/.cache
     assert r.returncode == 0, r.stderr
     settings = json.loads((out / "settings.json").read_text())
     assert settings["references"] == [str(RED[0]), str(DOG)] and settings["num_references"] == 2
