@@ -7,7 +7,8 @@ Writes OUT/image_00.png ..., OUT/grid.png (references on top, results below, pro
 and OUT/settings.json. --model defaults to the embedded JeDi-mini. Bad input (missing or unreadable
 files, no prompt, too many references, steps < 1, negative guidance) is one line on stderr, exit
 code 2 and no output folder: everything is written to a temporary folder renamed at the end.
-JAX's persistent compilation cache makes a second run with the same shapes start without compiling.
+JAX's persistent compilation cache makes a second run with the same shapes start without compiling
+(the cache lives in $JEDI_JAX_CACHE, by default ~/.cache/jedi_jax/xla).
 """
 from __future__ import annotations
 
