@@ -14,8 +14,8 @@
 #      curve into OUT_DIR.
 # Afterwards, on any machine: cat OUT_DIR/ckpt.tar.part-* | tar -x -C runs/mini_gpu, then
 #   python -m jedi_jax.train.export --workdir runs/mini_gpu --dst runs/jedi_mini_gpu
-# Env overrides (the CPU dry run in tests/test_launch_scripts.py uses them): PYTHON, BENCH_CONFIG, BENCH_SETS, BENCH_ARGS,
-# MINI_CONFIG, MINI_ARGS, CURVE_SUBJECTS, CURVE_SECONDS.
+# Env overrides (the CPU dry run in tests/test_launch_scripts.py uses them): PYTHON, BENCH_CONFIG,
+# BENCH_SETS, BENCH_ARGS, MINI_CONFIG, MINI_ARGS, CURVE_SUBJECTS, CURVE_SECONDS.
 set -uo pipefail
 out=${1:?usage: one_gpu_session.sh OUT_DIR [TRAIN_SECONDS]}
 secs=${2:-360}

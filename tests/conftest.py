@@ -6,6 +6,15 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_compilation_cache(tmp_path_factory):
+    """`python -m jedi_jax.sample` caches compiled programs in ~/.cache unless JEDI_JAX_CACHE says
+    otherwise: every test, and every CLI it starts, uses a temp folder instead."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JEDI_JAX_CACHE", str(tmp_path_factory.mktemp("xla")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     from jedi_jax.models.tiny import write_random_model

@@ -13,12 +13,6 @@ def _run(*args, cwd=None):
                           text=True, cwd=cwd, timeout=600)
 
 
-@pytest.fixture(autouse=True)
-def _own_compilation_cache(tmp_path_factory, monkeypatch):
-    """The CLI caches compiled programs in ~/.cache unless told otherwise: keep the tests' in a temp folder."""
-    monkeypatch.setenv("JEDI_JAX_CACHE", str(tmp_path_factory.getbasetemp() / "xla"))
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("inputs")
