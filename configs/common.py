@@ -128,6 +128,8 @@ def base_config() -> ml_collections.ConfigDict:
         ema_decay=0.9999,  # 0 = no EMA params
         loss_weighting="member",  # "member": each generated image weighs the same; "set": each set (train/step.py)
         subject_weight=0.0,  # > 0: the subject's latent cells weigh 1 + this in each image's loss (needs masks)
+        subject_weight_high_noise=-1.0,  # >= 0: the subject weight at t >= high_noise_from_t; < 0: subject_weight
+        high_noise_from_t=500,  # where the high-noise part of the schedule starts (train/step.py)
         log_every=50,
         peak_flops_per_chip=0.0,  # for MFU; 0 = from the device kind table (jedi_jax/train/step.py)
     ))

@@ -85,11 +85,12 @@ def test_config_validation_up_front():
     c.sample.every = -1
     c.train.loss_weighting = "image"
     c.train.subject_weight = -1.0
+    c.train.subject_weight_high_noise, c.train.high_noise_from_t = 2.0, 1001
     with pytest.raises(ValueError) as e:
         trainer.validate_config(c)
     msg = str(e.value)
     for part in ("train.steps", "batch_size", "no axis", "sample.every", "train.loss_weighting",
-                 "train.subject_weight"):
+                 "train.subject_weight", "train.high_noise_from_t=1001"):
         assert part in msg, msg
     trainer.validate_config(_cfg())  # the shipped variants validate
     trainer.validate_config(_cfg("tiny"))

@@ -140,6 +140,50 @@ def test_subject_weight_is_a_weighted_mean_over_the_latent_grid():
         step_lib.subject_weight_map(jnp.zeros((B, N, 9, 9)), a, (H, H))
 
 
+def test_subject_weight_by_timestep_uses_each_sets_own_timestep():
+    """train.subject_weight_high_noise=b: a set drawn at t < high_noise_from_t weighs its subject a, one
+    at t >= it weighs it b (experiment 23's split); the loss equals the constant-weight loss computed
+    per set at its own weight, a constant table equals the float weight, and the config turns into
+    the table only when b >= 0 (old configs read as constant)."""
+    schedule = make_schedule(NoiseScheduleConfig())
+    T = schedule.num_train_timesteps
+    key = jax.random.key(11)
+    k_t, _, _ = jax.random.split(key, 3)
+    t = np.asarray(jax.random.randint(k_t, (B,), 0, T))  # the timesteps the loss will draw
+    t0 = int(t.min()) + 1  # set argmin(t) is low-noise, the other high-noise
+    assert t.max() >= t0
+    a, b = 6.0, 1.0
+    masks = np.zeros((B, N, H, H), np.float32)
+    masks[:, :, :2, :2] = 1.0
+    batch = dict(_batch(), masks=jnp.asarray(masks))
+    pred = jnp.asarray(np.random.default_rng(5).normal(size=(B, N, H, H, C)), jnp.float32)
+
+    def loss(w, weighting="set"):
+        return float(step_lib.jedi_loss(EchoModels(), schedule, "epsilon", {"pred": pred}, FROZEN, batch, key,
+                                        weighting, w)[0])
+
+    c = ml_collections.ConfigDict({"train": {"subject_weight": a, "subject_weight_high_noise": -1.0,
+                                             "high_noise_from_t": t0}})
+    assert step_lib.configured_subject_weight_by_t(c, T) == a
+    c.train.subject_weight_high_noise = b
+    table = step_lib.configured_subject_weight_by_t(c, T)
+    assert table.shape == (T,) and table[t0 - 1] == a and table[t0] == b
+    assert step_lib.configured_uses_subject_weight(c)
+    np.testing.assert_allclose(loss(np.full(T, a, np.float32)), loss(a), rtol=1e-6)
+    # "set" weighting averages each set's own loss; with the other set's members masked out, the loss is
+    # set i's term alone (same key: same t and noise), here computed at the constant weight a(t_i)
+    want = []
+    for i in range(B):
+        only_i = dict(batch, member_mask=batch["member_mask"].at[1 - i].set(False))
+        w = a if t[i] < t0 else b
+        want.append(float(step_lib.jedi_loss(EchoModels(), schedule, "epsilon", {"pred": pred}, FROZEN, only_i,
+                                             key, "set", w)[0]))
+    np.testing.assert_allclose(loss(table), np.mean(want), rtol=1e-5)
+    assert abs(loss(table) - loss(a)) > 1e-4  # the high-noise set's weight did change the loss
+    none = ml_collections.ConfigDict({"train": {"subject_weight": 0.0, "subject_weight_high_noise": 0.0}})
+    assert not step_lib.configured_uses_subject_weight(none)
+
+
 def test_unet_input_carries_references_clean_and_noisy_channel_for_all():
     schedule = make_schedule(NoiseScheduleConfig())
     batch = _batch()

@@ -43,7 +43,7 @@ def synthetic_batch(config, process_count: int = 1) -> dict:
     batch = {"images": rng.uniform(-1, 1, (b, n, s, s, 3)).astype(np.float32),
              "input_ids": rng.integers(0, 200, (b, n, t)).astype(np.int32),
              "member_mask": np.ones((b, n), bool), "ref_mask": ref}
-    if step_lib.configured_subject_weight(config) > 0:  # the step then reads subject masks too
+    if step_lib.configured_uses_subject_weight(config):  # the step then reads subject masks too
         batch["masks"] = (rng.uniform(size=(b, n, s, s)) < 0.25).astype(np.float32)
     return batch
 
@@ -101,7 +101,8 @@ def prepare(config) -> dict:
     fn = step_lib.make_train_step(bundle.models, schedule, tx, lr, prediction_type=config.schedule.prediction_type,
                                   ema_decay=float(config.train.ema_decay),
                                   loss_weighting=config.train.loss_weighting,
-                                  subject_weight=step_lib.configured_subject_weight(config))
+                                  subject_weight=step_lib.configured_subject_weight_by_t(
+                                      config, schedule.num_train_timesteps))
     local = synthetic_batch(config, jax.process_count())
     bsh = shd.batch_sharding(mesh, rules)
     compiled, info = step_lib.compile_train_step(

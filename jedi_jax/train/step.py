@@ -34,6 +34,12 @@ Why: identity (palette, texture, marks) lives in the subject's pixels, which are
 image whose background the caption already names; an unweighted mean spends most of the gradient on
 the background.
 
+The weight may depend on the set's timestep (train.subject_weight_high_noise = b >= 0): a(t) = a for
+t < train.high_noise_from_t and b from there on. Why: the layout (background, placement) is decided at
+high noise (EXPERIMENTS.md, experiments 5 and 16), identity detail at lower noise; a heavier subject
+weight everywhere bought identity and cost composition (experiment 19), so the two halves of the
+schedule can be weighted apart.
+
 PRNG: the step's key is `fold_in(base_key, state.step)`, so a resumed run draws exactly the
 noise of an uninterrupted one.
 """
@@ -45,6 +51,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jedi_jax.models.jedi_inputs import unet_input
@@ -104,23 +111,51 @@ def configured_subject_weight(config) -> float:
     return float(config.train.get("subject_weight", 0.0))
 
 
-def subject_weight_map(masks: jax.Array, subject_weight: float, latent_hw: tuple[int, int]) -> jax.Array:
+def configured_subject_weight_by_t(config, num_train_timesteps: int) -> float | np.ndarray:
+    """The subject weight a(t) the step uses: the float train.subject_weight when it is the same at
+    every t, else a (T,) float32 table, a for t < train.high_noise_from_t and
+    train.subject_weight_high_noise from there on (module docstring). Configs saved before these keys
+    existed read as a constant weight."""
+    a = configured_subject_weight(config)
+    b = float(config.train.get("subject_weight_high_noise", -1.0))
+    if b < 0:
+        return a
+    t0 = int(config.train.get("high_noise_from_t", num_train_timesteps))
+    return np.where(np.arange(num_train_timesteps) < t0, a, b).astype(np.float32)  # (T,)
+
+
+def uses_subject_weight(subject_weight: float | np.ndarray) -> bool:
+    """Whether the loss reads subject masks: some timestep weighs the subject (a(t) > 0)."""
+    return bool(np.any(np.asarray(subject_weight) > 0))
+
+
+def configured_uses_subject_weight(config) -> bool:
+    """Whether the configured loss reads subject masks (so the loader must emit them)."""
+    return configured_subject_weight(config) > 0 or float(config.train.get("subject_weight_high_noise", -1.0)) > 0
+
+
+def subject_weight_map(masks: jax.Array, subject_weight, latent_hw: tuple[int, int]) -> jax.Array:
     """1 + subject_weight * (fraction of subject pixels in each latent cell): (B, N, H, W) -> (B, N, h, w).
 
     masks: subject masks in [0, 1] at image resolution, H and W multiples of h and w (the VAE factor).
+    subject_weight: a scalar, or (B,) one weight per set (a(t) at the set's timestep).
     """
     B, N, H, W = masks.shape
     h, w = latent_hw
     if H % h or W % w:
         raise ValueError(f"subject masks {H}x{W} do not pool to the {h}x{w} latent grid")
     frac = masks.astype(jnp.float32).reshape(B, N, h, H // h, w, W // w).mean(axis=(3, 5))  # (B, N, h, w)
-    return 1.0 + subject_weight * frac
+    a = jnp.reshape(jnp.asarray(subject_weight, jnp.float32), (-1, 1, 1, 1))  # (B or 1, 1, 1, 1)
+    return 1.0 + a * frac
 
 
 def jedi_loss(models: Models, schedule: NoiseSchedule, prediction_type: str, unet_params, frozen: dict,
               batch: dict, key: jax.Array, loss_weighting: str = "member",
-              subject_weight: float = 0.0) -> tuple[jax.Array, dict]:
-    """The JeDi denoising loss of one batch (see module docstring). Returns (loss, aux)."""
+              subject_weight: float | np.ndarray = 0.0) -> tuple[jax.Array, dict]:
+    """The JeDi denoising loss of one batch (see module docstring). Returns (loss, aux).
+
+    subject_weight: a, the same at every timestep, or a (T,) table a(t) (`configured_subject_weight_by_t`).
+    """
     member = batch["member_mask"].astype(bool)  # (B, N)
     ref = batch["ref_mask"].astype(bool) & member  # (B, N)
     B, N = member.shape
@@ -138,11 +173,16 @@ def jedi_loss(models: Models, schedule: NoiseSchedule, prediction_type: str, une
     ctx = jax.lax.stop_gradient(ctx.reshape((B, N) + ctx.shape[1:]))  # (B, N, T, D)
 
     cell_weight = None
-    if subject_weight > 0:
+    if uses_subject_weight(subject_weight):
         if "masks" not in batch:
             raise KeyError("train.subject_weight > 0 needs subject masks in the batch (a source whose records "
                            "have 'masks', loaded with with_masks=True)")
-        cell_weight = subject_weight_map(batch["masks"], subject_weight, x0.shape[2:4])  # (B, N, h, w)
+        masks, hw = batch["masks"], x0.shape[2:4]
+        if np.ndim(subject_weight) == 0:
+            cell_weight = subject_weight_map(masks, float(subject_weight), hw)  # (B, N, h, w)
+        else:  # a(t): the weight is chosen once the set's timestep is drawn
+            table = jnp.asarray(subject_weight, jnp.float32)  # (T,)
+            cell_weight = lambda t: subject_weight_map(masks, table[t], hw)  # noqa: E731  (B,) -> (B, N, h, w)
     apply = lambda p, x, t, c, m: models.unet_apply(p, x, t, c, m)  # noqa: E731
     loss, num = latent_set_loss(apply, schedule, prediction_type, unet_params, x0, ctx, member, ref, k_t, k_noise,
                                 loss_weighting, cell_weight)
@@ -152,14 +192,16 @@ def jedi_loss(models: Models, schedule: NoiseSchedule, prediction_type: str, une
 def latent_set_loss(unet_apply: Callable, schedule: NoiseSchedule, prediction_type: str, unet_params,
                     x0: jax.Array, ctx: jax.Array, member: jax.Array, ref: jax.Array, k_t: jax.Array,
                     k_noise: jax.Array, loss_weighting: str = "member",
-                    cell_weight: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                    cell_weight: jax.Array | Callable[[jax.Array], jax.Array] | None = None
+                    ) -> tuple[jax.Array, jax.Array]:
     """The denoising loss of latent sets (JeDi section 3): one timestep per set, references clean
     in the 2C+1 input, the mean squared error over the generated members only, each generated member
     weighing the same (loss_weighting="member") or each set that has one (="set"; module docstring).
 
     unet_apply(params, x_in (B, N, h, w, 2C+1), t (B,), ctx (B, N, T, D), member (B, N)) -> (B, N, h, w, C).
-    x0 (B, N, h, w, C) scaled latents; member / ref (B, N) bool; cell_weight (B, N, h, w) or None: a
-    weighted mean over the latent grid within each member (`subject_weight_map`), None = plain mean.
+    x0 (B, N, h, w, C) scaled latents; member / ref (B, N) bool; cell_weight (B, N, h, w), or a function
+    of the sets' timesteps t (B,) giving it, or None: a weighted mean over the latent grid within each
+    member (`subject_weight_map`), None = plain mean.
     Returns (loss, number of generated members).
     Also the DreamBooth baseline's loss (eval/dreambooth.py: sets of one, nothing known).
     """
@@ -179,6 +221,8 @@ def latent_set_loss(unet_apply: Callable, schedule: NoiseSchedule, prediction_ty
 
     pred = unet_apply(unet_params, x_in, t, ctx, member)  # (B, N, h, w, C)
     sq = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=-1)  # (B, N, h, w)
+    if callable(cell_weight):
+        cell_weight = cell_weight(t)  # (B, N, h, w)
     if cell_weight is None:
         per_member = jnp.mean(sq, axis=(2, 3))  # (B, N)
     else:
@@ -195,7 +239,7 @@ def latent_set_loss(unet_apply: Callable, schedule: NoiseSchedule, prediction_ty
 
 def make_train_step(models: Models, schedule: NoiseSchedule, tx: optax.GradientTransformation,
                     lr_schedule: optax.Schedule, *, prediction_type: str, ema_decay: float,
-                    loss_weighting: str = "member", subject_weight: float = 0.0) -> Callable:
+                    loss_weighting: str = "member", subject_weight: float | np.ndarray = 0.0) -> Callable:
     """(state, batch, frozen, base_key) -> (state, metrics). Pure; jit it with `compile_train_step`.
 
     base_key: uint32 key data (`jax.random.key_data(jax.random.key(seed))`), replicated.

@@ -57,6 +57,9 @@ def validate_config(config) -> None:
         errors.append(f"train.loss_weighting={t.loss_weighting!r} must be one of {step_lib.LOSS_WEIGHTINGS}")
     if step_lib.configured_subject_weight(config) < 0:
         errors.append(f"train.subject_weight={t.subject_weight} must be >= 0")
+    num_t = int(config.schedule.get("num_train_timesteps", 1000))
+    if float(t.get("subject_weight_high_noise", -1.0)) >= 0 and not 0 <= int(t.get("high_noise_from_t", 0)) <= num_t:
+        errors.append(f"train.high_noise_from_t={t.high_noise_from_t} must be in [0, {num_t}]")
     if config.schedule.prediction_type not in ("epsilon", "v_prediction"):
         errors.append(f"schedule.prediction_type={config.schedule.prediction_type!r}")
     if d.set_size < 1 or d.batch_size < 1:
@@ -226,7 +229,8 @@ def _train(config, workdir, guard: ckpt_lib.PreemptionGuard) -> dict[str, Any]:
                                           prediction_type=config.schedule.prediction_type,
                                           ema_decay=float(config.train.ema_decay),
                                           loss_weighting=config.train.loss_weighting,
-                                          subject_weight=step_lib.configured_subject_weight(config))
+                                          subject_weight=step_lib.configured_subject_weight_by_t(
+                                              config, schedule.num_train_timesteps))
     compiled, info = step_lib.compile_train_step(
         train_step, abstract_state=abstract, state_shardings=state_sh,
         abstract_batch=step_lib.abstract_batch(first, pc), batch_sharding=bsh,
@@ -329,7 +333,7 @@ def _make_loader(config, bundle):
         raise ValueError("no tokenizer: set model.tokenizer to a CLIP tokenizer folder")
     return make_loader(config.data, tokenize_fn=bundle.tokenizer, seed=config.seed,
                        process_index=jax.process_index(), process_count=jax.process_count(),
-                       with_masks=step_lib.configured_subject_weight(config) > 0)  # only the loss reads them
+                       with_masks=step_lib.configured_uses_subject_weight(config))  # only the loss reads them
 
 
 def _close(loader) -> None:
