@@ -18,7 +18,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from jedi_jax.convert.pipeline_folder import load_component_params, read_model_index, read_sampling_defaults
+from jedi_jax.convert.pipeline_folder import load_component_params, read_json, read_model_index, read_sampling_defaults
 from jedi_jax.convert.torch_naming import ConversionError
 from jedi_jax.models.functional import Functional
 
@@ -81,5 +81,5 @@ def load_model(model_dir: str | Path, *, dtype=jnp.float32, attention_kernel: st
     }
     tokenizer = load_tokenizer(model_dir) if (model_dir / "tokenizer").is_dir() else None
     sched = model_dir / "scheduler" / "scheduler_config.json"
-    scheduler_config = json.loads(sched.read_text()) if sched.exists() else None
+    scheduler_config = read_json(sched) if sched.exists() else None
     return Model(model_dir, components, tokenizer, scheduler_config, read_sampling_defaults(model_dir))

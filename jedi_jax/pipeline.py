@@ -85,7 +85,10 @@ def per_step_scales(scale: float, steps: int, interval: tuple[float, float] | No
     scales = np.full((steps,), scale, np.float32)
     if interval is None:
         return scales
-    start, end = (float(v) for v in interval)
+    values = tuple(interval)
+    if len(values) != 2:
+        raise PipelineInputError(f"image_guidance_interval={values} must be two fractions (start, end)")
+    start, end = (float(v) for v in values)
     if not 0.0 <= start < end <= 1.0:
         raise PipelineInputError(f"image_guidance_interval={tuple(interval)} must satisfy 0 <= start < end <= 1")
     position = np.arange(steps) / steps  # (S,) 0 at the noisiest step
@@ -141,7 +144,10 @@ class JeDiPipeline:
         self.text_layer = (getattr(model, "sampling", None) or {}).get("text_layer", "last") \
             if text_layer is None else text_layer
         self.coupled_attention = coupled_attention
-        self.schedule_config = NoiseScheduleConfig.from_diffusers(model.scheduler_config)
+        try:
+            self.schedule_config = NoiseScheduleConfig.from_diffusers(model.scheduler_config)
+        except (ValueError, TypeError) as e:
+            raise PipelineInputError(f"model folder {model.folder}: scheduler/scheduler_config.json: {e}") from None
         self.schedule = make_schedule(self.schedule_config)
         vae_cfg = model.vae.config
         self.latent_channels = vae_cfg.latent_channels
@@ -276,6 +282,14 @@ class JeDiPipeline:
                                      "('A AND B'); use 'image_first'")
         if sampler not in SAMPLERS:
             raise PipelineInputError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if eta < 0 or (sampler == "dpmpp_2m" and eta != 0):
+            raise PipelineInputError(f"eta={eta}: eta must be >= 0, and 0 for dpmpp_2m (a deterministic solver)")
+        if not -2**63 <= int(seed) < 2**63:
+            raise PipelineInputError(f"seed={seed} must fit in 64 bits")
+        try:
+            timesteps = inference_timesteps(self.schedule_config, num_inference_steps, sampler)  # (S,)
+        except ValueError as e:
+            raise PipelineInputError(f"steps={num_inference_steps}: {e}") from None
         references = list(references)
         k, m = len(references), len(prompts)
         if k == 0:  # no references: every step is already text-only (and one program serves it)
@@ -311,11 +325,12 @@ class JeDiPipeline:
                     part_texts[j][i], part_weights[j, 0, i] = part, weight
             part_ids = np.stack([self._tokenize(texts) for texts in part_texts])[:, None]  # (P, 1, N, T)
         empty_ids = self._tokenize([""])  # (1, T)
-        timesteps = jnp.asarray(inference_timesteps(self.schedule_config, num_inference_steps, sampler), jnp.int32)
+        timesteps = jnp.asarray(timesteps, jnp.int32)
         # max_references == 0: plain joint text-to-image, 2-branch classifier-free guidance.
         config = JointSamplerConfig(sampler=sampler, prediction_type=self.schedule_config.prediction_type,
                                     replace_known=replace_known, image_guidance=self.max_references > 0,
-                                    guidance_order=guidance_order if self.max_references > 0 else "image_first")
+                                    guidance_order=guidance_order if self.max_references > 0 else "image_first",
+                                    clip_sample=self.schedule_config.clip_range)
         params = {name: c.params for name, c in self.model.components.items()}
         args = (params, input_ids, empty_ids, ref_images, member_mask, ref_mask, timesteps,
                 jnp.asarray(image_scales), jnp.float32(guidance_scale), jax.random.key(seed), part_ids,

@@ -97,6 +97,10 @@ def validate(args) -> None:
         raise ValueError(f"--reference-start {args.reference_start}: need 0 <= FRACTION < 1")
     if args.eta < 0:
         raise ValueError(f"--eta {args.eta} must be >= 0")
+    if args.sampler == "dpmpp_2m" and args.eta != 0:
+        raise ValueError(f"--eta {args.eta}: dpmpp_2m is deterministic; eta applies to --sampler ddim only")
+    if not -2**63 <= args.seed < 2**63:
+        raise ValueError(f"--seed {args.seed} must fit in 64 bits")
     if len(args.ref) > args.max_references:
         raise ValueError(f"{len(args.ref)} references given but the set holds at most {args.max_references} "
                          "(raise --max-references)")

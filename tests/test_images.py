@@ -52,6 +52,24 @@ def test_center_crop_resize_and_mask(tmp_path):
     assert (masked[:, :6] >= 250).all() and (masked[:, 10:, 0] <= 5).all()
 
 
+def test_mask_must_share_its_references_frame(tmp_path):
+    """Image and mask are centre-cropped apart, so a mask of another aspect ratio would cover the wrong
+    region: refused in one line. A mask of the same frame at another resolution is fine."""
+    a = np.zeros((30, 60, 3), np.uint8)
+    with pytest.raises(ImageInputError, match="mask is 30x30 but its reference is 60x30"):
+        load_reference(a, 16, mask=np.full((30, 30), 255, np.uint8))
+    assert (load_reference(a, 16, mask=np.full((15, 30), 255, np.uint8)) == 0).all()
+
+
+def test_array_shapes(tmp_path):
+    grey = np.full((8, 8, 1), 0.5, np.float32)
+    assert (load_reference(grey, 8) == 128).all()  # (H, W, 1) reads as grey
+    with pytest.raises(ImageInputError, match=r"got \(8, 8, 2\)"):
+        load_reference(np.zeros((8, 8, 2), np.uint8), 8)
+    with pytest.raises(ImageInputError, match="image array"):
+        load_reference(np.zeros((2, 8, 8, 3), np.uint8), 8)
+
+
 def test_bad_files(tmp_path):
     (tmp_path / "x.png").write_text("no")
     with pytest.raises(ImageInputError, match="not a readable image"):

@@ -19,6 +19,8 @@ def files(tmp_path_factory):
     Image.fromarray((np.random.default_rng(0).random((40, 30, 3)) * 255).astype(np.uint8)).save(d / "ref.png")
     (d / "notimage.png").write_text("this is not an image")
     (d / "folder").mkdir()
+    (d / "broken_model").mkdir()
+    (d / "broken_model" / "jedi_model.json").write_text("{ not json")
     return d
 
 
@@ -35,6 +37,9 @@ BAD = {
     "empty interval": (["--prompt", "x", "--image-guidance-interval", "0.8:0.2"], "need 0 <= START < END <= 1"),
     "reference start out of range": (["--prompt", "x", "--reference-start", "1"], "need 0 <= FRACTION < 1"),
     "missing model": (["--prompt", "x", "--model", "{d}/no_model"], "does not exist"),
+    "model index not JSON": (["--prompt", "x", "--model", "{d}/broken_model"], "not a readable JSON file"),
+    "eta with dpmpp_2m": (["--prompt", "x", "--sampler", "dpmpp_2m", "--eta", "0.5"], "dpmpp_2m is deterministic"),
+    "steps beyond the schedule": (["--prompt", "x", "--steps", "1001"], "cannot exceed num_train_timesteps=1000"),
     "composed prompt, text_first": (["--prompt", "x AND y", "--guidance-order", "text_first", "--steps", "1"],
                                     "not composed prompts"),
 }

@@ -105,6 +105,14 @@ def test_bad_pipeline_input(tiny_pipeline):
         tiny_pipeline([PROMPT], num_inference_steps=0)
     with pytest.raises(PipelineInputError, match="no prompt"):
         tiny_pipeline([])
+    with pytest.raises(PipelineInputError, match="dpmpp_2m"):
+        tiny_pipeline([PROMPT], sampler="dpmpp_2m", eta=0.5)
+    with pytest.raises(PipelineInputError, match="steps=1001"):  # more steps than the schedule has
+        tiny_pipeline([PROMPT], num_inference_steps=1001)
+    with pytest.raises(PipelineInputError, match="64 bits"):
+        tiny_pipeline([PROMPT], seed=2**64)
+    with pytest.raises(PipelineInputError, match="two fractions"):
+        tiny_pipeline([PROMPT], image_guidance_interval=(0.1, 0.5, 0.9))
 
 
 def test_model_folder_recommends_guidance_scales(tiny_model_dir, tmp_path):

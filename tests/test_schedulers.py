@@ -113,11 +113,35 @@ def test_rescale_zero_terminal_snr_matches_diffusers():
 def test_inference_timesteps(spacing, offset):
     cfg = dataclasses.replace(SD, timestep_spacing=spacing, steps_offset=offset)
     ddim, dpm = _ddim_ref(cfg, "epsilon"), _dpm_ref(cfg, "epsilon")
-    for n in (1, 7, 10, 20, 25, 50, 999, 1000):
-        ddim.set_timesteps(n)
-        np.testing.assert_array_equal(inference_timesteps(cfg, n, "ddim"), ddim.timesteps.numpy())
-        dpm.set_timesteps(n)
-        np.testing.assert_array_equal(inference_timesteps(cfg, n, "dpmpp_2m"), dpm.timesteps.numpy())
+    overshoots = 0
+    for n in (1, 7, 10, 20, 25, 50, 61, 103, 999, 1000):
+        for ref, sampler in ((ddim, "ddim"), (dpm, "dpmpp_2m")):
+            ref.set_timesteps(n)
+            want = ref.timesteps.numpy()
+            if len(want) == n + 1 and want[-1] == -1:  # diffusers' float arange overshoots ("trailing", n=61, 103)
+                want, overshoots = want[:n], overshoots + 1
+            if len(np.unique(want)) < n or want.max() >= cfg.num_train_timesteps:  # diffusers repeats or
+                with pytest.raises(ValueError, match="repeat"):  # leaves the schedule (n = T): we refuse
+                    inference_timesteps(cfg, n, sampler)
+            else:
+                np.testing.assert_array_equal(inference_timesteps(cfg, n, sampler), want)
+    assert (overshoots > 0) == (spacing == "trailing")  # the case the first-n rule exists for is exercised
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+def test_inference_timesteps_are_n_distinct_steps_or_an_error(spacing):
+    """Every step count gives exactly n distinct descending timesteps in [0, T), or a ValueError: never
+    a -1 (which would index alphas_cumprod from the end) or a repeat (a zero-length DPM-Solver step)."""
+    cfg = dataclasses.replace(SD, timestep_spacing=spacing)
+    T = cfg.num_train_timesteps
+    for sampler in ("ddim", "dpmpp_2m"):
+        for n in range(1, T + 3):
+            try:
+                ts = inference_timesteps(cfg, n, sampler)
+            except ValueError:
+                assert n >= T - 1, (sampler, n)  # only counts near the schedule's length are refused
+                continue
+            assert len(ts) == n and ts.min() >= 0 and ts.max() < T and np.all(np.diff(ts) < 0), (sampler, n)
 
 
 def test_add_noise_and_velocity():

@@ -31,6 +31,17 @@ FORMAT = {"format": "jedi_jax", "version": 1}
 MODEL_FILE = "jedi_model.json"
 
 
+def read_json(path: Path) -> dict:
+    """A folder's JSON file as a dict; ConversionError (one line naming the file) when it is not one."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConversionError(f"{path}: not a readable JSON file ({e})") from None
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def read_model_index(model_dir: str | Path) -> dict[str, str]:
     """{component name: kind} of a jedi_jax model folder (strict)."""
     path = Path(model_dir) / MODEL_FILE
@@ -39,7 +50,7 @@ def read_model_index(model_dir: str | Path) -> dict[str, str]:
             f"{model_dir} is not a jedi_jax model folder (no {MODEL_FILE}); "
             "convert a diffusers folder first: python -m jedi_jax.convert --src DIFFUSERS_DIR --dst DIR"
         )
-    index = json.loads(path.read_text())
+    index = read_json(path)
     if index.get("format") != FORMAT["format"] or index.get("version") != FORMAT["version"]:
         raise ConversionError(f"{path}: unsupported format {index.get('format')!r} version {index.get('version')!r}")
     return dict(index["components"])
@@ -55,7 +66,7 @@ SAMPLING_KEYS = ("guidance_scale", "image_guidance_scale", "text_layer", "guidan
 def read_sampling_defaults(model_dir: str | Path) -> dict:
     """The folder's recommended sampling settings ({} if none); strict about names and values."""
     path = Path(model_dir) / MODEL_FILE
-    sampling = json.loads(path.read_text()).get("sampling", {}) if path.exists() else {}
+    sampling = read_json(path).get("sampling", {}) if path.exists() else {}
     if not isinstance(sampling, dict):
         raise ConversionError(f"{path}: 'sampling' must be an object, got {type(sampling).__name__}")
     values = {k: v for k, v in sampling.items() if k != "note"}

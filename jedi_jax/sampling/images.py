@@ -24,6 +24,10 @@ def open_image(source) -> Image.Image:
         image = source
     elif isinstance(source, np.ndarray):
         array = source
+        if array.ndim == 3 and array.shape[-1] == 1:
+            array = array[..., 0]  # (H, W, 1) -> grey (H, W)
+        if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4))):
+            raise ImageInputError(f"an image array must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4); got {array.shape}")
         if array.dtype != np.uint8:
             array = (np.clip(array.astype(np.float32), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
         image = Image.fromarray(array)
@@ -36,7 +40,7 @@ def open_image(source) -> Image.Image:
         try:
             image = Image.open(path)
             image.load()
-        except (UnidentifiedImageError, OSError) as e:
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
             raise ImageInputError(f"reference image {path} is not a readable image ({type(e).__name__})") from e
     else:
         raise ImageInputError(f"cannot use {type(source).__name__} as an image (give a path, PIL image or array)")
@@ -67,10 +71,16 @@ def center_crop_resize(image: Image.Image, size: int) -> Image.Image:
 
 def load_reference(source, size: int, mask=None) -> np.ndarray:
     """One reference -> uint8 (size, size, 3). `mask` (same sources) keeps the subject, whitens the rest."""
-    image = center_crop_resize(to_rgb(open_image(source)), size)
+    opened = open_image(source)
+    image = center_crop_resize(to_rgb(opened), size)
     array = np.asarray(image, dtype=np.uint8)
     if mask is not None:
-        m = center_crop_resize(to_rgb(open_image(mask)), size)
+        m = open_image(mask)
+        (w, h), (mw, mh) = opened.size, m.size
+        if abs(mw * h - w * mh) > 0.01 * w * mh:  # each is centre-cropped on its own: the frames must agree
+            raise ImageInputError(f"mask is {mw}x{mh} but its reference is {w}x{h}: give a mask of the "
+                                  "reference's shape")
+        m = center_crop_resize(to_rgb(m), size)
         keep = np.asarray(m.convert("L"), dtype=np.float32)[..., None] / 255.0  # (size, size, 1)
         array = (array * keep + 255.0 * (1.0 - keep) + 0.5).astype(np.uint8)
     return array

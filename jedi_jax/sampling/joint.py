@@ -38,6 +38,9 @@ class JointSamplerConfig:
     image_guidance: bool = struct.field(pytree_node=False, default=True)
     # Which guidance term conditions on the other (guidance.py): "image_first" or "text_first".
     guidance_order: str = struct.field(pytree_node=False, default="image_first")
+    # DDIM's x0 clip range (the scheduler's clip_sample / clip_sample_range) or None; dpmpp_2m ignores it,
+    # as diffusers' DPMSolverMultistepScheduler has no clip_sample.
+    clip_sample: float | None = struct.field(pytree_node=False, default=None)
 
 
 def guided_output(unet_fn: UNetFn, unet_params, x_t, t, ref_latents, layout: guidance.SetLayout,
@@ -124,6 +127,7 @@ def sample_set(unet_fn: UNetFn, unet_params, schedule, timesteps: jnp.ndarray, x
 
     x = sample_loop(denoise, x_T, timesteps, schedule, sampler=config.sampler,
                     prediction_type=config.prediction_type, eta=eta, key=eta_key,
+                    clip_sample=config.clip_sample if config.sampler == "ddim" else None,
                     pre_step=renoise_known if config.replace_known else None, on_step=on_step)
     if config.replace_known:
         x = jnp.where(known, ref_latents, x)

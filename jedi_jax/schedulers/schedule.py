@@ -188,7 +188,12 @@ def inference_timesteps(cfg: NoiseScheduleConfig, num_steps: int, sampler: str =
 
     `sampler="ddim"` reproduces `DDIMScheduler`, `sampler="dpmpp_2m"` `DPMSolverMultistepScheduler`
     (with `lambda_min_clipped=-inf`); the two differ for "leading" and "linspace" spacing (the latter
-    spaces num_steps + 1 points and drops the last). DDIM returns exactly `num_steps` values.
+    spaces num_steps + 1 points and drops the last). Both return exactly `num_steps` distinct values
+    in [0, T). One deliberate difference: "trailing" spacing is a float `arange(T, 0, -T/n)`, which
+    for some n (61, 103, 121, ... with T = 1000) rounds to n + 1 points, the last -1; diffusers keeps
+    it (and then reads alphas_cumprod[-1], the noisiest value, as the final step's), we keep the first n.
+    Raises ValueError for a count that would repeat a timestep or leave [0, T) (where diffusers returns
+    them: dpmpp_2m at n = T, "leading" with steps_offset=1 at n = T).
     """
     T, n = cfg.num_train_timesteps, int(num_steps)
     if n < 1:
@@ -202,7 +207,7 @@ def inference_timesteps(cfg: NoiseScheduleConfig, num_steps: int, sampler: str =
             ratio = T // n
             ts = (np.arange(0, n) * ratio).round()[::-1].copy().astype(np.int64) + cfg.steps_offset
         else:  # trailing
-            ts = np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1
+            ts = np.round(np.arange(T, 0, -T / n))[:n].astype(np.int64) - 1
     elif sampler == "dpmpp_2m":
         last = T  # lambda_min_clipped = -inf clips nothing
         if cfg.timestep_spacing == "linspace":
@@ -211,9 +216,13 @@ def inference_timesteps(cfg: NoiseScheduleConfig, num_steps: int, sampler: str =
             ratio = last // (n + 1)
             ts = (np.arange(0, n + 1) * ratio).round()[::-1][:-1].copy().astype(np.int64) + cfg.steps_offset
         else:  # trailing
-            ts = np.arange(last, 0, -T / n).round().copy().astype(np.int64) - 1
+            ts = np.arange(last, 0, -T / n).round()[:n].astype(np.int64) - 1
     else:
         raise ValueError(f"sampler={sampler!r} unsupported; use one of {SAMPLERS}")
+    # e.g. dpmpp_2m at n >= T repeats t; "leading" with steps_offset=1 at n = T reaches t = T
+    if len(ts) != n or ts.min() < 0 or ts.max() >= T or np.any(np.diff(ts) >= 0):
+        raise ValueError(f"{n} {sampler} steps with {cfg.timestep_spacing!r} spacing do not fit a {T}-step "
+                         "schedule (timesteps would repeat or leave [0, T)): use fewer steps")
     return ts
 
 
