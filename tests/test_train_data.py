@@ -314,3 +314,78 @@ def test_latent_records_carry_their_subject_masks_with_the_members():
         plain = type("P", (), {"__len__": lambda s: 6, "__getitem__": lambda s, i: {
             k: v for k, v in LatentSource()[i].items() if k != "masks"}})()
         next(iter(make(plain, batch_size=6, with_masks=True, hflip=0.0)))
+
+
+class _LatentSets:
+    """n records of 3 members with (3, 2, 2, 4) latents whose value is the record index."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return {"latents": np.full((3, 2, 2, 4), i, np.float32), "captions": ["c"] * 3, "subject": f"s{i}"}
+
+
+def test_a_process_of_padding_only_emits_the_same_keys_and_shapes():
+    """drop_remainder=False, 5 latent sets, batch 4 over 2 processes: the last batch holds one set, so
+    process 1's half is all padding. It must still emit 'latents' of the same shape as process 0
+    (a pixel batch there would break the global batch), with every mask False."""
+    kw = dict(batch_size=4, drop_remainder=False, process_count=2, hflip=0.0, shuffle=False)
+    last = [take(iter(make(_LatentSets(5), process_index=p, **kw)), 2)[1] for p in (0, 1)]
+    assert last[0].keys() == last[1].keys() and "latents" in last[1] and "images" not in last[1]
+    assert last[1]["latents"].shape == last[0]["latents"].shape == (2, 4, 2, 2, 4)
+    assert not last[1]["set_mask"].any() and not last[1]["member_mask"].any()
+    assert last[0]["set_mask"].tolist() == [True, False]
+
+
+def test_a_failed_batch_is_rebuilt_on_the_next_call_with_worker_threads():
+    """A record that fails once (a flaky read) makes next() raise; the loader has not moved, so the
+    next call rebuilds that batch and the run continues exactly as one without the failure."""
+
+    class FlakyOnce(ToySource):
+        failed = False
+
+        def __getitem__(self, i):
+            if i == 3 and not FlakyOnce.failed:
+                FlakyOnce.failed = True
+                raise OSError("transient read error")
+            return super().__getitem__(i)
+
+    want = take(make(ToySource([3] * 16), shuffle=False), 2)
+    flaky = make(FlakyOnce([3] * 16), shuffle=False, num_workers=2)
+    with pytest.raises(OSError, match="transient"):
+        next(flaky)
+    got = take(flaky, 2)
+    flaky.close()
+    for a, b in zip(got, want):
+        assert_batches_equal(a, b)
+
+
+def test_native_decoder_gives_colours_for_palette_and_alpha_pngs():
+    """A dataset builder may store palette or RGBA PNGs: the native reader decodes them to RGB colours
+    (as TFDS's 3-channel image feature does), not to palette indices, and an 'L' PNG mask to 0/1."""
+    import io
+
+    from PIL import Image
+
+    from jedi_jax.data.set_source import decode_record, serialize_example
+
+    def png(im):
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        return buf.getvalue()
+
+    red_blue = np.zeros((4, 4, 3), np.uint8)
+    red_blue[:, :2], red_blue[:, 2:] = (255, 0, 0), (0, 0, 255)
+    palette = Image.fromarray(red_blue).convert("P", palette=Image.Palette.ADAPTIVE, colors=2)
+    rgba = Image.fromarray(np.dstack([red_blue, np.full((4, 4), 255, np.uint8)]), "RGBA")
+    mask = Image.fromarray(np.eye(4, dtype=np.uint8) * 255).convert("P")
+    rec = decode_record(serialize_example({"images": [png(palette), png(rgba)], "captions": [b"a", b"b"],
+                                           "subject": [b"s"], "masks": [png(mask), png(mask)]}))
+    assert rec["images"].shape == (2, 4, 4, 3)
+    for image in rec["images"]:
+        np.testing.assert_array_equal(image, red_blue)
+    np.testing.assert_array_equal(rec["masks"][0], np.eye(4, dtype=bool))

@@ -163,8 +163,13 @@ def _png(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _unpng(b: bytes) -> np.ndarray:
+def _unpng(b: bytes, mode: str = "RGB") -> np.ndarray:
+    """PNG bytes -> uint8 array in `mode` ("RGB" images, "L" masks): a palette, grey or alpha PNG that
+    a dataset builder encoded itself decodes to its colours (alpha dropped), as TFDS's 3-channel image
+    feature decodes it, not to palette indices."""
     with Image.open(io.BytesIO(b)) as im:
+        if im.mode != mode:
+            im = im.convert(mode)
         return np.asarray(im)
 
 
@@ -205,7 +210,7 @@ def decode_record(serialized: bytes) -> SetRecord:
         "subject": _text(ex["subject"][0]) if ex.get("subject") else "",
     }
     if "masks" in ex:
-        rec["masks"] = _stack_masks([_unpng(b) for b in ex["masks"]])
+        rec["masks"] = _stack_masks([_unpng(b, "L") for b in ex["masks"]])
     return rec
 
 
@@ -260,7 +265,9 @@ class ArrayRecordSetSource:
         self.path = path
         self.split = split
         self.backend = backend
-        if is_dir:
+        if backend == "tfds":  # TFDS resolves the split itself (it may be a slice such as "train[:90%]")
+            self.files = []
+        elif is_dir:
             self.files = split_files(os.fspath(path), split)
         elif isinstance(path, (str, os.PathLike)):
             self.files = [os.fspath(path)]

@@ -115,6 +115,10 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
+        """Waits for pending async saves, then closes; a second call does nothing."""
+        if getattr(self, "_closed", False):
+            return
+        self._closed = True
         self.manager.wait_until_finished()
         self.manager.close()
 

@@ -178,6 +178,8 @@ def _process_latent_set(record: Mapping[str, Any], rng: np.random.Generator, cfg
     captions = list(record["captions"])
     if latents.ndim != 4 or len(captions) != latents.shape[0]:
         raise ValueError(f"'latents' must be (n, h, w, C) with n captions, got {latents.shape}, {len(captions)}")
+    if latents.shape[0] == 0:
+        raise ValueError(f"empty set (subject {record.get('subject')!r})")
     members, member_mask, ref_mask, keep_caption = _draw_members(latents.shape[0], rng, cfg)
     out = np.zeros((cfg.set_size,) + latents.shape[1:], np.float32)
     out[: len(members)] = latents[members]
@@ -305,8 +307,12 @@ class SetLoader:
         self.seed = int(seed)
         self.tokenize_fn = tokenize_fn
         self.drop_remainder, self.shuffle, self.num_epochs = drop_remainder, shuffle, num_epochs
+        first = source[0]
         if with_masks is None:
-            with_masks = "masks" in source[0]
+            with_masks = "masks" in first
+        # Latent or pixel records, decided once: a process whose slot range is all padding (the last
+        # partial batch, drop_remainder=False) must still emit the same keys and shapes as the others.
+        self._latent_shape = np.asarray(first["latents"]).shape[1:] if "latents" in first else None
         self.cfg = AugmentConfig(
             set_size=set_size, image_size=image_size,
             max_ref=set_size - 1 if max_ref is None else int(max_ref),
@@ -374,9 +380,11 @@ class SetLoader:
     def _assemble(self, epoch: int, position: int, jobs: list) -> dict[str, np.ndarray]:
         N, S, B = self.cfg.set_size, self.cfg.image_size, self.local_batch_size
         results = [None if j is None else (j.result() if isinstance(j, cf.Future) else j) for j in jobs]
-        first = next((r for r in results if r is not None), None)
-        pixel = first is None or "latents" not in first
-        images = np.zeros((B, N, S, S, 3), np.uint8) if pixel else np.zeros((B, N) + first["latents"].shape[1:], np.float32)
+        pixel = self._latent_shape is None
+        images = np.zeros((B, N, S, S, 3), np.uint8) if pixel else np.zeros((B, N) + self._latent_shape, np.float32)
+        for ex in results:
+            if ex is not None and ("latents" in ex) == pixel:
+                raise ValueError("the source mixes records with and without precomputed 'latents'")
         masks = np.zeros((B, N, S, S), np.uint8) if self.cfg.with_masks else None
         member_mask = np.zeros((B, N), bool)
         ref_mask = np.zeros((B, N), bool)
@@ -440,8 +448,14 @@ class SetLoader:
                 self._queue.append((nxt, self._jobs(*nxt)))
                 nxt = self._advance(*nxt)
             (epoch, position), jobs = self._queue.popleft()
-            assert (epoch, position) == (self._epoch, self._position)
-            batch = self._assemble(epoch, position, jobs)
+            if (epoch, position) != (self._epoch, self._position):
+                raise RuntimeError(f"loader queue at {(epoch, position)} but the loader is at "
+                                   f"{(self._epoch, self._position)}")
+            try:
+                batch = self._assemble(epoch, position, jobs)
+            except BaseException:
+                self._cancel_queue()  # the position has not moved: the next call rebuilds this batch
+                raise
         self._epoch, self._position = self._advance(self._epoch, self._position)
         return batch
 

@@ -159,13 +159,21 @@ def train(config, workdir: str | Path) -> dict[str, Any]:
     config.lock()  # unknown keys are errors from here on
     validate_config(config)
     guard = ckpt_lib.PreemptionGuard(config.checkpoint.preemption_sync_every)  # SIGTERM from here on: flag
+    opened: list = []  # closers of what _train opened; its loop's `finally` closes them on the way out
     try:
-        return _train(config, workdir, guard)
+        return _train(config, workdir, guard, opened)
+    except BaseException:
+        for close in reversed(opened):  # a failure before the loop (restore, first batch, compile)
+            try:
+                close()
+            except Exception:  # noqa: BLE001 - the original error is the one to report
+                log.exception("while closing after a failed start")
+        raise
     finally:
         guard.restore_handlers()
 
 
-def _train(config, workdir, guard: ckpt_lib.PreemptionGuard) -> dict[str, Any]:
+def _train(config, workdir, guard: ckpt_lib.PreemptionGuard, opened: list) -> dict[str, Any]:
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
@@ -179,6 +187,7 @@ def _train(config, workdir, guard: ckpt_lib.PreemptionGuard) -> dict[str, Any]:
     checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=ck.keep, keep_best=ck.keep_best,
                                          best_metric=ck.best_metric, best_mode=ck.best_mode,
                                          async_save=ck.async_save)
+    opened.append(checkpointer.close)
     latest = checkpointer.latest_step()
     bundle = models_lib.build(config.model, mesh=mesh, rules=rules, seed=config.seed, load_unet=latest is None)
     models = bundle.models
@@ -199,12 +208,17 @@ def _train(config, workdir, guard: ckpt_lib.PreemptionGuard) -> dict[str, Any]:
              models_lib.count(bundle.frozen["vae"]) / 1e6, models_lib.count(bundle.frozen["text_encoder"]) / 1e6)
 
     loader = _make_loader(config, bundle)
+    opened.append(lambda: _close(loader))
     resolved_config = ckpt_lib.config_to_json(config)
     if latest is not None:
         t0 = time.perf_counter()
         state, saved_config, data_state = checkpointer.restore(latest, shd.with_shardings(abstract, state_sh))
         if data_state:
             loader.set_state(data_state)
+        else:  # a checkpoint written without the loader's position: continue the order where it would be
+            loader.set_state(loader.state_for_step(latest))
+            log.warning("checkpoint %d has no data-iterator state: resuming the data order at step %d's batch",
+                        latest, latest)
         _log_config_changes(saved_config, resolved_config)
         log.info("resumed from %s/checkpoints/%d in %.1fs", workdir, latest, time.perf_counter() - t0)
     elif bundle.unet_params is not None:  # loaded (and widened) weights: optimizer state + EMA born sharded
