@@ -119,3 +119,25 @@ def test_configs_load_and_lock(arg):
     with pytest.raises(AttributeError):
         c.train.stepz = 1
     assert c.model.unet.in_channels == 2 * c.model.vae.latent_channels + 1
+
+
+def test_a_failed_start_closes_the_checkpointer_and_the_loader(tmp_path, monkeypatch):
+    """A failure after the checkpointer and the loader exist but before the loop's own `finally` (here
+    the first batch) closes both (async save threads, loader threads) and re-raises the error."""
+    from jedi_jax.train import checkpoint as ckpt_lib
+    from jedi_jax.train import loader as loader_lib
+    from jedi_jax.train import step as step_lib
+    from jedi_jax.train import trainer
+
+    closed = []
+    for cls, name in ((ckpt_lib.Checkpointer, "checkpointer"), (loader_lib.SetLoader, "loader")):
+        original = cls.close
+        monkeypatch.setattr(cls, "close", lambda self, _o=original, _n=name: (closed.append(_n), _o(self))[1])
+
+    def boom(batch):
+        raise RuntimeError("boom in the first batch")
+
+    monkeypatch.setattr(step_lib, "select_batch", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.train(_cfg("micro"), tmp_path / "run")
+    assert sorted(closed) == ["checkpointer", "loader"]
