@@ -82,6 +82,9 @@ def test_native_array_record_roundtrip(tmp_path):
         assert records_equal(src[i], ref[i])
     import pickle
     assert records_equal(pickle.loads(pickle.dumps(src))[2], ref[2])
+    src.close()  # closes the readers; a later read reopens them
+    assert src._source is None and records_equal(src[3], ref[3])
+    src.close()
     # no-mask records stay mask-less
     nomask = MiniWorldSource("test", num_sets=2, with_masks=False)
     set_source.write_array_record(str(tmp_path / "nm.array_record"), (nomask[i] for i in range(2)))

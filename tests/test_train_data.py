@@ -389,3 +389,27 @@ def test_native_decoder_gives_colours_for_palette_and_alpha_pngs():
     for image in rec["images"]:
         np.testing.assert_array_equal(image, red_blue)
     np.testing.assert_array_equal(rec["masks"][0], np.eye(4, dtype=bool))
+
+
+def test_int64_lists_decode_signed_packed_or_not():
+    """TensorFlow writes Int64List packed, other writers may not: both decode -5 as -5."""
+    from jedi_jax.data.set_source import _len_field, _varint, parse_example, serialize_example
+
+    assert parse_example(serialize_example({"n": [-5, 7]}))["n"] == [-5, 7]  # packed
+    unpacked = b"".join(_varint(1 << 3) + _varint(v & ((1 << 64) - 1)) for v in (-5, 7))  # field 1, wire 0
+    feature = _len_field(3, unpacked)
+    example = _len_field(1, _len_field(1, _len_field(1, b"n") + _len_field(2, feature)))
+    assert parse_example(example)["n"] == [-5, 7]
+
+
+def test_closing_the_loader_closes_its_source():
+    class Closable(ToySource):
+        closed = 0
+
+        def close(self):
+            Closable.closed += 1
+
+    loader = make(Closable([3] * 8), num_workers=1)
+    next(loader)
+    loader.close()
+    assert Closable.closed == 1

@@ -89,8 +89,8 @@ def _decode_feature(buf: memoryview) -> list[Any]:
             for f, wire, v in _fields(payload):
                 if f != 1:
                     continue
-                if wire == 0:
-                    ints.append(v)
+                if wire == 0:  # one varint, two's complement like the packed ones
+                    ints.append(v - (1 << 64) if v >= 1 << 63 else v)
                 else:
                     p = 0
                     while p < len(v):
@@ -288,6 +288,13 @@ class ArrayRecordSetSource:
 
     def __len__(self) -> int:
         return len(self._open())
+
+    def close(self) -> None:
+        """Closes the open array_record readers (they reopen on the next read)."""
+        exit_ = getattr(self._source, "__exit__", None)
+        if exit_ is not None:
+            exit_(None, None, None)
+        self._source = None
 
     def __getitem__(self, index: int) -> SetRecord:
         n = len(self)

@@ -483,11 +483,14 @@ class SetLoader:
         self._queue.clear()
 
     def close(self) -> None:
-        """Stop the worker threads (pending prefetch work is cancelled)."""
+        """Stop the worker threads (pending prefetch work is cancelled) and close the source's readers."""
         self._cancel_queue()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+        close_source = getattr(self.source, "close", None)
+        if close_source is not None:
+            close_source()
 
     def __enter__(self) -> "SetLoader":
         return self
