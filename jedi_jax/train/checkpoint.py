@@ -69,6 +69,7 @@ class Checkpointer:
             create=True,
         )
         self.manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=options)
+        self._closed = False
 
     # ---- queries -------------------------------------------------------------------------------
     def latest_step(self) -> int | None:
@@ -116,7 +117,7 @@ class Checkpointer:
 
     def close(self) -> None:
         """Waits for pending async saves, then closes; a second call does nothing."""
-        if getattr(self, "_closed", False):
+        if self._closed:
             return
         self._closed = True
         self.manager.wait_until_finished()

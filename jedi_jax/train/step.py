@@ -131,7 +131,8 @@ def uses_subject_weight(subject_weight: float | np.ndarray) -> bool:
 
 def configured_uses_subject_weight(config) -> bool:
     """Whether the configured loss reads subject masks (so the loader must emit them)."""
-    return configured_subject_weight(config) > 0 or float(config.train.get("subject_weight_high_noise", -1.0)) > 0
+    num_t = int((config.get("schedule") or {}).get("num_train_timesteps", 1000))
+    return uses_subject_weight(configured_subject_weight_by_t(config, num_t))
 
 
 def subject_weight_map(masks: jax.Array, subject_weight, latent_hw: tuple[int, int]) -> jax.Array:
