@@ -10,6 +10,8 @@
 # mesh.dcn_shape across nodes ((nodes, 1) = data parallel over the network). data.batch_size is
 # global. Re-submitting the same command resumes from the latest checkpoint in WORKDIR; on
 # `scancel` / time limit SLURM sends SIGTERM (see --signal) and the trainer checkpoints and exits 0.
+# Submit from the repo root: sbatch runs a spooled copy of this script, so the repo is taken to be
+# $SLURM_SUBMIT_DIR (export REPO=/path/to/jedi_jax, or PYTHON=..., to submit from elsewhere).
 #SBATCH --job-name=jedi
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=8
@@ -23,8 +25,18 @@ if [[ $# -lt 2 ]]; then
   sed -n '2,14p' "$0"; exit 2
 fi
 CONFIG=$1; WORKDIR=$2; shift 2
-REPO=${REPO:-$(cd "$(dirname "$0")/.." && pwd)}
+# Under sbatch, $0 is Slurm's spooled copy (.../slurmd/job<ID>/slurm_script), not this file: the repo
+# is where sbatch was run from. Run directly (bash launch/gpu_slurm.sh / srun), it is this file's repo.
+if [[ -n "${SLURM_SUBMIT_DIR:-}" ]]; then
+  REPO=${REPO:-$SLURM_SUBMIT_DIR}
+else
+  REPO=${REPO:-$(cd "$(dirname "$0")/.." && pwd)}
+fi
 PYTHON=${PYTHON:-$REPO/.venv/bin/python}
+if ! command -v "$PYTHON" >/dev/null 2>&1; then
+  echo "gpu_slurm.sh: no python at $PYTHON (REPO=$REPO): run sbatch from the repo root, or export REPO or PYTHON" >&2
+  exit 2
+fi
 
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
 # Overlap FSDP all-gathers / reduce-scatters with compute (XLA GPU latency-hiding scheduler).

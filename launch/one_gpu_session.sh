@@ -15,36 +15,60 @@
 # Afterwards, on any machine: cat OUT_DIR/ckpt.tar.part-* | tar -x -C runs/mini_gpu, then
 #   python -m jedi_jax.train.export --workdir runs/mini_gpu --dst runs/jedi_mini_gpu
 # Env overrides (the CPU dry run in tests/test_launch_scripts.py uses them): PYTHON, BENCH_CONFIG,
-# BENCH_SETS, BENCH_ARGS, MINI_CONFIG, MINI_ARGS, CURVE_SUBJECTS, CURVE_SECONDS.
+# BENCH_SETS, BENCH_ARGS, MINI_CONFIG, MINI_ARGS, CURVE_SUBJECTS, CURVE_SECONDS, RUN_DIR.
+# It runs from the repo root whatever the caller's directory (config and asset paths are repo-
+# relative; OUT_DIR, RUN_DIR and a PYTHON path stay relative to the caller's directory). Exit status:
+# 0 when training ended by itself or by the planned SIGTERM, and the bench and the curve exited 0;
+# otherwise 1, after packing whatever exists, with a last line naming the parts that failed.
 set -uo pipefail
 out=${1:?usage: one_gpu_session.sh OUT_DIR [TRAIN_SECONDS]}
 secs=${2:-360}
+abspath() { case $1 in /*) printf '%s\n' "$1";; *) printf '%s\n' "$PWD/$1";; esac; }
 py=${PYTHON:-python3}
-run=${RUN_DIR:-$(mktemp -d)/mini}
-mkdir -p "$out"
+case $py in */*) py=$(abspath "$py");; esac  # a path (not a command name) stays the caller's
+run=$(abspath "${RUN_DIR:-$(mktemp -d)/mini}")
+mkdir -p "$out" || exit 1
+out=$(CDPATH= cd -- "$out" && pwd) || exit 1
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 flags=$(mktemp -d)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
 "$py" -c "import jax, flax, orbax.checkpoint as o; print('jax', jax.__version__, 'flax', flax.__version__, 'orbax', o.__version__, jax.devices())"
 
+# timeout exits 124 when it sent the planned SIGTERM (the trainer then saves and exits): that is OK.
 ( timeout --foreground -s TERM "$secs" "$py" -m jedi_jax.train --config "${MINI_CONFIG:-configs/mini.py:gpu}" --workdir "$run" \
     --config.model.pretrained=jedi_jax/assets/jedi_mini --config.data.latent_vae=jedi_jax/assets/jedi_mini \
     ${MINI_ARGS:-} >"$out/train.log" 2>&1
-  echo "train exit $?" >>"$out/train.log"; touch "$flags/train.done" ) &
+  rc=$?; echo "train exit $rc" >>"$out/train.log"; touch "$flags/train.done"; exit $rc ) &
+train_pid=$!
 ( timeout $((secs + 150)) "$py" -m jedi_jax.train.bench --config "${BENCH_CONFIG:-configs/sd15.py:h100x8}" \
     --config.model.pretrained= --config.mesh.shape="(1,-1)" --config.data.batch_size="${BENCH_SETS:-4}" \
     --steps 10 --out "$out/bench_sd15.json" --wait_for "$flags/train.done" ${BENCH_ARGS:-} >"$out/bench.log" 2>&1
-  echo "bench exit $?" >>"$out/bench.log" ) &
-wait
+  rc=$?; echo "bench exit $rc" >>"$out/bench.log"; exit $rc ) &
+bench_pid=$!
+wait "$train_pid"; train_rc=$?
+wait "$bench_pid"; bench_rc=$?
 tail -n 3 "$out/train.log" "$out/bench.log"
 
 timeout "${CURVE_SECONDS:-100}" "$py" -m jedi_jax.eval.learning_curve --workdir "$run" \
     --subjects "${CURVE_SUBJECTS:-16}" >"$out/curve.log" 2>&1
-echo "curve exit $?" >>"$out/curve.log"
+curve_rc=$?
+echo "curve exit $curve_rc" >>"$out/curve.log"
 tail -n 4 "$out/curve.log"
 
-last=$(ls "$run/checkpoints" | grep -E '^[0-9]+$' | sort -n | tail -1)
+last=$(ls "$run/checkpoints" 2>/dev/null | grep -E '^[0-9]+$' | sort -n | tail -1)
 [ -n "$last" ] && tar -C "$run" -cf - "checkpoints/$last" | split -b 15m - "$out/ckpt.tar.part-"
 tar -C "$run" -czf "$out/run_logs.tgz" --ignore-failed-read metrics.jsonl summary.json samples \
     identity_curve.json identity_curve.png 2>/dev/null
 ls -la "$out"
+
+failed=()
+[[ $train_rc == 0 || $train_rc == 124 ]] || failed+=("train (exit $train_rc)")
+[[ $bench_rc == 0 ]] || failed+=("bench (exit $bench_rc)")
+[[ $curve_rc == 0 ]] || failed+=("curve (exit $curve_rc)")
+if ((${#failed[@]})); then
+  printf -v list '%s, ' "${failed[@]}"
+  echo "one_gpu_session.sh: FAILED: ${list%, } (logs in $out)"
+  exit 1
+fi
+echo "one_gpu_session.sh: all parts OK (train exit $train_rc, bench exit 0, curve exit 0)"

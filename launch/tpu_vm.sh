@@ -34,7 +34,8 @@ fi
 
 # 2. Code on every worker: git clone/pull, or scp the local checkout (without .venv and runs).
 if [[ -n "${REPO_URL:-}" ]]; then
-  gcl ssh "$NAME" --worker=all --command="[ -d $REPO_DIR ] && git -C $REPO_DIR pull --ff-only || git clone $REPO_URL $REPO_DIR"
+  printf -v url_q '%q' "$REPO_URL"
+  gcl ssh "$NAME" --worker=all --command="[ -d $REPO_DIR ] && git -C $REPO_DIR pull --ff-only || git clone $url_q $REPO_DIR"
 else
   tarball=$(mktemp /tmp/jedi_jax.XXXX.tgz)
   tar -C "$here" --exclude=.venv --exclude=runs --exclude=.git -czf "$tarball" .
@@ -50,6 +51,12 @@ gcl ssh "$NAME" --worker=all --command="cd $REPO_DIR && \
 
 # 4. Train on all workers at once. jax.distributed.initialize() finds the slice by itself
 #    (TPU_WORKER_HOSTNAMES); logs of worker 0 are shown, the others log warnings only.
-printf -v extra_q '%q ' "${EXTRA[@]}"
-gcl ssh "$NAME" --worker=all --command="cd $REPO_DIR && \
-  .venv/bin/python -m jedi_jax.train --config $CONFIG --workdir $WORKDIR --distributed $extra_q 2>&1 | tee -a train.log"
+#    Every argument is %q-quoted for the remote shell (bash); with no extra flags none is passed
+#    (printf '%q ' of an empty array would give one empty argument, which the trainer refuses).
+#    pipefail makes the trainer's exit status, not tee's, the remote command's and so this script's.
+printf -v config_q '%q' "$CONFIG"
+printf -v workdir_q '%q' "$WORKDIR"
+extra_q=""
+if ((${#EXTRA[@]})); then printf -v extra_q ' %q' "${EXTRA[@]}"; fi
+gcl ssh "$NAME" --worker=all --command="set -o pipefail; cd $REPO_DIR && \
+  .venv/bin/python -m jedi_jax.train --config $config_q --workdir $workdir_q --distributed$extra_q 2>&1 | tee -a train.log"

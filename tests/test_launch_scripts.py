@@ -6,9 +6,13 @@ time: the dry run below goes through every stage it has (time-boxed JeDi-mini tr
 SIGTERM, the SD-layout train-step benchmark waiting for the GPU to be free, the learning curve,
 the packed checkpoint) and then does what its header says to do afterwards on any machine: unpack
 the checkpoint parts and export a model folder that loads.
+
+The other tests run the scripts against stubs (a fake ``python``, ``gcloud``, ``srun``; no jax), in a
+second or two each: exit statuses, the arguments the trainer receives, which python is started.
 """
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -86,3 +90,169 @@ def test_one_gpu_session_dry_run_on_cpu(tmp_path):
     res = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0 and "changed True" in res.stdout, res.stdout[-2000:] + res.stderr[-3000:]
+
+
+# --- The scripts against stubs: fast, no jax. ------------------------------------------------------
+
+def _stub(path, body):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/usr/bin/env bash\n" + body)
+    path.chmod(0o755)
+    return path
+
+
+def _clean_env(**extra):
+    drop = {"PYTHON", "REPO", "RUN_DIR", "PROJECT", "REPO_URL", "SPOT", "MINI_CONFIG", "MINI_ARGS", "BENCH_CONFIG",
+            "BENCH_SETS", "BENCH_ARGS", "CURVE_SUBJECTS", "CURVE_SECONDS", "CDPATH"}
+    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("SLURM_")}
+    env.update(extra)
+    return env
+
+
+# A stand-in for python as one_gpu_session.sh calls it: it logs each part's working directory, the
+# "trainer" writes a checkpoint and then fails (STUB_TRAIN=fail), exits (=done) or waits for the
+# time box's SIGTERM and exits 0 the way the real trainer does (default); bench and curve exit
+# STUB_BENCH_RC / STUB_CURVE_RC.
+SESSION_PYTHON = r"""
+case "$1 $2" in
+  "-m jedi_jax.train")
+    echo "train $PWD" >>"$STUB_LOG"
+    while [ $# -gt 0 ]; do [ "$1" = --workdir ] && wd=$2; shift; done
+    mkdir -p "$wd/checkpoints/3" && echo weights >"$wd/checkpoints/3/state" && echo '{"step": 3}' >"$wd/metrics.jsonl"
+    case "${STUB_TRAIN:-sigterm}" in fail) exit 1;; done) exit 0;; esac
+    trap 'kill $! 2>/dev/null; echo "saved on SIGTERM"; exit 0' TERM
+    sleep 30 & wait; exit 0;;
+  "-m jedi_jax.train.bench") echo "bench $PWD" >>"$STUB_LOG"; exit "${STUB_BENCH_RC:-0}";;
+  "-m jedi_jax.eval.learning_curve") echo "curve $PWD" >>"$STUB_LOG"; exit "${STUB_CURVE_RC:-0}";;
+  *) exit 0;;
+esac
+"""
+
+
+def _run_session(tmp_path, **env):
+    _stub(tmp_path / "bin" / "python", SESSION_PYTHON)
+    env = _clean_env(STUB_LOG=str(tmp_path / "stub.log"), RUN_DIR="run", **env)
+    env.setdefault("PYTHON", "bin/python")  # relative: to the caller's directory, like OUT_DIR and RUN_DIR
+    # Called from tmp_path, not the repo root, with relative OUT_DIR / RUN_DIR / PYTHON; a 1 s time box.
+    return subprocess.run(["bash", str(LAUNCH / "one_gpu_session.sh"), "out", "1"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def _failed_parts(stdout):
+    last = stdout.strip().splitlines()[-1]
+    assert "FAILED" in last, stdout[-2000:]
+    return dict(re.findall(r"(\w+) \(exit (\d+)\)", last))
+
+
+def test_one_gpu_session_fails_when_no_part_can_run(tmp_path):
+    res = _run_session(tmp_path, PYTHON="false")
+    assert res.returncode != 0, res.stdout[-2000:]
+    assert _failed_parts(res.stdout) == {"train": "1", "bench": "1", "curve": "1"}
+    assert (tmp_path / "out" / "train.log").exists()  # OUT_DIR relative to the caller's directory
+
+
+def test_one_gpu_session_runs_from_the_repo_root_and_accepts_the_planned_sigterm(tmp_path):
+    res = _run_session(tmp_path)
+    why = res.stdout[-2000:] + res.stderr[-2000:]
+    assert res.returncode == 0, why
+    out = tmp_path / "out"
+    assert "train exit 124" in (out / "train.log").read_text() and "saved on SIGTERM" in (out / "train.log").read_text()
+    # Every part ran in the repo root (the default config / asset paths are repo-relative) ...
+    ran = sorted((tmp_path / "stub.log").read_text().splitlines())  # train and bench run side by side
+    assert ran == [f"{part} {REPO}" for part in ("bench", "curve", "train")], ran
+    # ... while OUT_DIR and RUN_DIR stayed relative to the caller's directory.
+    assert list(out.glob("ckpt.tar.part-*")) and (out / "run_logs.tgz").exists()
+    assert (tmp_path / "run" / "checkpoints" / "3" / "state").exists()
+
+
+@pytest.mark.parametrize("part, env, code", [("train", {"STUB_TRAIN": "fail"}, "1"),
+                                             ("bench", {"STUB_BENCH_RC": "3"}, "3"),
+                                             ("curve", {"STUB_CURVE_RC": "2"}, "2")])
+def test_one_gpu_session_exits_nonzero_naming_the_failed_part_after_packing(tmp_path, part, env, code):
+    res = _run_session(tmp_path, **env)
+    assert res.returncode != 0, res.stdout[-2000:]
+    assert _failed_parts(res.stdout) == {part: code}
+    out = tmp_path / "out"
+    assert list(out.glob("ckpt.tar.part-*")) and (out / "run_logs.tgz").exists()  # packed all the same
+    assert "ckpt.tar.part-aa" in res.stdout  # and the summary (ls of OUT_DIR) printed
+
+
+# A stand-in for gcloud: "gcloud compute tpus tpu-vm SUB NAME ...": describe says the VM exists; every
+# call is logged; of the ssh commands only the training one is run (in $FAKE_HOME, as the worker's
+# home), the code copy and install ones are only logged.
+GCLOUD = r"""
+echo "$*" >>"$FAKE_HOME/gcloud.log"
+case "$4" in
+  ssh) for a in "$@"; do case "$a" in --command=*) cmd=${a#--command=};; esac; done
+       case "$cmd" in *"-m jedi_jax.train"*) cd "$FAKE_HOME" && exec bash -c "$cmd";; esac;;
+esac
+exit 0
+"""
+# The worker's venv python: records its arguments (NUL-separated), prints a line, exits $TRAIN_RC.
+WORKER_PYTHON = r"""
+printf '%s\0' "$@" >"$FAKE_HOME/argv"
+echo "trainer says hello"
+exit "${TRAIN_RC:-0}"
+"""
+
+
+def _run_tpu_vm(tmp_path, extra, **env):
+    home = tmp_path / "home"
+    _stub(tmp_path / "bin" / "gcloud", GCLOUD)
+    _stub(home / "jedi_jax" / ".venv" / "bin" / "python", WORKER_PYTHON)
+    env = _clean_env(PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", FAKE_HOME=str(home),
+                     REPO_URL="https://example.invalid/jedi_jax.git", **env)
+    workdir = str(tmp_path / "runs" / "sd15 try 1")  # a space: the remote command string must quote it
+    res = subprocess.run(["bash", str(LAUNCH / "tpu_vm.sh"), "vm", "zone", "v5litepod-8", "configs/sd15.py:tiny",
+                          workdir, *extra], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    argv = (home / "argv").read_text().split("\0")[:-1] if (home / "argv").exists() else None
+    return res, argv, workdir, home
+
+
+@pytest.mark.parametrize("extra", [[], ["--config.mesh.dcn_shape=(2, 1)", "--config.data.source=array_record:/d/s"]])
+def test_tpu_vm_passes_the_trainer_exactly_its_arguments(tmp_path, extra):
+    res, argv, workdir, home = _run_tpu_vm(tmp_path, extra)
+    assert res.returncode == 0, res.stdout + res.stderr
+    # No empty argument when there are no extra flags; a space in WORKDIR or a flag stays in its argument.
+    assert argv == ["-m", "jedi_jax.train", "--config", "configs/sd15.py:tiny", "--workdir", workdir,
+                    "--distributed", *extra]
+    assert "trainer says hello" in (home / "jedi_jax" / "train.log").read_text()
+
+
+def test_tpu_vm_exits_nonzero_when_the_trainer_fails(tmp_path):
+    res, argv, _, home = _run_tpu_vm(tmp_path, ["--config.train.steps=1"], TRAIN_RC="3")
+    assert argv is not None  # the trainer did run, and failed
+    assert res.returncode != 0, res.stdout + res.stderr  # not tee's 0
+    assert "trainer says hello" in (home / "jedi_jax" / "train.log").read_text()
+
+
+def _run_spooled_gpu_slurm(tmp_path, submit_dir):
+    # sbatch runs a copy of the script from slurmd's spool directory, in the directory sbatch was run from.
+    script = tmp_path / "spool" / "job42" / "slurm_script"
+    script.parent.mkdir(parents=True)
+    script.write_text((LAUNCH / "gpu_slurm.sh").read_text())
+    _stub(tmp_path / "bin" / "srun", 'printf "%s\\n" "$@" >"$SRUN_ARGV"\n')
+    env = _clean_env(PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", SRUN_ARGV=str(tmp_path / "srun_argv"),
+                     SLURM_SUBMIT_DIR=str(submit_dir), SLURM_JOB_ID="42")
+    res = subprocess.run(["bash", str(script), "configs/sd15.py:h100x8", "/ckpt/run", "--config.train.steps=1"],
+                         cwd=submit_dir, env=env, capture_output=True, text=True, timeout=60)
+    argv = (tmp_path / "srun_argv").read_text().splitlines() if (tmp_path / "srun_argv").exists() else None
+    return res, argv
+
+
+def test_gpu_slurm_under_sbatch_uses_the_submit_dirs_python(tmp_path):
+    checkout = tmp_path / "checkout"  # the repo sbatch was run from, with its venv
+    python = _stub(checkout / ".venv" / "bin" / "python", "exit 0\n")
+    res, argv = _run_spooled_gpu_slurm(tmp_path, checkout)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert argv == ["--kill-on-bad-exit=1", "--cpu-bind=none", str(python), "-m", "jedi_jax.train",
+                    "--config", "configs/sd15.py:h100x8", "--workdir", "/ckpt/run", "--distributed",
+                    "--config.train.steps=1"]
+
+
+def test_gpu_slurm_stops_before_srun_when_the_python_is_missing(tmp_path):
+    elsewhere = tmp_path / "elsewhere"  # sbatch run from outside the repo, REPO not exported
+    elsewhere.mkdir()
+    res, argv = _run_spooled_gpu_slurm(tmp_path, elsewhere)
+    assert res.returncode == 2 and argv is None, res.stdout + res.stderr
+    assert "repo root" in res.stderr and str(elsewhere / ".venv" / "bin" / "python") in res.stderr
