@@ -1,15 +1,25 @@
 """End-to-end conversion: a diffusers folder written by `save_pretrained` -> `python -m jedi_jax.convert`
 -> our loaders, equal to the PyTorch models; export back gives identical tensors; broken folders fail clearly."""
+import copy
 import json
+import os
+import re
 import shutil
+import signal
+import stat
+import threading
+import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
+from jedi_jax.convert import param_io
 from jedi_jax.convert.__main__ import main as convert_main
+from jedi_jax.convert.pipeline_folder import load_component_params
 from jedi_jax.convert.torch_naming import ConversionError
 from jedi_jax.loading import load_model
 from jedi_jax.models.tokenizer import write_test_tokenizer
@@ -122,6 +132,12 @@ def test_widened_conv_in_computes_the_same(diffusers_dir, tmp_path):
     a = unet(jnp.concatenate([x, extra], -1), jnp.array([50]), ctx)
     b = unet(jnp.concatenate([x, 0 * extra], -1), jnp.array([50]), ctx)
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    # ... because the pretrained channels are kept exactly and only the new ones are zero
+    kernel = np.asarray(m4.unet.params["conv_in"]["kernel"])  # (3, 3, 9, C_out)
+    source = load_file(str(src / "unet" / "diffusion_pytorch_model.safetensors"))["conv_in.weight"]  # (O, I, 3, 3)
+    np.testing.assert_array_equal(kernel[:, :, :4], source.transpose(2, 3, 1, 0))
+    assert np.abs(source).max() > 0
+    np.testing.assert_array_equal(kernel[:, :, 4:], 0)
 
 
 def _copy(src, tmp_path):
@@ -176,3 +192,356 @@ def test_restore_is_strict(converted, tmp_path):
         load_component(broken, "unet")
     with pytest.raises(ConversionError, match="not a jedi_jax model folder"):
         load_component(tmp_path, "unet")
+
+
+def _leftovers(folder, name="out"):
+    """Hidden temporary / moved-aside siblings of `folder/name` (none may be left behind)."""
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(f".{name}."))
+
+
+def _cli_error(capsys, argv):
+    """Runs the CLI, which must fail with exit code 2 and one `error: ...` line (no traceback)."""
+    assert convert_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
+# --- sharded and --variant checkpoints -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sharded_dir(diffusers_dir, tmp_path_factory):
+    """The fixture folder with its UNet saved in many float32 shards (no variant)."""
+    src, unet, _, _ = diffusers_dir
+    root = tmp_path_factory.mktemp("sharded") / "sd"
+    shutil.copytree(src, root, ignore=shutil.ignore_patterns("unet"))
+    unet.save_pretrained(root / "unet", max_shard_size="200KB")
+    assert len(list((root / "unet").glob("*.safetensors"))) > 2
+    assert (root / "unet" / "diffusion_pytorch_model.safetensors.index.json").exists()
+    return root
+
+
+@pytest.fixture(scope="module")
+def variant_dir(diffusers_dir, tmp_path_factory):
+    """The fixture folder as float16 `variant="fp16"` files: UNet (diffusers) and text encoder
+    (transformers) sharded, the VAE one file; the names are whatever the libraries write."""
+    src, unet, vae, text = diffusers_dir
+    root = tmp_path_factory.mktemp("variant") / "sd"
+    shutil.copytree(src, root, ignore=shutil.ignore_patterns("unet", "vae", "text_encoder"))
+    for name, model, shard in (("unet", unet, "200KB"), ("text_encoder", text, "20KB"), ("vae", vae, None)):
+        copy.deepcopy(model).half().save_pretrained(root / name, variant="fp16",
+                                                    **({"max_shard_size": shard} if shard else {}))
+    for name, stem in (("unet", "diffusion_pytorch_model"), ("text_encoder", "model")):
+        assert (root / name / f"{stem}.safetensors.index.fp16.json").exists(), sorted(os.listdir(root / name))
+        assert len(list((root / name).glob("*.safetensors"))) > 1
+    assert (root / "vae" / "diffusion_pytorch_model.fp16.safetensors").exists()
+    return root
+
+
+@pytest.mark.parametrize("index_name", ["as_saved", "legacy_diffusers"])
+def test_sharded_fp16_variant_converts(variant_dir, converted, tmp_path, index_name):
+    src = variant_dir
+    if index_name == "legacy_diffusers":  # the older name diffusers still reads (deprecated)
+        src = _copy(variant_dir, tmp_path)
+        (src / "unet" / "diffusion_pytorch_model.safetensors.index.fp16.json").rename(
+            src / "unet" / "diffusion_pytorch_model.safetensors.fp16.index.json")
+    dst = tmp_path / "out"
+    assert convert_main(["--src", str(src), "--dst", str(dst), "--variant", "fp16"]) == 0
+    for name, kind in (("unet", "unet"), ("vae", "vae"), ("text_encoder", "clip_text")):
+        _, _, ours = load_component_params(dst, name, kind)
+        _, _, full = load_component_params(converted, name, kind)  # the float32 source, converted
+        expect = jax.tree.map(lambda a: np.asarray(a).astype(np.float16).astype(np.float32), full)
+        assert jax.tree.structure(ours) == jax.tree.structure(expect), name
+        for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(expect)):
+            np.testing.assert_array_equal(np.asarray(a), b, err_msg=name)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("duplicate", "tensor 'conv_in.weight' appears twice"),
+    ("moved", "tensor 'conv_in.weight' is in"),
+    ("unlisted", "tensor 'conv_in.weight' in "),
+    ("phantom", "the index maps tensor 'ghost.weight' to"),
+    ("corrupt_index", "diffusion_pytorch_model.safetensors.index.json: not a readable JSON file"),
+    ("no_weight_map", "diffusion_pytorch_model.safetensors.index.json: no 'weight_map'"),
+])
+def test_sharded_read_follows_the_index(sharded_dir, tmp_path, capsys, damage, message):
+    src = _copy(sharded_dir, tmp_path)
+    index_path = src / "unet" / "diffusion_pytorch_model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    weight_map = index["weight_map"]
+    home = weight_map["conv_in.weight"]
+    other = next(f for f in sorted(set(weight_map.values())) if f != home)
+    assert sum(f == home for f in weight_map.values()) > 1  # `home` stays in the index without conv_in
+    if damage == "duplicate":  # a second copy of a tensor in another shard
+        t = load_file(str(src / "unet" / other))
+        t["conv_in.weight"] = np.zeros_like(load_file(str(src / "unet" / home))["conv_in.weight"])
+        save_file(t, str(src / "unet" / other))
+    elif damage == "moved":
+        weight_map["conv_in.weight"] = other
+    elif damage == "unlisted":
+        del weight_map["conv_in.weight"]
+    elif damage == "phantom":
+        weight_map["ghost.weight"] = other
+    if damage == "corrupt_index":
+        index_path.write_text("{not json")
+    elif damage == "no_weight_map":
+        index_path.write_text(json.dumps({"metadata": {}}))
+    else:
+        index_path.write_text(json.dumps(index))
+    dst = tmp_path / "out"
+    assert convert_main(["--src", str(src), "--dst", str(dst)]) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert not dst.exists() and not _leftovers(tmp_path)
+
+
+def test_legacy_vae_attention_names(diffusers_dir, converted, tmp_path, capsys):
+    src = _copy(diffusers_dir[0], tmp_path)
+    weights = src / "vae" / "diffusion_pytorch_model.safetensors"
+    current = load_file(str(weights))
+    legacy = {}
+    for key, value in current.items():  # the SD 1.x era names, projections stored as 1x1 convs
+        m = re.match(r"^(.*\.attentions\.0\.)(to_q|to_k|to_v|to_out\.0)\.(weight|bias)$", key)
+        if m:
+            key = m[1] + {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}[m[2]] + "." + m[3]
+            value = value[:, :, None, None] if m[3] == "weight" else value
+        legacy[key] = value
+    assert len(set(legacy) - set(current)) >= 8
+    save_file(legacy, str(weights))
+    assert convert_main(["--src", str(src), "--dst", str(tmp_path / "ok")]) == 0
+    (_, _, ours), (_, _, ref) = (load_component_params(d, "vae", "vae") for d in (tmp_path / "ok", converted))
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # the legacy and the current name of one tensor in one file: an error naming both, not "last wins"
+    key = "encoder.mid_block.attentions.0.to_q.weight"
+    save_file(dict(legacy, **{key: current[key]}), str(weights))
+    assert convert_main(["--src", str(src), "--dst", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"'encoder.mid_block.attentions.0.query.weight' and {key!r} both map to {key!r}" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+# --- the exported diffusers folder ----------------------------------------------------------------
+
+def test_exported_folder_loads_as_a_diffusers_pipeline(diffusers_dir, converted, tmp_path):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    src, unet_t, vae_t, text_t = diffusers_dir
+    back = tmp_path / "back"
+    assert convert_main(["--export-diffusers", "--src", str(converted), "--dst", str(back)]) == 0
+    pipe = StableDiffusionPipeline.from_pretrained(back)
+    assert isinstance(pipe.tokenizer, CLIPTokenizer) and isinstance(pipe.scheduler, DDIMScheduler)
+    assert pipe.scheduler.config.beta_schedule == "scaled_linear" and pipe.safety_checker is None
+    prompt = "a photo of the dog on the beach"
+    assert pipe.tokenizer(prompt).input_ids == CLIPTokenizer.from_pretrained(src / "tokenizer")(prompt).input_ids
+    for ours, ref in ((pipe.unet, unet_t), (pipe.vae, vae_t)):
+        a, b = ours.state_dict(), ref.state_dict()
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    ids = torch.from_numpy(np.array([pipe.tokenizer(prompt, padding="max_length", max_length=16).input_ids]))
+    with torch.no_grad():
+        np.testing.assert_array_equal(pipe.text_encoder(ids).last_hidden_state.numpy(),
+                                      text_t(ids).last_hidden_state.numpy())
+
+
+@pytest.mark.parametrize("sdxl", [False, True])
+def test_export_model_index_fits_its_pipeline_class(tmp_path, sdxl):
+    import importlib
+
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from jedi_jax.convert.pipeline_folder import diffusers_model_index
+
+    cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+    kinds = {"unet": "unet", "vae": "vae", "text_encoder": "clip_text"}
+    tokenizers = ["tokenizer"]
+    if sdxl:
+        kinds["text_encoder_2"] = "clip_text_projection"
+        tokenizers.append("tokenizer_2")
+    for name in tokenizers:
+        write_test_tokenizer(tmp_path / name, WORDS)
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps({"_class_name": "EulerDiscreteScheduler"}))
+    index = diffusers_model_index(tmp_path, kinds)
+    assert index["_class_name"] == cls.__name__
+    listed = {k for k, v in index.items() if not k.startswith("_") and isinstance(v, list)}
+    modules, _ = cls._get_signature_keys(cls)
+    assert listed == set(modules), (listed, modules)  # every component, including tokenizer(s) and scheduler
+    for name in listed:
+        library, class_name = index[name]
+        if class_name is None:
+            assert name in cls._optional_components
+        else:
+            assert getattr(importlib.import_module(library), class_name), (name, library, class_name)
+    assert index["scheduler"] == ["diffusers", "EulerDiscreteScheduler"]
+    assert index["tokenizer"] == ["transformers", "CLIPTokenizer"]
+
+
+# --- output folders: permissions, --overwrite, interrupts ----------------------------------------
+
+def test_output_folder_mode_follows_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        with param_io.atomic_directory(tmp_path / "out") as tmp:
+            (tmp / "a").mkdir()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o750  # as `mkdir out` would make it
+    assert stat.S_IMODE((tmp_path / "out" / "a").stat().st_mode) == 0o750
+
+
+def _old_folder(dst):
+    dst.mkdir()
+    (dst / "old.txt").write_text("old")
+    (dst / "sub").mkdir()
+    (dst / "sub" / "x.txt").write_text("old")
+
+
+def test_overwrite_keeps_the_old_folder_when_the_swap_fails(tmp_path, monkeypatch):
+    dst = tmp_path / "out"
+    _old_folder(dst)
+    real_rename, real_replace = os.rename, os.replace
+
+    def failing(real):
+        def move(a, b, *args, **kwargs):
+            if os.path.basename(a).startswith(".out.tmp"):  # moving the new folder into place
+                raise OSError(28, "No space left on device (injected)")
+            return real(a, b, *args, **kwargs)
+        return move
+
+    monkeypatch.setattr(os, "rename", failing(real_rename))
+    monkeypatch.setattr(os, "replace", failing(real_replace))
+    with pytest.raises(OSError, match="injected"):
+        with param_io.atomic_directory(dst, overwrite=True) as tmp:
+            (tmp / "new.txt").write_text("new")
+    monkeypatch.undo()
+    assert sorted(p.name for p in dst.iterdir()) == ["old.txt", "sub"] and (dst / "sub" / "x.txt").exists()
+    assert not _leftovers(tmp_path)
+
+
+def test_overwrite_interrupted_while_deleting_the_old_folder(tmp_path, monkeypatch):
+    dst = tmp_path / "out"
+    _old_folder(dst)
+    real_rmtree = shutil.rmtree
+    calls = []
+
+    def interrupted_rmtree(path, *args, **kwargs):  # Ctrl-C once, partway through deleting the old folder
+        name = os.path.basename(path)
+        if not calls and (name == "out" or name.startswith(".out.old")):
+            calls.append(name)
+            real_rmtree(os.path.join(path, "sub"))
+            raise KeyboardInterrupt
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", interrupted_rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        with param_io.atomic_directory(dst, overwrite=True) as tmp:
+            (tmp / "new.txt").write_text("new")
+    monkeypatch.undo()
+    assert calls  # the interrupt did happen
+    assert sorted(p.name for p in dst.iterdir()) == ["new.txt"]  # the complete new output
+    assert not _leftovers(tmp_path)
+
+
+def test_interrupt_during_the_parameter_write_leaves_nothing(tmp_path, monkeypatch):
+    """Ctrl-C while orbax's background thread writes: the cleanup must not run before it stops."""
+    writers = []
+
+    class SlowCheckpointer:  # orbax's shape: save() starts a background writer, wait/close wait for it
+        def save(self, path, params):
+            def write():
+                time.sleep(0.5)
+                os.makedirs(os.path.join(path, "ocdbt.process_0"))  # still writing after the interrupt
+            writers.append(threading.Thread(target=write))
+            writers[-1].start()
+
+        def wait_until_finished(self):
+            while writers[-1].is_alive():
+                time.sleep(0.01)
+
+        close = wait_until_finished
+
+    monkeypatch.setattr(param_io.ocp, "StandardCheckpointer", SlowCheckpointer)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+    try:
+        timer = threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGINT))
+        with pytest.raises(KeyboardInterrupt):
+            with param_io.atomic_directory(tmp_path / "out") as tmp:
+                timer.start()
+                param_io.save_params(tmp / "params", {"w": np.zeros(2, np.float32)})
+                time.sleep(5)  # not reached with the fix; without it, Ctrl-C would land here instead
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    timer.join()
+    writers[-1].join()
+    assert not (tmp_path / "out").exists()
+    assert not _leftovers(tmp_path)
+
+
+# --- bad input: one error line, no traceback -----------------------------------------------------
+
+def test_dst_that_is_a_file_is_refused(diffusers_dir, tmp_path, capsys):
+    dst = tmp_path / "afile"
+    dst.write_text("keep me")
+    err = _cli_error(capsys, ["--src", str(diffusers_dir[0]), "--dst", str(dst), "--overwrite"])
+    assert "is not a folder" in err and str(dst) in err
+    assert dst.read_text() == "keep me" and not _leftovers(tmp_path, "afile")
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("index_list", "model_index.json: expected a JSON object, got list"),
+    ("index_class", "component 'unet' has class ['UNet2DConditionModel']"),
+    ("config_list", "config.json: expected a JSON object, got list"),
+    ("config_value", "config.json: invalid unet config"),
+    ("src_file", "is not a folder"),
+])
+def test_malformed_source_is_one_error_line(diffusers_dir, tmp_path, capsys, damage, message):
+    src = _copy(diffusers_dir[0], tmp_path)
+    if damage == "index_list":
+        (src / "model_index.json").write_text("[1, 2]")
+    elif damage == "index_class":
+        (src / "model_index.json").write_text(json.dumps({"unet": ["diffusers", ["UNet2DConditionModel"]]}))
+    elif damage == "config_list":
+        (src / "unet" / "config.json").write_text("[1]")
+    elif damage == "config_value":
+        cfg = json.loads((src / "unet" / "config.json").read_text())
+        (src / "unet" / "config.json").write_text(json.dumps(dict(cfg, block_out_channels=5)))
+    elif damage == "src_file":
+        src = src / "model_index.json"
+    err = _cli_error(capsys, ["--src", str(src), "--dst", str(tmp_path / "out")])
+    assert message in err, err
+    assert not (tmp_path / "out").exists() and not _leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("components", [None, ["unet"], {"unet": "transformer"}])
+def test_model_folder_without_valid_components_is_one_error_line(converted, tmp_path, capsys, components):
+    src = _copy(converted, tmp_path)
+    index = json.loads((src / "jedi_model.json").read_text())
+    if components is None:
+        del index["components"]
+    else:
+        index["components"] = components
+    (src / "jedi_model.json").write_text(json.dumps(index))
+    err = _cli_error(capsys, ["--export-diffusers", "--src", str(src), "--dst", str(tmp_path / "out")])
+    assert "jedi_model.json" in err and ("'components'" in err or "unknown kind" in err), err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("channels, message", [
+    ("0", "must be a positive number of channels, got 0"),
+    ("-9", "must be a positive number of channels, got -9"),
+    ("2", "2 is less than the 4 input channels"),
+])
+def test_unet_in_channels_that_cannot_widen_are_refused(diffusers_dir, tmp_path, capsys, channels, message):
+    err = _cli_error(capsys, ["--src", str(diffusers_dir[0]), "--dst", str(tmp_path / "out"),
+                              "--unet-in-channels", channels])
+    assert message in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unet_in_channels_equal_to_the_source_is_a_plain_conversion(diffusers_dir, converted, tmp_path):
+    dst = tmp_path / "out"
+    assert convert_main(["--src", str(diffusers_dir[0]), "--dst", str(dst), "--unet-in-channels", "4"]) == 0
+    (_, _, ours), (_, _, ref) = (load_component_params(d, "unet", "unet") for d in (dst, converted))
+    np.testing.assert_array_equal(np.asarray(ours["conv_in"]["kernel"]), np.asarray(ref["conv_in"]["kernel"]))

@@ -22,7 +22,9 @@ def main(argv=None) -> int:
     parser.add_argument("--dst", required=True, help="output folder (must not exist unless --overwrite)")
     parser.add_argument("--unet-in-channels", type=int, default=None,
                         help="widen the UNet's conv_in to this many channels, zero-initialized (9 = JeDi layout)")
-    parser.add_argument("--variant", default=None, help="weights variant, e.g. fp16 (reads *.fp16.safetensors)")
+    parser.add_argument("--variant", default=None,
+                        help="weights variant, e.g. fp16 (reads *.fp16.safetensors, or the shards listed in "
+                             "*.safetensors.index.fp16.json)")
     parser.add_argument("--export-diffusers", action="store_true", help="write a jedi_jax folder back as diffusers")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
@@ -36,7 +38,7 @@ def main(argv=None) -> int:
         else:
             out = convert_diffusers_folder(args.src, args.dst, unet_in_channels=args.unet_in_channels,
                                            variant=args.variant, overwrite=args.overwrite)
-    except (ConversionError, FileExistsError, ValueError) as e:
+    except (ConversionError, OSError, ValueError) as e:  # OSError: FileExistsError, permissions, a full disk ...
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out} in {time.time() - start:.1f} s")

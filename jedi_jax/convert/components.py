@@ -39,20 +39,34 @@ WEIGHT_FILES = {
 }
 
 
-def config_from_dict(kind: str, d: dict):
-    """Source config.json dict -> our frozen config dataclass (strict about what we implement)."""
-    if kind == "unet":
-        from jedi_jax.models.unet import UNetConfig
+def config_from_dict(kind: str, d: dict, source: str | Path | None = None):
+    """Source config.json dict -> our frozen config dataclass (strict about what we implement).
 
-        return UNetConfig.from_diffusers(d)
-    if kind == "vae":
-        from jedi_jax.models.vae import VAEConfig
+    source: the file `d` was read from; a malformed config then raises ConversionError naming it.
+    """
+    where = f"{source}: " if source is not None else ""
+    if not isinstance(d, dict):
+        raise ConversionError(f"{where}expected a JSON object, got {type(d).__name__}")
+    try:
+        if kind == "unet":
+            from jedi_jax.models.unet import UNetConfig
 
-        return VAEConfig.from_diffusers(d)
-    if kind in ("clip_text", "clip_text_projection"):
-        from jedi_jax.models.clip_text import CLIPTextConfig
+            return UNetConfig.from_diffusers(d)
+        if kind == "vae":
+            from jedi_jax.models.vae import VAEConfig
 
-        return CLIPTextConfig.from_transformers(d)
+            return VAEConfig.from_diffusers(d)
+        if kind in ("clip_text", "clip_text_projection"):
+            from jedi_jax.models.clip_text import CLIPTextConfig
+
+            return CLIPTextConfig.from_transformers(d)
+    except ConversionError:
+        raise
+    except ValueError as e:  # an unsupported option, named by the config class
+        raise ConversionError(f"{where}{e}") from e
+    except (TypeError, KeyError, AttributeError, IndexError) as e:
+        # a value of the wrong type (e.g. "block_out_channels": 5) fails deep inside the dataclass
+        raise ConversionError(f"{where}invalid {kind} config: {type(e).__name__}: {e}") from e
     raise ConversionError(f"unknown component kind {kind!r}")
 
 
@@ -98,11 +112,13 @@ _LEGACY_VAE_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_
 _LEGACY_VAE_RE = re.compile(r"^(.*\.attentions\.\d+\.)(query|key|value|proj_attn)\.(weight|bias)$")
 
 
-def legacy_fixes(kind: str, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def legacy_fixes(kind: str, tensors: dict[str, np.ndarray], what: str | None = None) -> dict[str, np.ndarray]:
     """Brings keys to the naming our models use.
 
     VAE: legacy attention names, 1x1-conv attention weights squeezed. CLIP text: transformers v5
     saves `CLIPTextModel` without the `text_model.` prefix that v4 files (every SD checkpoint) have.
+    Two checkpoint tensors that end up with one name (e.g. a VAE file holding both `query.weight`
+    and `to_q.weight`) raise ConversionError naming both: neither is silently dropped.
     """
     if kind.startswith("clip_text"):
         if any(k.startswith("text_model.") for k in tensors):
@@ -111,13 +127,19 @@ def legacy_fixes(kind: str, tensors: dict[str, np.ndarray]) -> dict[str, np.ndar
     if kind != "vae":
         return tensors
     out = {}
+    origin = {}
     for key, value in tensors.items():
+        source_key = key
         m = _LEGACY_VAE_RE.match(key)
         if m:
             key = m.group(1) + _LEGACY_VAE_ATTENTION[m.group(2)] + "." + m.group(3)
         if re.search(r"\.attentions\.\d+\.to_(q|k|v|out\.0)\.weight$", key) and value.ndim == 4:
             value = value[:, :, 0, 0]  # (O, I, 1, 1) -> (O, I)
+        if key in out:
+            raise ConversionError(f"{what or kind}: checkpoint tensors {origin[key]!r} and {source_key!r} "
+                                  f"both map to {key!r} (legacy and current attention names)")
         out[key] = value
+        origin[key] = source_key
     return out
 
 
@@ -133,19 +155,29 @@ class SourceComponent:
     kind: str
 
 
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object, as a dict; ConversionError (one line naming the file) otherwise."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConversionError(f"{path}: not a readable JSON file ({e})") from None
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def list_source_components(src: Path) -> list[SourceComponent]:
     """Components of a diffusers pipeline folder, from model_index.json or the folder names."""
     index = src / "model_index.json"
     found = []
     if index.exists():
-        try:
-            entries = json.loads(index.read_text())
-        except json.JSONDecodeError as e:
-            raise ConversionError(f"{index} is not valid JSON: {e}") from e
+        entries = read_json_object(index)
         for name, value in entries.items():
             if name.startswith("_") or not isinstance(value, list) or len(value) != 2:
                 continue
             cls = value[1]
+            if cls is not None and not isinstance(cls, str):
+                raise ConversionError(f"{index}: component {name!r} has class {cls!r}, which is not a class name")
             if cls in CLASS_TO_KIND:
                 found.append(SourceComponent(name, CLASS_TO_KIND[cls]))
             elif cls is not None and name in DEFAULT_KINDS:
@@ -157,34 +189,76 @@ def list_source_components(src: Path) -> list[SourceComponent]:
     return found
 
 
-def read_safetensors(folder: Path, stem: str, variant: str | None = None) -> dict[str, np.ndarray]:
-    """Reads `stem[.variant].safetensors` or its sharded form (with .index.json) as numpy arrays.
+def index_file_names(stem: str, variant: str | None) -> list[str]:
+    """Names a sharded checkpoint's index may have, preferred first.
 
-    Uses safetensors' flax reader so bfloat16 files load without torch; returns float32 arrays.
+    diffusers and transformers put the variant before the last suffix (`_add_variant`):
+    `diffusion_pytorch_model.safetensors.index.fp16.json`. diffusers still reads (deprecated) the
+    legacy `diffusion_pytorch_model.safetensors.fp16.index.json`, so we do too.
     """
+    if not variant:
+        return [f"{stem}.safetensors.index.json"]
+    return [f"{stem}.safetensors.index.{variant}.json", f"{stem}.safetensors.{variant}.index.json"]
+
+
+def _read_weight_map(index: Path) -> dict[str, str]:
+    data = read_json_object(index)
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ConversionError(f"{index}: no 'weight_map' object (tensor name -> shard file)")
+    bad = [k for k, v in weight_map.items() if not isinstance(v, str) or not v or Path(v).name != v]
+    if bad:
+        raise ConversionError(f"{index}: 'weight_map' entry {bad[0]!r} does not name a shard file in {index.parent}")
+    return weight_map
+
+
+def _load_safetensors_file(f: Path) -> dict[str, Any]:
     from safetensors.flax import load_file
 
-    base = f"{stem}.{variant}" if variant else stem
-    single = folder / f"{base}.safetensors"
-    index = folder / f"{base}.safetensors.index.json"
+    try:
+        return load_file(str(f))
+    except Exception as e:
+        raise ConversionError(f"cannot read {f}: {type(e).__name__}: {e}") from e
+
+
+def read_safetensors(folder: Path, stem: str, variant: str | None = None) -> dict[str, np.ndarray]:
+    """Reads `stem[.variant].safetensors` or its sharded form (an index and the shards it names) as numpy arrays.
+
+    Uses safetensors' flax reader so bfloat16 files load without torch; returns float32 arrays.
+    Sharded: every tensor must be in the shard the index's weight_map names, and only there; a
+    tensor the index does not list, lists elsewhere, or a second copy of one raises ConversionError.
+    """
+    single = folder / (f"{stem}.{variant}.safetensors" if variant else f"{stem}.safetensors")
+    indexes = [folder / n for n in index_file_names(stem, variant)]
     if single.exists():
-        files = [single]
-    elif index.exists():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
-        files = [folder / f for f in sorted(set(weight_map.values()))]
-        missing = [str(f) for f in files if not f.exists()]
-        if missing:
-            raise ConversionError(f"{index} names shard files that are missing: {', '.join(missing)}")
-    else:
-        raise ConversionError(f"no weights in {folder}: expected {single.name} or {index.name}")
-    tensors: dict[str, Any] = {}
+        return {k: np.asarray(v, dtype=np.float32) for k, v in _load_safetensors_file(single).items()}
+    index = next((i for i in indexes if i.exists()), None)
+    if index is None:
+        raise ConversionError(f"no weights in {folder}: expected {single.name} or {indexes[0].name}")
+    weight_map = _read_weight_map(index)
+    files = sorted(set(weight_map.values()))
+    missing = [str(folder / f) for f in files if not (folder / f).exists()]
+    if missing:
+        raise ConversionError(f"{index} names shard files that are missing: {', '.join(missing)}")
+    tensors: dict[str, np.ndarray] = {}
+    found_in: dict[str, str] = {}
+    problems: list[str] = []
     for f in files:
-        try:
-            loaded = load_file(str(f))
-        except Exception as e:
-            raise ConversionError(f"cannot read {f}: {type(e).__name__}: {e}") from e
-        for k, v in loaded.items():
+        for k, v in _load_safetensors_file(folder / f).items():
+            if k in found_in:
+                problems.append(f"tensor {k!r} appears twice: in {found_in[k]} and in {f}")
+                continue
+            found_in[k] = f
+            if k not in weight_map:
+                problems.append(f"tensor {k!r} in {f} is not listed in the index")
+            elif weight_map[k] != f:
+                problems.append(f"tensor {k!r} is in {f}, but the index maps it to {weight_map[k]}")
             tensors[k] = np.asarray(v, dtype=np.float32)
+    problems += [f"the index maps tensor {k!r} to {f}, which does not hold it"
+                 for k, f in weight_map.items() if k not in found_in]
+    if problems:
+        shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+        raise ConversionError(f"{index}: the shards do not match the index:\n  " + "\n  ".join(shown))
     return tensors
 
 
@@ -192,7 +266,4 @@ def read_config(folder: Path) -> dict:
     path = folder / "config.json"
     if not path.exists():
         raise ConversionError(f"missing {path}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{path} is not valid JSON: {e}") from e
+    return read_json_object(path)

@@ -9,8 +9,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import secrets
 import shutil
-import tempfile
+import signal
+import sys
+import threading
 from pathlib import Path
 from typing import Iterator, Mapping
 
@@ -39,11 +42,64 @@ def params_fingerprint(params) -> str:
 
 
 def save_params(path: str | os.PathLike, params: Mapping) -> None:
-    """Writes `params` (nested dict of arrays) as an orbax checkpoint at `path` (must not exist)."""
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.abspath(path), params)
-    checkpointer.wait_until_finished()
-    checkpointer.close()
+    """Writes `params` (nested dict of arrays) as an orbax checkpoint at `path` (must not exist).
+
+    Orbax writes in background threads, which a Ctrl-C does not stop: were it raised while we wait,
+    they would go on writing into `path` after the caller (atomic_directory) deleted it. So Ctrl-C
+    is held until the write is over, then raised (interrupting `Thread.join` is itself unsafe before
+    Python 3.12: the thread can be marked finished while it still runs). On an error, the
+    checkpointer is closed, which waits for its threads, before the error propagates.
+    """
+    with _interrupts_deferred("the parameter write"):
+        checkpointer = ocp.StandardCheckpointer()
+        try:
+            checkpointer.save(os.path.abspath(path), params)
+            checkpointer.wait_until_finished()
+        except BaseException:
+            _close_after_failure(checkpointer)
+            raise
+        checkpointer.close()
+
+
+@contextlib.contextmanager
+def _interrupts_deferred(what: str) -> Iterator[None]:
+    """Holds SIGINT (Ctrl-C) while the block runs and delivers it when the block ends.
+
+    Only in the main thread and only where SIGINT raises KeyboardInterrupt (Python's default);
+    elsewhere a no-op.
+    """
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    received = []
+
+    def hold(signum, frame):
+        if not received:
+            print(f"interrupted: finishing {what} first, then stopping", file=sys.stderr)
+        received.append(frame)
+
+    signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if received:
+        raise KeyboardInterrupt
+
+
+def _close_after_failure(checkpointer) -> None:
+    """Closes an orbax checkpointer whose save failed: waits for its background threads (they would
+    otherwise keep creating files). close() re-raises a background error once, before it has waited
+    for everything, so it is called again; the caller re-raises the original error."""
+    for _ in range(3):
+        try:
+            checkpointer.close()
+            return
+        except KeyboardInterrupt:
+            continue  # only where SIGINT is not deferred: keep waiting for the writer
+        except Exception:
+            continue
 
 
 def stored_shapes(path: str | os.PathLike) -> dict[str, tuple]:
@@ -89,23 +145,85 @@ def restore_params(path: str | os.PathLike, shapes: Mapping, *, what: str, shard
         checkpointer.close()
 
 
+def check_destination(dst: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Absolute `dst`, if a folder may be written there: FileExistsError (one line) if it exists and
+    `overwrite` is off, or if it is anything but a folder (a file is never replaced by a folder)."""
+    dst = Path(dst).absolute()
+    if os.path.lexists(dst):
+        if not overwrite:
+            raise FileExistsError(f"{dst} already exists (pass overwrite to replace it)")
+        if dst.is_symlink():
+            raise FileExistsError(f"{dst} is a symbolic link: refusing to replace it (give the folder it points to)")
+        if not dst.is_dir():
+            raise FileExistsError(f"{dst} exists and is not a folder: refusing to replace it with one")
+    return dst
+
+
+def _hidden_sibling(dst: Path, tag: str, *, create: bool) -> Path:
+    """A new name `.{dst.name}.{tag}-XXXXXXXX` beside dst; created as a folder (honouring the umask,
+    unlike tempfile.mkdtemp's 0700) if `create`."""
+    for _ in range(100):
+        path = dst.parent / f".{dst.name}.{tag}-{secrets.token_hex(4)}"
+        if create:
+            try:
+                os.mkdir(path)  # mode 0o777 & ~umask, as any folder the user makes
+            except FileExistsError:
+                continue
+            return path
+        if not os.path.lexists(path):
+            return path
+    raise FileExistsError(f"no free name for a temporary folder beside {dst}")
+
+
+def _discard(path: Path) -> None:
+    """Deletes the folder that `dst` replaced. The new output is already in place, so a Ctrl-C here
+    is held until the deletion is done, then re-raised; what cannot be deleted is named."""
+    interrupted = None
+    while True:
+        try:
+            if path.is_symlink():
+                path.unlink()
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+            break
+        except KeyboardInterrupt as e:
+            interrupted = e
+        except OSError:
+            break
+    if os.path.lexists(path):
+        print(f"warning: could not delete the replaced folder, moved aside to {path}: delete it by hand",
+              file=sys.stderr)
+    if interrupted is not None:
+        raise interrupted
+
+
 @contextlib.contextmanager
 def atomic_directory(dst: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yields a temporary folder beside `dst`; renames it to `dst` only if the block succeeds.
 
-    Nothing half-written is left behind: on any error the temporary folder is removed.
+    Nothing half-written is left behind: on any error the temporary folder is removed. With
+    `overwrite`, an existing `dst` is first moved aside to a hidden sibling, the new folder renamed
+    into place, and only then the old one deleted: if the swap fails the old folder is put back, so
+    `dst` is always either the complete old or the complete new folder. The folder gets the mode a
+    plain mkdir gives (0o777 & ~umask).
     """
-    dst = Path(dst).absolute()
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} already exists (pass overwrite to replace it)")
+    dst = check_destination(dst, overwrite=overwrite)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    tmp = _hidden_sibling(dst, "tmp", create=True)
     try:
         yield tmp
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
+        check_destination(dst, overwrite=overwrite)  # again: something may have appeared meanwhile
+        if not os.path.lexists(dst):
+            os.rename(tmp, dst)
+            return
+        old = _hidden_sibling(dst, "old", create=False)
+        os.rename(dst, old)
+        try:
+            os.rename(tmp, dst)
+        except BaseException:
+            os.rename(old, dst)
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
+    _discard(old)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from jedi_jax.convert import components as comp
-from jedi_jax.convert.param_io import atomic_directory, restore_params, save_params
+from jedi_jax.convert.param_io import atomic_directory, check_destination, restore_params, save_params
 from jedi_jax.convert.torch_naming import ConversionError, params_to_torch, torch_to_params
 from jedi_jax.models.clip_text import TEXT_LAYERS
 from jedi_jax.models.functional import Functional
@@ -33,13 +33,7 @@ MODEL_FILE = "jedi_model.json"
 
 def read_json(path: Path) -> dict:
     """A folder's JSON file as a dict; ConversionError (one line naming the file) when it is not one."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConversionError(f"{path}: not a readable JSON file ({e})") from None
-    if not isinstance(data, dict):
-        raise ConversionError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    return comp.read_json_object(path)
 
 
 def read_model_index(model_dir: str | Path) -> dict[str, str]:
@@ -53,7 +47,17 @@ def read_model_index(model_dir: str | Path) -> dict[str, str]:
     index = read_json(path)
     if index.get("format") != FORMAT["format"] or index.get("version") != FORMAT["version"]:
         raise ConversionError(f"{path}: unsupported format {index.get('format')!r} version {index.get('version')!r}")
-    return dict(index["components"])
+    components = index.get("components")
+    if not isinstance(components, dict):
+        raise ConversionError(f"{path}: 'components' must be an object {{folder name: kind}}, "
+                              f"got {'nothing' if components is None else type(components).__name__}")
+    for name, kind in components.items():
+        if not name or Path(name).name != name or name.startswith("."):
+            raise ConversionError(f"{path}: component name {name!r} is not a folder name")
+        if not isinstance(kind, str) or kind not in comp.KIND_TO_CLASS:
+            raise ConversionError(f"{path}: component {name!r} has unknown kind {kind!r} "
+                                  f"(known: {sorted(comp.KIND_TO_CLASS)})")
+    return dict(components)
 
 
 # Sampling settings a model folder may recommend (jedi_model.json "sampling"), e.g. the guidance
@@ -123,16 +127,31 @@ def convert_diffusers_folder(src: str | Path, dst: str | Path, *, unet_in_channe
     zero-initialized new input channels, so the converted model computes what the source did.
     """
     src = Path(src)
-    if not src.is_dir():
+    if not src.exists():
         raise ConversionError(f"source folder {src} does not exist")
+    if not src.is_dir():
+        raise ConversionError(f"source {src} is not a folder (give the diffusers pipeline folder)")
+    if unet_in_channels is not None and (isinstance(unet_in_channels, bool) or not isinstance(unet_in_channels, int)
+                                         or unet_in_channels < 1):
+        raise ConversionError(f"unet_in_channels (--unet-in-channels) must be a positive number of channels, "
+                              f"got {unet_in_channels!r}")
+    check_destination(dst, overwrite=overwrite)  # before the slow part; checked again at the end
+    sources = comp.list_source_components(src)
+    if unet_in_channels is not None and not any(sc.kind == "unet" for sc in sources):
+        raise ConversionError(f"unet_in_channels (--unet-in-channels) given, but {src} has no UNet")
     parts = {}
-    for sc in comp.list_source_components(src):
+    for sc in sources:
         folder = src / sc.name
-        config = comp.config_from_dict(sc.kind, comp.read_config(folder))
-        tensors = comp.legacy_fixes(sc.kind, comp.read_safetensors(folder, comp.WEIGHT_FILES[sc.kind], variant))
+        config = comp.config_from_dict(sc.kind, comp.read_config(folder), source=folder / "config.json")
+        if sc.kind == "unet" and unet_in_channels is not None and unet_in_channels < config.in_channels:
+            raise ConversionError(
+                f"unet_in_channels (--unet-in-channels) {unet_in_channels} is less than the {config.in_channels} "
+                f"input channels of {folder}: conv_in can only be widened")
+        tensors = comp.legacy_fixes(sc.kind, comp.read_safetensors(folder, comp.WEIGHT_FILES[sc.kind], variant),
+                                    what=sc.name)
         shapes = Functional.abstract(comp.model_factory(sc.kind, config)).param_shapes()
         params = torch_to_params(tensors, shapes, what=sc.name, ignore=comp.ignored_keys(sc.kind))
-        if sc.kind == "unet" and unet_in_channels and unet_in_channels != config.in_channels:
+        if sc.kind == "unet" and unet_in_channels is not None and unet_in_channels != config.in_channels:
             params = widen_conv_in(params, unet_in_channels)
             config = dataclasses.replace(config, in_channels=unet_in_channels)
         parts[sc.name] = (sc.kind, config, params)
@@ -148,7 +167,7 @@ def load_component_params(model_dir: str | Path, name: str, kind: str, *, shardi
     matching the params, places them (e.g. FSDP-sharded on a mesh).
     """
     folder = Path(model_dir) / name
-    config = comp.config_from_dict(kind, comp.read_config(folder))
+    config = comp.config_from_dict(kind, comp.read_config(folder), source=folder / "config.json")
     functional = Functional.abstract(comp.model_factory(kind, config, **model_kwargs))
     params = restore_params(folder / "params", functional.param_shapes(), what=name, shardings=shardings)
     return config, functional, params
@@ -160,7 +179,8 @@ def export_diffusers_folder(src: str | Path, dst: str | Path, *, overwrite: bool
 
     src = Path(src)
     kinds = read_model_index(src)
-    model_index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1"}
+    check_destination(dst, overwrite=overwrite)  # before the slow part; checked again at the end
+    model_index = diffusers_model_index(src, kinds)
     with atomic_directory(dst, overwrite=overwrite) as tmp:
         for name, kind in kinds.items():
             config, _, params = load_component_params(src, name, kind)
@@ -168,11 +188,40 @@ def export_diffusers_folder(src: str | Path, dst: str | Path, *, overwrite: bool
             out.mkdir()
             (out / "config.json").write_text(json.dumps(comp.config_to_dict(kind, config), indent=2, sort_keys=True))
             save_file(params_to_torch(params), str(out / f"{comp.WEIGHT_FILES[kind]}.safetensors"))
-            library = "diffusers" if kind in ("unet", "vae") else "transformers"
-            model_index[name] = [library, comp.KIND_TO_CLASS[kind]]
             log(f"  {name}: exported")
         for name in comp.COPIED_FOLDERS:
             if (src / name).is_dir():
                 shutil.copytree(src / name, tmp / name)
         (tmp / "model_index.json").write_text(json.dumps(model_index, indent=2))
     return Path(dst)
+
+
+def diffusers_model_index(src: str | Path, kinds: dict[str, str]) -> dict:
+    """model_index.json for the diffusers export of the jedi_jax folder `src` with components `kinds`:
+    every model, tokenizer and scheduler it holds, under the pipeline class that has these components
+    (StableDiffusionXLPipeline with a second text encoder, else StableDiffusionPipeline)."""
+    src = Path(src)
+    sdxl = "text_encoder_2" in kinds
+    index: dict = {"_class_name": "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline",
+                   "_diffusers_version": "0.42.1"}
+    for name, kind in kinds.items():
+        index[name] = ["diffusers" if kind in ("unet", "vae") else "transformers", comp.KIND_TO_CLASS[kind]]
+    for name in ("tokenizer", "tokenizer_2") if sdxl else ("tokenizer",):
+        if (src / name).is_dir():
+            config = src / name / "tokenizer_config.json"
+            cls = read_json(config).get("tokenizer_class") if config.exists() else None
+            index[name] = ["transformers", cls if isinstance(cls, str) and cls else "CLIPTokenizer"]
+    if (src / "scheduler").is_dir():
+        config = src / "scheduler" / "scheduler_config.json"
+        cls = read_json(config).get("_class_name")
+        if not isinstance(cls, str) or not cls:
+            raise ConversionError(f"{config}: no '_class_name', which model_index.json must give for the scheduler")
+        index["scheduler"] = ["diffusers", cls]
+    # optional components the pipeline class has, written as diffusers writes absent ones
+    optional = ("image_encoder", "feature_extractor") if sdxl else ("safety_checker", "feature_extractor",
+                                                                     "image_encoder")
+    for name in optional:
+        index.setdefault(name, [None, None])
+    if not sdxl:
+        index["requires_safety_checker"] = False
+    return index
