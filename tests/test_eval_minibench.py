@@ -68,6 +68,42 @@ def test_normalized_identity_is_zero_and_one_by_construction():
     assert ci["lo"] <= ci["mean"] <= ci["hi"]
 
 
+def test_confidence_intervals_need_two_subjects_and_a_bounded_denominator():
+    """One subject gives no CI (a zero-width one would read as certainty); a row run on part of the
+    subjects resamples only those; when ground truth is not clearly above text-only the ratio's
+    resamples swing through infinity, so the normalized score carries no CI and says why."""
+    rng = np.random.default_rng(1)
+    idx = M.bootstrap_indices(12, samples=500)
+    one = M.mean_ci(np.array([0.42] + [np.nan] * 11), idx)
+    assert (one["mean"], one["lo"], one["hi"], one["n"]) == (0.42, None, None, 1)
+    assert M.fmt_ci(one) == "0.420 [no CI: n=1]"
+    text, gt = rng.uniform(0.1, 0.3, 12), rng.uniform(0.7, 0.9, 12)
+    assert M.normalized_ci(gt[:1], text[:1], gt[:1], idx[:, :1])["lo"] is None
+    half = np.where(np.arange(12) < 6, rng.uniform(0.4, 0.6, 12), np.nan)  # e.g. DreamBooth on 6 subjects
+    part = M.normalized_ci(half, text, gt, idx)
+    assert part["n"] == 6 and part["lo"] < part["mean"] < part["hi"]
+    assert part["mean"] == pytest.approx((half[:6].mean() - text[:6].mean()) / (gt[:6].mean() - text[:6].mean()))
+    noisy_gt = text + rng.normal(0.0, 0.05, 12)  # ground truth ~ text-only: the denominator's CI holds 0
+    flat = M.normalized_ci(text + 0.01, text, noisy_gt, idx)
+    assert flat["unbounded"] and flat["lo"] is None and flat["hi"] is None
+    assert M.fmt_ci(flat).endswith("[no CI: ground truth not clearly above text-only]")
+    clear = M.normalized_ci(text + 0.01, text, gt, idx)  # the same row against a clear ground truth
+    assert "unbounded" not in clear and clear["lo"] < clear["hi"]
+
+
+def test_protocol_never_lowers_k_and_galleries_do_not_depend_on_prompts(tiny64_pipeline):
+    from jedi_jax.eval.protocol import generate, make_case
+    from jedi_jax.pipeline import JeDiPipeline
+
+    one_ref = JeDiPipeline(tiny64_pipeline.model, max_references=1, text_layer=tiny64_pipeline.text_layer)
+    with pytest.raises(ValueError, match="k=3 references asked of a pipeline built for at most 1"):
+        generate(one_ref, make_case(0, 1), 0, 0, 3, steps=1, guidance_scale=3.0, image_guidance_scale=2.0)
+    a, b = make_case(0, 1), make_case(0, 3)
+    np.testing.assert_array_equal(a["gallery"], b["gallery"])
+    np.testing.assert_array_equal(a["ref_images"], b["ref_images"])
+    assert not np.array_equal(a["gallery"], make_case(1, 1)["gallery"])
+
+
 def test_pixel_identity_prefers_own_subject():
     """Model-free score: same subject in the prompted context >> another subject of that category."""
     from jedi_jax.eval.protocol import make_case
@@ -122,10 +158,22 @@ def test_quick_minibench_end_to_end(tiny64_pipeline, tmp_path):
                                                         rows[name]["placement_ok"]["mean"]) + 1e-9, name
     assert all(r["context_ok"] == r["background_ok"] * r["placement_ok"] for r in saved["records"])
     assert "| placement acc | both |" in report
-    # the curve helper reuses the compiled sampler (same steps) and takes replacement UNet params
-    q = quick_identity(tiny64_pipeline, n_subjects=1, steps=5,
-                       unet_params=tiny64_pipeline.model.unet.params)
-    assert np.isfinite(q["jedi"]) and np.isfinite(q["text_only"]) and q["ground_truth"] > 0.5
+    # DreamBooth's row generates with the finetuned UNet, not the pipeline's: not text-only image for image
+    by_key = {(r["row"], r["subject"], r["seed_index"]): r["enc_ref"] for r in saved["records"]}
+    booth = [(v, by_key[("text_only",) + key[1:]]) for key, v in by_key.items() if key[0] == "dreambooth"]
+    assert len(booth) == 2 and max(abs(a - b) for a, b in booth) > 1e-6, booth
+    # the curve helper reuses the compiled sampler (same steps) and really uses replacement UNet params
+    import jax
+
+    own = quick_identity(tiny64_pipeline, n_subjects=1, steps=5, unet_params=tiny64_pipeline.model.unet.params)
+    assert np.isfinite(own["jedi"]) and np.isfinite(own["text_only"]) and own["ground_truth"] > 0.5
+    zeroed = quick_identity(tiny64_pipeline, n_subjects=1, steps=5,
+                            unet_params=jax.tree.map(np.zeros_like, tiny64_pipeline.model.unet.params))
+    assert abs(zeroed["jedi"] - own["jedi"]) > 1e-4 and zeroed["ground_truth"] == own["ground_truth"]
+    assert quick_identity(tiny64_pipeline, n_subjects=1, steps=5)["jedi"] == pytest.approx(own["jedi"], abs=1e-6)
+    assert own["subjects"] == [mw.subject_for("test", 0).name]
+    later = quick_identity(tiny64_pipeline, n_subjects=1, steps=5, first_subject=100)
+    assert later["subjects"] == [mw.subject_for("test", 100).name]
 
 
 def test_prompt_probe_cases_and_ground_truth_ceiling(tiny64_pipeline):
@@ -181,6 +229,36 @@ def test_prompt_probe_text_sensitivity_separates_mixing_from_position(tiny64_pip
     swap, shift, other = (tokens[k] for k in SENSITIVITY_PROMPTS)
     assert swap["cosine"] == pytest.approx(1.0, abs=1e-6) and shift["cosine"] == pytest.approx(1.0, abs=1e-6)
     assert other["cosine"] < 0.99
+
+
+def test_shipped_token_reading_reaches_every_per_word_table():
+    """JeDi-mini reads the frozen CLIP at "tokens" (one vector per token id). Its vectors for every id
+    a caption can hold are linearly independent, so each cross-attention's bias-free to_k / to_v can
+    already give any per-word keys and values: training the text encoder adds no capacity there
+    (EXPERIMENTS.md, experiment 24). The check sees a collapse: two words sharing a vector lose a rank."""
+    import dataclasses
+
+    import jax
+
+    from jedi_jax.assets import DEFAULT_MODEL_DIR
+    from jedi_jax.eval.prompt_probe import token_reading_rank
+    from jedi_jax.loading import load_model
+
+    model = load_model(DEFAULT_MODEL_DIR)
+    assert model.sampling.get("text_layer") == "tokens"
+    reach = token_reading_rank(model)
+    assert reach["tokens"] == len(mw.vocabulary()) + 2  # every word is one token, plus BOS and EOS (= pad)
+    assert reach["rank"] == reach["tokens"] <= reach["width"]
+    assert reach["smallest_singular_value"] > 0.5  # well away from dependence, not just numerically full
+
+    tok = model.tokenizer
+    (desert,), (beach,) = (tok(w, add_special_tokens=False)["input_ids"] for w in ("desert", "beach"))
+    params = jax.tree.map(np.array, model.text_encoder.params)
+    table = params["text_model"]["embeddings"]["token_embedding"]["embedding"]  # (vocab, D)
+    table[desert] = table[beach]
+    collapsed = dataclasses.replace(model, components={
+        **model.components, "text_encoder": dataclasses.replace(model.text_encoder, params=params)})
+    assert token_reading_rank(collapsed)["rank"] == reach["tokens"] - 1
 
 
 def test_dreambooth_snapshots_are_points_of_one_run(tiny64_pipeline):
@@ -296,10 +374,35 @@ def test_eval_clis_refuse_bad_lists_with_one_line_naming_the_flag(capsys):
     from jedi_jax.eval import minibench as MB
 
     for argv, flag in ((["--rows", "jedi_k3,jedi_k9"], "--rows: jedi_k9; choose from ground_truth"),
-                       (["--rows", ","], "--rows: empty")):
+                       (["--rows", ","], "--rows: empty"),
+                       (["--seeds", "0"], "--seeds must be >= 1, got 0"),
+                       (["--subjects", "1"], "--subjects must be >= 2, got 1 (a CI needs two subjects)"),
+                       (["--dreambooth-subjects", "1"], "--dreambooth-subjects must be >= 2"),
+                       (["--prompts", "0"], "--prompts must be >= 1")):
         with pytest.raises(SystemExit) as e:
             MB.main(argv + ["--out", "unused"])
-        assert e.value.code == 2 and flag in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and flag in err and "Traceback" not in err, err
+
+
+def test_eval_clis_refuse_bad_counts_and_folders_with_one_line(capsys, tmp_path):
+    """Bad counts and a wrong folder end in one error line before any model loads, and nothing is
+    created where the user pointed by mistake."""
+    from jedi_jax.eval import dreambooth_curve, learning_curve, prompt_probe
+
+    for main, argv, text in (
+            (dreambooth_curve.main, ["--prompts", "0"], "--prompts must be >= 1"),
+            (dreambooth_curve.main, ["--seeds", "0"], "--seeds must be >= 1"),
+            (prompt_probe.main, ["--samples", "0"], "--samples must be >= 1"),
+            (learning_curve.main, ["--workdir", str(tmp_path / "typo")], "no checkpoints/ folder there"),
+            (learning_curve.main, ["--workdir", str(tmp_path), "--steps", "1k"], "--steps '1k': expected")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and text in err and "Traceback" not in err, (argv, err)
+    assert not (tmp_path / "typo").exists()
+    assert prompt_probe.main(["--model", str(tmp_path / "nowhere")]) == 2
+    assert "error: no model at" in capsys.readouterr().err
 
 
 def test_guidance_sweep_grid_is_the_product_with_text_scale_outermost():

@@ -18,6 +18,15 @@ def cli_model(arg: str | None) -> Path | None:
     return model
 
 
+def cli_at_least(parser: argparse.ArgumentParser, **counts: tuple[int | None, int]) -> None:
+    """Each flag=(value, minimum): a value below its minimum is a parser error naming the flag
+    (None = not given, left to the default). Flags are keyword names: subjects -> --subjects."""
+    for name, (value, minimum) in counts.items():
+        if value is not None and value < minimum:
+            why = " (a CI needs two subjects)" if "subjects" in name and minimum == 2 else ""
+            parser.error(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}{why}")
+
+
 def cli_list(parser: argparse.ArgumentParser, flag: str, text: str, cast=float) -> tuple:
     """'1,2.5' -> (1.0, 2.5); a bad or empty list is a parser error naming the flag."""
     try:

@@ -5,7 +5,8 @@
 
 JeDi's claim (CVPR 2024, Sec. 1 and 5.2) is identity comparable to test-time finetuning at a
 fraction of its time. MiniBench times one DreamBooth budget; this measures the whole curve. For
-each of MiniBench's first ``--subjects`` cases (same references, prompts, paired seeds and scorers,
+each of MiniBench's first ``--subjects`` cases (or ``--first-subject 100`` on, validation
+subjects MiniBench never scores, when the curve is to choose the baseline's learning rate; same references, prompts, paired seeds and scorers,
 ``protocol.make_case``) and each learning rate, ONE finetuning run of max(budgets) steps keeps the
 UNet after every budget (``DreamBooth.finetune(snapshot_at=...)``); each snapshot generates the
 prompts text-only, as MiniBench's DreamBooth row does. JeDi k=1 and k=3 generate the same prompts
@@ -27,8 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from jedi_jax.eval import metrics as M
-from jedi_jax.eval.cli import cli_list, cli_model
-from jedi_jax.eval.protocol import Scorer, call_seed, generate, load_pipeline, make_case
+from jedi_jax.eval.cli import cli_at_least, cli_list, cli_model
+from jedi_jax.eval.protocol import VALIDATION_FIRST_SUBJECT, Scorer, call_seed, generate, load_pipeline, make_case
 
 SCORES = ("enc_ref", "pix", "background_ok", "placement_ok")
 
@@ -44,7 +45,7 @@ def _summary(records: list[dict], zero: list[dict], one: list[dict], names: list
 
 def measure(model, *, subjects: int = 6, lrs=(5e-5,), budgets=(50, 200), prompts: int = 2, seeds: int = 1,
             steps: int = 20, guidance_scale: float | None = None, image_guidance_scale: float | None = None,
-            evaluators: str | None = None, log=print) -> dict:
+            evaluators: str | None = None, first_subject: int = 0, log=print) -> dict:
     """Returns {'jedi': {k: summary + seconds_per_image}, 'dreambooth': [{lr, steps, finetune_seconds,
     seconds_per_image, ...summary}], 'reach': [...], settings}."""
     from jedi_jax.eval.dreambooth import DreamBooth, unet_params_swapped
@@ -54,7 +55,7 @@ def measure(model, *, subjects: int = 6, lrs=(5e-5,), budgets=(50, 200), prompts
     pipe = load_pipeline(model)
     guidance_scale, image_guidance_scale = pipe.guidance_scales(guidance_scale, image_guidance_scale)
     scorer = Scorer(evaluators)
-    cases = [make_case(i, prompts) for i in range(subjects)]
+    cases = [make_case(i, prompts) for i in range(first_subject, first_subject + subjects)]
     names = [c["name"] for c in cases]
     idx = M.bootstrap_indices(len(cases))
     keys = [(p, s) for p in range(prompts) for s in range(seeds)]
@@ -185,15 +186,16 @@ def plot(results: dict, path: Path) -> None:
         rows = sorted((r for r in results["dreambooth"] if r["lr"] == lr), key=lambda r: r["steps"])
         x = [r["finetune_seconds"] + r["seconds_per_image"] for r in rows]
         y = [r["enc_ref_normalized"]["mean"] for r in rows]
-        lo = [r["enc_ref_normalized"]["lo"] for r in rows]
-        hi = [r["enc_ref_normalized"]["hi"] for r in rows]
+        lo = [np.nan if r["enc_ref_normalized"]["lo"] is None else r["enc_ref_normalized"]["lo"] for r in rows]
+        hi = [np.nan if r["enc_ref_normalized"]["hi"] is None else r["enc_ref_normalized"]["hi"] for r in rows]
         ax.plot(x, y, "o-", label=f"DreamBooth, lr {lr:g}")
         ax.fill_between(x, lo, hi, alpha=0.15)
         for xi, yi, r in zip(x, y, rows):
             ax.annotate(str(r["steps"]), (xi, yi), fontsize=7, xytext=(2, 3), textcoords="offset points")
     for k, r in results["jedi"].items():
         e = r["enc_ref_normalized"]
-        ax.errorbar([r["seconds_per_image"]], [e["mean"]], yerr=[[e["mean"] - e["lo"]], [e["hi"] - e["mean"]]],
+        err = [[0.0], [0.0]] if e["lo"] is None else [[e["mean"] - e["lo"]], [e["hi"] - e["mean"]]]
+        ax.errorbar([r["seconds_per_image"]], [e["mean"]], yerr=err,
                     fmt="s", capsize=3, label=f"JeDi k={k}")
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
@@ -215,6 +217,9 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None, help="jedi_jax model folder (default: the embedded JeDi-mini)")
     p.add_argument("--out", default="out/dreambooth_curve")
     p.add_argument("--subjects", type=int, default=6)
+    p.add_argument("--first-subject", type=int, default=0,
+                   help="first test subject (0: MiniBench's, whose DreamBooth row this times; "
+                        f"{VALIDATION_FIRST_SUBJECT}: validation subjects, to choose a learning rate)")
     p.add_argument("--lrs", default="5e-5,2e-4", help="comma-separated DreamBooth learning rates")
     p.add_argument("--budgets", default="25,50,100,200,400,800", help="comma-separated finetuning step counts")
     p.add_argument("--prompts", type=int, default=2)
@@ -233,9 +238,9 @@ def main(argv=None) -> int:
     budgets = cli_list(p, "--budgets", args.budgets, int)
     if min(budgets) < 1 or min(lrs) <= 0:
         p.error("learning rates must be > 0 and budgets >= 1")
-    if args.subjects < 2:
-        p.error("--subjects must be >= 2 (a CI needs subjects)")
-    results = measure(model, subjects=args.subjects, lrs=lrs, budgets=budgets, prompts=args.prompts,
+    cli_at_least(p, subjects=(args.subjects, 2), first_subject=(args.first_subject, 0), prompts=(args.prompts, 1),
+                 seeds=(args.seeds, 1), steps=(args.steps, 1))
+    results = measure(model, subjects=args.subjects, first_subject=args.first_subject, lrs=lrs, budgets=budgets, prompts=args.prompts,
                       seeds=args.seeds, steps=args.steps, guidance_scale=args.guidance_scale,
                       image_guidance_scale=args.image_guidance_scale, evaluators=args.evaluators)
     out = Path(args.out)

@@ -56,9 +56,9 @@ from typing import NamedTuple
 
 
 from jedi_jax.eval import metrics as M
-from jedi_jax.eval.cli import cli_choices, cli_intervals, cli_list, cli_model
-from jedi_jax.eval.protocol import (REFERENCE_CAPTIONS, Scorer, call_seed, generate, load_pipeline, make_case,
-                                    placement_contrast_prompt)
+from jedi_jax.eval.cli import cli_at_least, cli_choices, cli_intervals, cli_list, cli_model
+from jedi_jax.eval.protocol import (MINIBENCH_SUBJECTS, REFERENCE_CAPTIONS, VALIDATION_FIRST_SUBJECT, Scorer,
+                                    call_seed, generate, load_pipeline, make_case, placement_contrast_prompt)
 from jedi_jax.sampling.guidance import ORDERS
 from jedi_jax.schedulers.schedule import SAMPLERS
 
@@ -188,7 +188,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="jedi_jax model folder (default: the embedded JeDi-mini)")
     p.add_argument("--out", default="out/guidance_sweep")
-    p.add_argument("--first-subject", type=int, default=100,
+    p.add_argument("--first-subject", type=int, default=VALIDATION_FIRST_SUBJECT,
                    help="first test-split subject index (MiniBench uses 0..subjects-1: stay above it)")
     p.add_argument("--subjects", type=int, default=24,
                    help="validation subjects (12 proved too few to tell two UNets apart: "
@@ -235,8 +235,11 @@ def main(argv=None) -> int:
     reference_captions = cli_choices(p, "--reference-captions", args.reference_captions, REFERENCE_CAPTIONS)
     if args.eta < 0:
         p.error("--eta must be >= 0")
-    if args.first_subject < 0 or args.subjects < 2:
-        p.error("--first-subject must be >= 0 and --subjects >= 2 (a CI needs subjects)")
+    cli_at_least(p, first_subject=(args.first_subject, 0), subjects=(args.subjects, 2), steps=(args.steps, 1))
+    if args.first_subject < MINIBENCH_SUBJECTS:
+        print(f"warning: --first-subject {args.first_subject} overlaps MiniBench's subjects 0..{MINIBENCH_SUBJECTS - 1}: "
+              f"scales chosen here would be tuned on the benchmark (validation starts at {VALIDATION_FIRST_SUBJECT})",
+              file=sys.stderr)
     results = sweep(model, first_subject=args.first_subject, subjects=args.subjects, text_scales=text_scales,
                     image_scales=image_scales, ks=ks, contrasts=contrasts, intervals=intervals, orders=orders,
                     reference_starts=reference_starts, reference_captions=reference_captions, steps=args.steps,

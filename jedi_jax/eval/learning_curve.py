@@ -1,7 +1,7 @@
 """The learning curve of the real metric: normalized encoder identity of a run's checkpoints.
 
     python -m jedi_jax.eval.learning_curve --workdir runs/mini [--steps 1250,1500,2000] [--subjects 8] \
-        [--guidance-scale 3 --image-guidance-scale 4]
+        [--first-subject 0] [--guidance-scale 3 --image-guidance-scale 2]
 
 For each checkpoint (default: all in WORKDIR/checkpoints) the EMA UNet is evaluated with
 `minibench.quick_identity` (k = 3 references, held-out prompts, 20 DDIM steps) inside ONE pipeline
@@ -17,6 +17,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from jedi_jax.eval.cli import cli_at_least, cli_list
 
 
 def checkpoint_unet(workdir: Path, step: int) -> dict:
@@ -34,28 +36,43 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", required=True)
     p.add_argument("--steps", default="", help="comma-separated checkpoint steps (default: all)")
     p.add_argument("--subjects", type=int, default=8)
+    p.add_argument("--first-subject", type=int, default=0,
+                   help="first test subject (0: MiniBench's, as the model card's curves; 100: validation subjects)")
     p.add_argument("--sampling-steps", type=int, default=20)
     p.add_argument("--guidance-scale", type=float, default=3.0, help="text guidance sT")
     p.add_argument("--image-guidance-scale", type=float, default=2.0,
-                   help="image guidance sI (2 = the stage-2 curve's; the shipped model recommends 4)")
+                   help="image guidance sI (2 = the shipped JeDi-mini's recommended)")
     args = p.parse_args(argv)
+    cli_at_least(p, subjects=(args.subjects, 1), first_subject=(args.first_subject, 0),
+                 sampling_steps=(args.sampling_steps, 1))
+    wanted = cli_list(p, "--steps", args.steps, int) if args.steps.strip() else ()
+    workdir = Path(args.workdir)
+    if not (workdir / "checkpoints").is_dir():  # checked before the Checkpointer, which would create it
+        p.error(f"--workdir {workdir}: no checkpoints/ folder there (a training run's --workdir)")
 
     from jedi_jax.eval.minibench import quick_identity
     from jedi_jax.pipeline import JeDiPipeline
     from jedi_jax.train.checkpoint import Checkpointer
     from jedi_jax.train.export import export_run
 
-    workdir = Path(args.workdir)
     ck = Checkpointer(workdir / "checkpoints", async_save=False)
-    steps = [int(s) for s in args.steps.split(",") if s] or ck.all_steps()
-    ck.close()
+    try:
+        available = ck.all_steps()
+    finally:
+        ck.close()
+    missing = sorted(set(wanted) - set(available))
+    if missing or not available:
+        p.error(f"--workdir {workdir}: no checkpoint at step {', '.join(map(str, missing))} (has {available})"
+                if missing else f"--workdir {workdir}: no checkpoints yet")
+    steps = list(wanted) or available
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         base = export_run(workdir, Path(tmp) / "latest", step=max(steps), log=lambda *_: None)
         pipe = JeDiPipeline.from_pretrained(base, max_references=3)
         for step in sorted(steps):
             params = checkpoint_unet(workdir, step)
-            r = quick_identity(pipe, n_subjects=args.subjects, steps=args.sampling_steps, unet_params=params,
+            r = quick_identity(pipe, n_subjects=args.subjects, first_subject=args.first_subject,
+                               steps=args.sampling_steps, unet_params=params,
                                guidance_scale=args.guidance_scale, image_guidance_scale=args.image_guidance_scale)
             rows.append(dict(step=step, **{k: float(v) for k, v in r.items() if np.isscalar(v)}))
             print(json.dumps(rows[-1]), flush=True)

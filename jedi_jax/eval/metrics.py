@@ -121,11 +121,14 @@ def bootstrap_indices(num_subjects: int, samples: int = BOOTSTRAP_SAMPLES, seed:
 
 
 def mean_ci(per_subject: np.ndarray, idx: np.ndarray) -> dict:
-    """{'mean', 'lo', 'hi', 'n'}: mean over subjects and its 95% percentile bootstrap CI."""
+    """{'mean', 'lo', 'hi', 'n'}: mean over subjects and its 95% percentile bootstrap CI (lo = hi =
+    None with one subject: resampling one subject gives a zero-width interval that is no CI)."""
     ok = ~np.isnan(per_subject)
     if not ok.any():
         return dict(mean=None, lo=None, hi=None, n=0)
     x = per_subject[ok]
+    if len(x) < 2:
+        return dict(mean=float(x.mean()), lo=None, hi=None, n=1)
     sub = _restrict(idx, ok)
     boot = x[sub].mean(axis=1)
     lo, hi = np.percentile(boot, [2.5, 97.5])
@@ -143,23 +146,37 @@ def _restrict(idx: np.ndarray, ok: np.ndarray) -> np.ndarray:
 
 def normalized_ci(row: np.ndarray, zero: np.ndarray, one: np.ndarray, idx: np.ndarray) -> dict:
     """(mean(row) - mean(zero)) / (mean(one) - mean(zero)) on subjects present in all three, with
-    its paired 95% bootstrap CI. A resample whose denominator is ~0 is dropped (counted in 'dropped')."""
+    its paired 95% bootstrap CI. A resample whose denominator is ~0 is dropped (counted in 'dropped').
+
+    No CI (lo = hi = None) with one subject, or when the denominator's own 95% interval reaches 0
+    ('unbounded': True): ground truth is then not clearly above the 0 point, resampled ratios swing
+    through +-infinity, and their percentiles would print as an ordinary but meaningless interval.
+    """
     ok = ~(np.isnan(row) | np.isnan(zero) | np.isnan(one))
     if not ok.any():
         return dict(mean=None, lo=None, hi=None, n=0, dropped=0)
     r, z, o = row[ok], zero[ok], one[ok]
-    sub = _restrict(idx, ok)
     den = o.mean() - z.mean()
     point = (r.mean() - z.mean()) / den if abs(den) > 1e-9 else float("nan")
+    if len(r) < 2:
+        return dict(mean=float(point), lo=None, hi=None, n=1, dropped=0)
+    sub = _restrict(idx, ok)
     bden = o[sub].mean(1) - z[sub].mean(1)
     good = np.abs(bden) > 1e-9
+    den_lo, den_hi = np.percentile(bden, [2.5, 97.5])
+    if den_lo <= 0 <= den_hi:
+        return dict(mean=float(point), lo=None, hi=None, n=int(ok.sum()), dropped=int((~good).sum()),
+                    unbounded=True)
     boot = (r[sub].mean(1) - z[sub].mean(1))[good] / bden[good]
-    lo, hi = np.percentile(boot, [2.5, 97.5]) if good.any() else (np.nan, np.nan)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
     return dict(mean=float(point), lo=float(lo), hi=float(hi), n=int(ok.sum()), dropped=int((~good).sum()))
 
 
 def fmt_ci(stat: dict, digits: int = 3) -> str:
-    """'0.812 [0.790, 0.833]' (or 'n/a')."""
+    """'0.812 [0.790, 0.833]' (or 'n/a'; the mean alone, saying why, where there is no CI)."""
     if not stat or stat.get("mean") is None or not np.isfinite(stat["mean"]):
         return "n/a"
+    if stat.get("lo") is None:
+        why = "ground truth not clearly above text-only" if stat.get("unbounded") else f"n={stat.get('n')}"
+        return f"{stat['mean']:.{digits}f} [no CI: {why}]"
     return f"{stat['mean']:.{digits}f} [{stat['lo']:.{digits}f}, {stat['hi']:.{digits}f}]"

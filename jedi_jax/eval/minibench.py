@@ -37,9 +37,9 @@ import numpy as np
 
 from jedi_jax.data import mini_world as mw
 from jedi_jax.eval import metrics as M
-from jedi_jax.eval.cli import cli_choices, cli_model
+from jedi_jax.eval.cli import cli_at_least, cli_choices, cli_model
 from jedi_jax.eval.minibench_report import plot, report, write_grid
-from jedi_jax.eval.protocol import Scorer, call_seed, generate, load_pipeline, make_case
+from jedi_jax.eval.protocol import MINIBENCH_SUBJECTS, Scorer, call_seed, generate, load_pipeline, make_case
 from jedi_jax.sampling.guidance import ORDERS
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +78,7 @@ ROW_NAMES = tuple(r.name for r in ROWS)
 
 @dataclasses.dataclass
 class Settings:
-    subjects: int = 16
+    subjects: int = MINIBENCH_SUBJECTS
     seeds: int = 2
     prompts: int = 2  # prompted contexts per subject
     steps: int = 50
@@ -325,9 +325,11 @@ _QUICK_CACHE: dict = {}
 
 def quick_identity(model, n_subjects: int = 8, *, steps: int = 20, k: int = 3, seed: int = 0,
                    unet_params=None, guidance_scale: float = 3.0, image_guidance_scale: float = 2.0,
-                   evaluators: str | None = None) -> dict:
-    """The normalized encoder identity of JeDi (k references) on `n_subjects` test subjects, one
-    held-out prompt each, one seed, `steps` DDIM steps -- for a training learning curve.
+                   evaluators: str | None = None, first_subject: int = 0) -> dict:
+    """The normalized encoder identity of JeDi (k references) on `n_subjects` test subjects from
+    `first_subject` on (0: MiniBench's first subjects, as every curve in the model card; use
+    protocol.VALIDATION_FIRST_SUBJECT when the curve will choose something), one held-out prompt
+    each, one seed, `steps` DDIM steps -- for a training learning curve.
 
     model: a JeDiPipeline (reused: its compiled sampler is cached, so repeated calls do not
     recompile) or a model folder. unet_params: evaluate these UNet parameters instead of the
@@ -354,7 +356,7 @@ def quick_identity(model, n_subjects: int = 8, *, steps: int = 20, k: int = 3, s
     pipe = model
     scorer = _QUICK_CACHE.get(("scorer", evaluators)) or Scorer(evaluators)
     _QUICK_CACHE[("scorer", evaluators)] = scorer
-    cases = [make_case(i, 1) for i in range(n_subjects)]
+    cases = [make_case(i, 1) for i in range(first_subject, first_subject + n_subjects)]
     swap = unet_params_swapped(pipe, unet_params) if unet_params is not None else contextlib.nullcontext()
     scores = {"jedi": [], "text_only": [], "ground_truth": []}
     fidelity = {"background_ok": [], "placement_ok": []}
@@ -374,7 +376,7 @@ def quick_identity(model, n_subjects: int = 8, *, steps: int = 20, k: int = 3, s
     normalized = (means["jedi"] - means["text_only"]) / den if abs(den) > 1e-9 else float("nan")
     return dict(normalized=normalized, **means, background_acc=float(np.mean(fidelity["background_ok"])),
                 placement_acc=float(np.mean(fidelity["placement_ok"])), n_subjects=n_subjects, steps=steps,
-                seconds=time.time() - start)
+                subjects=[c["name"] for c in cases], seconds=time.time() - start)
 
 
 # ---------------------------------------------------------------------------------- CLI
@@ -401,6 +403,9 @@ def main(argv=None) -> int:
     p.add_argument("--evaluators", default=None, help="folder of the evaluator weights (default: shipped)")
     p.add_argument("--quick", action="store_true", help="CI smoke mode: 2 subjects, 1 seed, 1 prompt, 5 steps")
     args = p.parse_args(argv)
+    cli_at_least(p, subjects=(args.subjects, 2), seeds=(args.seeds, 1), prompts=(args.prompts, 1),
+                 steps=(args.steps, 1), dreambooth_steps=(args.dreambooth_steps, 1),
+                 dreambooth_subjects=(args.dreambooth_subjects, 2))
 
     model = cli_model(args.model)
     if model is None:

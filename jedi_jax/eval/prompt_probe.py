@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from jedi_jax.data import mini_world as mw
+from jedi_jax.eval.cli import cli_at_least, cli_model
 
 PAIRS = {"seen": mw.TRAIN_COMBOS, "held-out": mw.HELDOUT_COMBO_IDS}
 
@@ -127,6 +128,34 @@ def text_sensitivity(model, text_layer="last", word: str = "desert") -> list[dic
     return rows
 
 
+def token_reading_rank(model) -> dict:
+    """Could a trained text encoder give the UNet anything the frozen one cannot, at the "tokens" reading?
+
+    At ``text_layer="tokens"`` every token id is one context vector wherever it stands (a bag of words,
+    which determines every label of a mini-world caption: ``mini_world.parse_caption``). The UNet reads
+    the context only through each cross-attention's bias-free ``to_k`` / ``to_v`` (SD layout, one pair
+    per layer), so if the vectors of the V token ids a caption can hold are linearly independent, every
+    table of per-word keys and values that a trained token embedding could produce is reachable by
+    those maps already: training the encoder at this reading adds no capacity, only another path for
+    the optimizer. Needs V <= width. Returns {'tokens': V, 'width': D, 'rank': r,
+    'smallest_singular_value': s} over every word of ``mini_world.vocabulary()`` plus BOS/EOS/pad.
+    """
+    import jax.numpy as jnp
+
+    from jedi_jax.models.clip_text import TOKEN_LAYER, encode_prompts
+
+    tok = model.tokenizer
+    ids = {int(i) for w in mw.vocabulary() for i in tok(w, add_special_tokens=False)["input_ids"]}
+    ids |= {int(i) for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if i is not None}
+    text = model.text_encoder
+    ordered = np.array(sorted(ids), np.int32)[None]  # (1, V): each id once, order irrelevant here
+    vectors = np.asarray(encode_prompts(text.functional.bind(text.params), jnp.asarray(ordered), TOKEN_LAYER))[0]
+    sv = np.linalg.svd(vectors.astype(np.float64), compute_uv=False)  # (min(V, D),)
+    rank = int(np.sum(sv > sv[0] * max(vectors.shape) * np.finfo(np.float32).eps))
+    return {"tokens": int(vectors.shape[0]), "width": int(vectors.shape[1]), "rank": rank,
+            "smallest_singular_value": float(sv[-1])}
+
+
 def sensitivity_table(rows: list[dict]) -> str:
     lines = ["| the background word's context when ... | cosine to the original | token positions |", "|---|---|---|"]
     lines += [f"| {r['change']} | {r['cosine']:.3f} | {r['positions'][0]}, {r['positions'][1]} |" for r in rows]
@@ -154,7 +183,10 @@ def main(argv=None) -> int:
     p.add_argument("--ground-truth", action="store_true", help="score the world's renders (the ceiling)")
     p.add_argument("--out", default=None, help="write probe.md and probe.json here")
     args = p.parse_args(argv)
+    cli_at_least(p, samples=(args.samples, 1), steps=(args.steps, 1))
     templates = [t.strip() for t in args.templates.split(",") if t.strip()]
+    if not templates:
+        p.error("--templates is empty")
     for t in templates:
         try:
             template_text(t)
@@ -167,21 +199,29 @@ def main(argv=None) -> int:
     if not args.ground_truth:
         from jedi_jax.pipeline import JeDiPipeline
 
-        pipe = JeDiPipeline.from_pretrained(args.model, max_references=0) if args.model else \
-            JeDiPipeline.from_pretrained(max_references=0)
+        model = cli_model(args.model)
+        if model is None:
+            return 2
+        pipe = JeDiPipeline.from_pretrained(model, max_references=0)
     rows = run_probe(pipe, load_context_classifier(), templates=templates, samples=args.samples, steps=args.steps,
                      guidance_scale=args.guidance_scale, ground_truth=args.ground_truth)
     text = table(rows)
-    sensitivity = []
+    sensitivity, reach = [], None
     if pipe is not None:
         sensitivity = text_sensitivity(pipe.model, pipe.text_layer)
         text += "\n\nText side (" + f"text_layer={pipe.text_layer!r}" + "):\n\n" + sensitivity_table(sensitivity)
+        if pipe.text_layer == "tokens":
+            reach = token_reading_rank(pipe.model)
+            text += (f"\n\nToken vectors of the {reach['tokens']} ids a caption can hold: rank {reach['rank']} of "
+                     f"width {reach['width']} (smallest singular value {reach['smallest_singular_value']:.3f}); "
+                     + ("independent, so a trained text encoder adds no capacity at this reading."
+                        if reach["rank"] == reach["tokens"] else "dependent: some per-word key tables are out of reach."))
     print(text)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "probe.md").write_text(text + "\n")
-        (out / "probe.json").write_text(json.dumps(dict(rows=rows, text_sensitivity=sensitivity), indent=2))
+        (out / "probe.json").write_text(json.dumps(dict(rows=rows, text_sensitivity=sensitivity, token_reach=reach), indent=2))
     return 0
 
 

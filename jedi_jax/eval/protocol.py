@@ -23,6 +23,10 @@ from jedi_jax.data.pool import PLACEMENT_ONLY
 from jedi_jax.eval import metrics as M
 
 BENCH_TAG = 4242  # seed space of MiniBench's references / prompts / galleries
+# MiniBench scores test subjects 0..MINIBENCH_SUBJECTS-1 by default; choices (guidance scales, a
+# baseline's learning rate) belong on subjects from VALIDATION_FIRST_SUBJECT on, which it never scores.
+MINIBENCH_SUBJECTS = 16
+VALIDATION_FIRST_SUBJECT = 100
 # The "composed prompt" row's parts: the full prompt's labels said as placement AND background. Each
 # part is the start of a training caption template (pool.PLACEMENT_ONLY[0] is FULL_TEMPLATE cut after
 # the placement; the other is TEMPLATES[7] cut before it), so neither part is new wording.
@@ -64,9 +68,9 @@ def make_case(index: int, num_prompts: int) -> dict[str, Any]:
         composed = " AND ".join(mw.prompt_for(subject.category, ctx, part) for part in COMPOSED_PARTS)
         prompts.append(dict(prompt=mw.prompt_for(subject.category, ctx), composed=composed, context=ctx, gt=gt,
                             gt_mask=gt_mask))
-    gallery = []
-    for _ in range(GALLERY):
-        gallery.append(mw.render(subject, mw.sample_context(rng, "test"))[0])
+    # The gallery has its own stream: the same subject gets the same gallery whatever num_prompts.
+    gallery_rng = np.random.default_rng([BENCH_TAG, index, 1])
+    gallery = [mw.render(subject, mw.sample_context(gallery_rng, "test"))[0] for _ in range(GALLERY)]
     return dict(index=index, name=subject.name, subject=subject, ref_images=np.stack(refs),
                 ref_masks=np.stack(masks), ref_captions=captions, ref_placements=places,
                 ref_backgrounds=[mw.BACKGROUNDS[b] for b in used], prompts=prompts,
@@ -163,7 +167,9 @@ def generate(pipe, case: dict, prompt_index: int, seed: int, k: int, *, steps: i
     Returns (uint8 (H, W, 3), seconds)."""
     if reference_captions not in REFERENCE_CAPTIONS:
         raise ValueError(f"unknown reference_captions {reference_captions!r}; choose one of {REFERENCE_CAPTIONS}")
-    k = min(k, pipe.max_references)
+    if k > pipe.max_references:  # a row labelled k=3 must have used 3 references
+        raise ValueError(f"k={k} references asked of a pipeline built for at most {pipe.max_references} "
+                         f"(JeDiPipeline.from_pretrained(..., max_references={k}))")
     if prompt is None:
         prompt = case["prompts"][prompt_index]["prompt"]
     ref_prompts = list(case["ref_captions"][:k]) if reference_captions == "given" else [""] * k
