@@ -264,6 +264,12 @@ def test_padded_members_do_not_affect_valid_members(kernel):
     out2 = f(q2, k2, v2)
     valid = mm.reshape(-1)
     np.testing.assert_allclose(np.asarray(out2)[valid], np.asarray(out)[valid], atol=1e-6, rtol=0)
+    # non-finite padding too: masked weights are 0, and 0 * NaN would be NaN without the zeroing
+    for bad in (jnp.nan, jnp.inf):
+        q3, k3, v3 = (jnp.where(pad[:, None, None, None], bad, x) for x in (q, k, v))
+        out3 = np.asarray(f(q3, k3, v3))
+        assert np.isfinite(out3[valid]).all(), (kernel, bad)
+        np.testing.assert_allclose(out3[valid], np.asarray(out)[valid], atol=1e-6, rtol=0)
     # and equals attending over the valid members alone
     ref = _naive_coupled(q, k, v, N, mm)
     np.testing.assert_allclose(np.asarray(out)[valid], ref[valid], atol=TOL, rtol=0)

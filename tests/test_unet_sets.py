@@ -79,6 +79,20 @@ def test_output_shape_scale_and_none_mask(params, inputs):
     assert 0.1 < out.std() < 10 and np.isfinite(out).all()
 
 
+def test_timestep_shapes_broadcast_or_fail_naming_the_shape(params, inputs):
+    """(), (1,) and (B,) are one time per set, (B, N) one per image; anything else is one clear error."""
+    x, _, c = inputs
+    per_image = _apply(params, x, jnp.full((B, N), 300, jnp.int32), c)
+    for t in (jnp.int32(300), jnp.asarray([300], jnp.int32), jnp.full((B,), 300, jnp.int32)):
+        np.testing.assert_allclose(_apply(params, x, t, c), per_image, atol=1e-6, rtol=0)
+    mixed = _apply(params, x, jnp.asarray([[300] * N, [900] * N], jnp.int32), c)
+    np.testing.assert_allclose(mixed[0], per_image[0], atol=1e-6, rtol=0)
+    assert np.abs(mixed[1] - per_image[1]).max() > 1e-3  # the time really reaches the output
+    for bad in ((B + 1,), (N, B), (B, N, 1)):
+        with pytest.raises(ValueError, match=r"timesteps must be .* got \(" + ", ".join(map(str, bad))):
+            _apply(params, x, jnp.zeros(bad, jnp.int32), c)
+
+
 def test_sets_of_one_are_plain_per_image_unet(params, inputs):
     """N=1 (the folded batch, no coupling) equals running every image alone."""
     x, t, c = inputs
@@ -129,6 +143,10 @@ def test_padded_member_changes_nothing(params, inputs):
     out_g = _apply(params, x_g, t, c_g, mask)
     valid = np.asarray(mask)
     np.testing.assert_allclose(out_g[valid], out[valid], atol=1e-5, rtol=0)
+    # a padded member holding NaN (an undecodable image, say) leaves the valid members untouched
+    out_nan = _apply(params, jnp.where(pad[:, :, None, None, None], jnp.nan, x), t, c, mask)
+    assert np.isfinite(out_nan[valid]).all()
+    np.testing.assert_allclose(out_nan[valid], out[valid], atol=1e-5, rtol=0)
     # padding a set is the same as not having the member at all (and t (B, N) == t (B,) broadcast)
     small = _apply(params, x[:1, :2], jnp.repeat(t[:1, None], 2, axis=1), c[:1, :2], None)
     np.testing.assert_allclose(small[0], out[0, :2], atol=1e-5, rtol=0)

@@ -237,8 +237,8 @@ def coupled_self_attention(q, k, v, *, num_members: int, member_mask=None, kerne
 
     q/k/v are per-image self-attention projections (B*N, L, H, D), set members contiguous along the
     batch axis (index b*N + n). Every image's queries attend to the keys of all N images of its set;
-    keys of members whose `member_mask` (B, N) is False are masked out, so padded or dropped members
-    never influence valid ones. With N == 1 and no mask this is plain self-attention.
+    keys of members whose `member_mask` (B, N) is False are masked out (and zeroed), so padded or
+    dropped members never influence valid ones, whatever they hold (NaN and inf included). With N == 1 and no mask this is plain self-attention.
     Returns (B*N, L, H, D).
     """
     BN, L, H, D = q.shape
@@ -255,5 +255,11 @@ def coupled_self_attention(q, k, v, *, num_members: int, member_mask=None, kerne
         if member_mask.shape != (B, N):
             raise ValueError(f"member_mask must be (B, N) = {(B, N)}, got {member_mask.shape}")
         key_mask = jnp.repeat(member_mask, L, axis=1)  # (B, N) -> (B, N*L), member n owns keys [n*L, (n+1)*L)
+        # Masked keys get zero weight, but 0 * NaN is NaN: a padded member holding NaN or inf would
+        # still poison every valid member. Zeroing its keys and values makes valid outputs exactly
+        # independent of what padded members hold (their own queries are left as they are).
+        keep = key_mask[:, :, None, None]  # (B, N*L, 1, 1)
+        k_set = jnp.where(keep, k_set, jnp.zeros((), k_set.dtype))
+        v_set = jnp.where(keep, v_set, jnp.zeros((), v_set.dtype))
     out = dot_product_attention(q_set, k_set, v_set, key_mask=key_mask, kernel=kernel)  # (B, N*L, H, D)
     return out.reshape(BN, L, H, D)  # (B, N*L, H, D) -> (B*N, L, H, D)

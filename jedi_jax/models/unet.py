@@ -274,7 +274,10 @@ class UNet(nnx.Module):
     def _time_embedding(self, timesteps, B: int, N: int, added_cond) -> jax.Array:
         """Timestep (+ SDXL text_time) embedding per image -> (B*N, time_embed_dim)."""
         t = jnp.asarray(timesteps)
-        t = t if t.ndim != 1 else t.reshape(B, 1)  # (), (B,) or (B, N)
+        # (), (1,) (one time for all, as diffusers allows), (B,) (one per set) or (B, N) (one per image)
+        if t.ndim > 2 or (t.ndim == 1 and t.shape[0] not in (1, B)) or (t.ndim == 2 and t.shape != (B, N)):
+            raise ValueError(f"timesteps must be (), (1,), (B,) = ({B},) or (B, N) = {(B, N)}; got {t.shape}")
+        t = t.reshape(-1, 1) if t.ndim == 1 else t  # (B,) or (1,) -> a column: one time per set
         t = jnp.broadcast_to(t, (B, N)).reshape(B * N)  # (B, N) -> (B*N,)
         emb = self.time_embedding(self.time_proj(t).astype(self.dtype))  # (B*N, Ct)
         if self.config.addition_embed_type == "text_time":
@@ -291,7 +294,7 @@ class UNet(nnx.Module):
         return emb
 
     def __call__(self, latents, timesteps, context, member_mask=None, added_cond=None) -> jax.Array:
-        """latents (B, N, h, w, Cin); timesteps (B,) or (B, N); context (B, N, T, D), one caption per image;
+        """latents (B, N, h, w, Cin); timesteps (), (1,), (B,) or (B, N); context (B, N, T, D), one caption per image;
         member_mask (B, N) bool (None = all real); added_cond (SDXL) {'text_embeds': (B, N, P),
         'time_ids': (B, N, 6)}. Returns the prediction (B, N, h, w, Cout) in float32."""
         if latents.ndim != 5:
