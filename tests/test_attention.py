@@ -174,6 +174,32 @@ def test_pad_keys_to_multiple_of_8_keeps_attention_and_prefix(with_mask):
     k3, v3, m3 = A.pad_keys(k2, v2, m2)  # already a multiple: untouched
     assert k3 is k2 and m3 is m2
 
+
+def test_cudnn_path_checks_only_user_masks_and_matches_xla(monkeypatch):
+    """CPU stand-in for cuDNN (the xla kernel honouring key_value_seq_lengths, as cuDNN does): 77 text
+    keys with no mask get padded to 80 and need no host-side prefix check (it would run in every
+    cross-attention of every step); a user's member mask is still checked. Outputs equal xla's."""
+    real = jax.nn.dot_product_attention
+    cudnn_calls = []
+
+    def stand_in(q, k, v, *, implementation=None, **kw):
+        if implementation == "cudnn":
+            cudnn_calls.append(k.shape[1])
+            implementation = "xla"
+        return real(q, k, v, implementation=implementation, **kw)
+
+    monkeypatch.setattr(A.jax.nn, "dot_product_attention", stand_in)
+    q, k, v = (x.astype(jnp.bfloat16) for x in _qkv(5, 2, 16, 77, 2, 8))
+    assert "callback" not in str(jax.make_jaxpr(A.cudnn_attention)(q, k, v))
+    mask = jnp.asarray(np.arange(77)[None, :] < np.array([[77], [30]]))
+    assert "callback" in str(jax.make_jaxpr(A.cudnn_attention)(q, k, v, mask))  # checked when it runs
+    for m in (None, mask):
+        got = jax.jit(A.cudnn_attention)(q, k, v, m)
+        want = A.xla_attention(q, k, v, m)
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=2e-2)
+    assert cudnn_calls and set(cudnn_calls) == {80}  # cuDNN saw the keys padded to a multiple of 8
+
+
 def _has_gpu():
     try:
         return jax.default_backend() in ("gpu", "cuda") or any(d.platform in ("gpu", "cuda") for d in jax.devices())

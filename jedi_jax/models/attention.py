@@ -147,9 +147,15 @@ def cudnn_attention(q, k, v, key_mask=None):
     A key mask must be a prefix mask (see module doc). Key lengths are padded to a multiple of 8."""
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         raise ValueError(f"cudnn attention kernel needs bfloat16/float16 inputs (UNet dtype=bfloat16), got {q.dtype}")
+    given = key_mask is not None
+    lk = k.shape[1]
     k, v, key_mask = pad_keys(k, v, key_mask)
     if key_mask is None:
         return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    if not given:  # only pad_keys' padding (SD's 77 text tokens): the lengths are static, nothing to check,
+        # so cross-attention gets no host callback (one per layer per step otherwise)
+        lengths = jnp.full((k.shape[0],), lk, jnp.int32)  # (B,)
+        return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation="cudnn")
     lengths, is_prefix = checked_seq_lengths(key_mask)  # (B,), (B,)
     out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation="cudnn")
     return jnp.where(is_prefix[:, None, None, None], out, jnp.nan).astype(out.dtype)  # (B, Lq, H, D)
