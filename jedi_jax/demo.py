@@ -41,41 +41,63 @@ def ground_truth(example: dict, prompt: dict) -> np.ndarray:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="jedi_jax model folder (default: the embedded JeDi-mini)")
-    p.add_argument("--out", default="out/demo")
+    p.add_argument("--out", default="out/demo", help="output folder; a previous run's folder there is replaced whole")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--num-prompts", type=int, default=3, help="prompts per subject (at most 4)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.steps < 1:
+        p.error(f"--steps {args.steps} must be >= 1")
+    if not 1 <= args.num_prompts <= 4:
+        p.error(f"--num-prompts {args.num_prompts} must be in 1..4 (each example suggests 4 prompts)")
+    if not 0 <= args.seed < 2**64:
+        p.error(f"--seed {args.seed} must be in [0, 2**64)")
 
+    from jedi_jax.convert.param_io import atomic_directory, check_destination
+
+    try:  # a bad --out costs nothing: checked before the model loads (the old folder is replaced whole)
+        check_destination(args.out, overwrite=True)
+    except FileExistsError as e:
+        print(f"error: --out {args.out}: {e}", file=sys.stderr)
+        return 2
     model = Path(args.model) if args.model else DEFAULT_MODEL_DIR
     if not (model / "jedi_model.json").exists():
-        print(f"error: no model at {model}: the embedded JeDi-mini is missing from this installation "
-              "(train it with: python -m jedi_jax.train --config configs/mini.py)", file=sys.stderr)
+        why = (f"--model {model} is not a jedi_jax model folder (no jedi_model.json)" if args.model else
+               f"no model at {model}: the embedded JeDi-mini is missing from this installation "
+               "(train it with: python -m jedi_jax.train --config configs/mini.py)")
+        print(f"error: {why}", file=sys.stderr)
         return 2
     start = time.time()
     from jedi_jax.pipeline import JeDiPipeline
+    from jedi_jax.sample import use_compilation_cache
     from jedi_jax.sampling.images import labeled_grid
 
+    use_compilation_cache()  # a second `make demo` skips XLA's compile (no progress bar: see sample.py)
     pipe = JeDiPipeline.from_pretrained(model, max_references=3)
     print(f"loaded {model} in {time.time() - start:.1f} s")
-    rows, labels = [], []
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    rows, labels, files = [], [], {}
     for example in load_examples():
         prompts = example["prompts"][: args.num_prompts]
         result = pipe([q["prompt"] for q in prompts], example["reference_files"],
                       reference_prompts=[r["caption"] for r in example["references"]],
-                      num_inference_steps=args.steps, seed=args.seed, progress=True)
-        print(f"{example['subject']}: compiled in {result.seconds['compile']:.1f} s, "
+                      num_inference_steps=args.steps, seed=args.seed)
+        print(f"{example['subject']}: compiled in {result.seconds['compile']:.1f} s (0: reused in this process), "
               f"sampled {len(prompts)} images in {result.seconds['run']:.1f} s")
         refs = [np.asarray(r) for r in result.references]
         rows += [refs, [np.asarray(im) for im in result.images], [ground_truth(example, q) for q in prompts]]
         labels += [[f"{example['subject']} ref {i + 1}" for i in range(len(refs))],
                    [q["prompt"] for q in prompts], ["ground truth"] * len(prompts)]
-        for i, image in enumerate(result.images):
-            image.save(out / f"{example['subject']}_{i}.png")
-    grid = labeled_grid(rows, labels, cell=128)
-    grid.save(out / "grid.png")
+        files.update({f"{example['subject']}_{i}.png": image for i, image in enumerate(result.images)})
+    files["grid.png"] = labeled_grid(rows, labels, cell=128)
+    out = Path(args.out)
+    # the new results replace the old folder whole, or not at all (no mix of two runs' images)
+    try:
+        with atomic_directory(out, overwrite=True) as tmp:
+            for name, image in files.items():
+                image.save(tmp / name)
+    except OSError as e:  # a full disk, a folder made unwritable meanwhile: one line, the old folder kept
+        print(f"error: could not write {out}: {e}", file=sys.stderr)
+        return 1
     print(f"done in {time.time() - start:.1f} s: grid at {(out / 'grid.png').resolve()}")
     return 0
 

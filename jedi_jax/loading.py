@@ -39,6 +39,8 @@ class Model:
     tokenizer: Any | None  # transformers.CLIPTokenizer
     scheduler_config: dict | None  # diffusers scheduler_config.json
     sampling: dict = dataclasses.field(default_factory=dict)  # recommended guidance scales (may be empty)
+    dtype: str = "float32"  # compute dtype the components were loaded for (params stay float32)
+    attention_kernel: str = "xla"
 
     def __getattr__(self, name: str) -> Component:
         components = self.__dict__.get("components", {})
@@ -82,4 +84,5 @@ def load_model(model_dir: str | Path, *, dtype=jnp.float32, attention_kernel: st
     tokenizer = load_tokenizer(model_dir) if (model_dir / "tokenizer").is_dir() else None
     sched = model_dir / "scheduler" / "scheduler_config.json"
     scheduler_config = read_json(sched) if sched.exists() else None
-    return Model(model_dir, components, tokenizer, scheduler_config, read_sampling_defaults(model_dir))
+    return Model(model_dir, components, tokenizer, scheduler_config, read_sampling_defaults(model_dir),
+                 dtype=jnp.dtype(dtype).name, attention_kernel=attention_kernel)

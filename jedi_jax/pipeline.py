@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 import time
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -122,6 +124,15 @@ class PipelineOutput:
     seconds: dict  # {"compile": ..., "run": ...}
 
 
+def seed_key(seed: int) -> jax.Array:
+    """The PRNG key of a seed in [0, 2**64). Without x64, jax.random.key keeps only a seed's low 32
+    bits (2**32 + 1 would alias 1), so the high word is folded in; seeds below 2**32 give
+    jax.random.key(seed) exactly, as they always did."""
+    seed = int(seed)
+    key = jax.random.key(seed & 0xFFFFFFFF)
+    return key if seed < 2**32 else jax.random.fold_in(key, seed >> 32)
+
+
 def default_model_dir() -> Path:
     """The embedded JeDi-mini shipped with the package."""
     return DEFAULT_MODEL_DIR
@@ -153,8 +164,8 @@ class JeDiPipeline:
         self.latent_channels = vae_cfg.latent_channels
         self.resolution = vae_cfg.sample_size
         self.max_length = model.text_encoder.config.max_position_embeddings
-        self._jitted = jax.jit(self._generate, static_argnames=("config", "eta"))
-        self._programs: dict = {}  # (argument shapes, config, eta) -> AOT-compiled program
+        self._jitted = jax.jit(self._generate, static_argnames=("config", "eta", "progress"))
+        self._programs: dict = {}  # (argument shapes, config, eta, progress) -> AOT-compiled program
         self._bar = None  # tqdm bar of the running call, advanced by the sampler's host callback
 
     def _on_step(self, i) -> None:
@@ -170,8 +181,10 @@ class JeDiPipeline:
     # ------------------------------------------------------------------ the compiled program
     def _generate(self, params, input_ids, empty_ids, ref_images, member_mask, ref_mask, timesteps,
                   image_scale, text_scale, key, part_ids=None, part_weights=None, references_on=None, *,
-                  config: JointSamplerConfig, eta: float):
+                  config: JointSamplerConfig, eta: float, progress: bool = False):
         """ref_images (B, N, H, W, 3) in [-1, 1]; input_ids (B, N, T); masks (B, N) -> images (B, N, H, W, 3).
+        progress: compile in the host callback that advances the progress bar. Only then: JAX's
+        persistent compilation cache refuses programs with host callbacks.
         Composed prompts: part_ids (P, B, N, T), part_weights (P, B, N); None for plain prompts.
         references_on: (S,) bool, the steps that see the references (None: all; reference_steps)."""
         unet, vae, text = self.model.unet, self.model.vae, self.model.text_encoder
@@ -205,7 +218,8 @@ class JeDiPipeline:
         layout = guidance.SetLayout(member_mask=member_mask, ref_mask=ref_mask)
         latents = sample_set(unet_fn, params["unet"], self.schedule, timesteps, x_T, ref_latents, layout,
                              context, context_empty, image_scale, text_scale, jax.random.fold_in(key, 1),
-                             config=config, eta=eta, on_step=self._on_step, part_contexts=part_contexts,
+                             config=config, eta=eta, on_step=self._on_step if progress else None,
+                             part_contexts=part_contexts,
                              part_weights=part_weights, references_on=references_on)
         decoded = vae_module.decode(unscale_latents(latents, vae.config).reshape((b * n,) + latents.shape[2:]))
         return decoded.reshape((b, n, h, w, 3))
@@ -214,13 +228,14 @@ class JeDiPipeline:
         """How many programs the sampler has compiled so far (one per static shape/setting)."""
         return len(self._programs)
 
-    def _program(self, args, config: JointSamplerConfig, eta: float):
-        """The AOT-compiled program for these argument shapes; (program, compile seconds)."""
-        signature = (tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(args)), config, eta)
+    def _program(self, args, config: JointSamplerConfig, eta: float, progress: bool = False):
+        """The AOT-compiled program for these argument shapes; (program, compile seconds: lowering
+        included, so above 0 even when JAX's persistent cache supplies the executable)."""
+        signature = (tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(args)), config, eta, progress)
         if signature in self._programs:
             return self._programs[signature], 0.0
         start = time.time()
-        program = self._jitted.lower(*args, config=config, eta=eta).compile()
+        program = self._jitted.lower(*args, config=config, eta=eta, progress=progress).compile()
         self._programs[signature] = program
         return program, time.time() - start
 
@@ -228,6 +243,12 @@ class JeDiPipeline:
         tok = self.model.tokenizer(list(prompts), padding="max_length", max_length=self.max_length,
                                    truncation=True, return_tensors="np")
         return tok["input_ids"].astype(np.int32)
+
+    def _overlong(self, texts: Sequence[str]) -> list[str]:
+        """The texts whose tokens (BOS and EOS included) exceed the text encoder's context: their end
+        is cut off by _tokenize, so the model never reads it."""
+        lengths = [len(ids) for ids in self.model.tokenizer(list(texts))["input_ids"]]
+        return [t for t, n in zip(texts, lengths) if n > self.max_length]
 
     # ------------------------------------------------------------------ user API
     def guidance_scales(self, guidance_scale: float | None = None,
@@ -272,8 +293,10 @@ class JeDiPipeline:
         if num_inference_steps < 1:
             raise PipelineInputError(f"steps={num_inference_steps} must be >= 1")
         guidance_scale, image_guidance_scale = self.guidance_scales(guidance_scale, image_guidance_scale)
-        if guidance_scale < 0 or image_guidance_scale < 0:
-            raise PipelineInputError(f"guidance scales must be >= 0 (got text {guidance_scale}, image {image_guidance_scale})")
+        if not (guidance_scale >= 0 and image_guidance_scale >= 0 and math.isfinite(guidance_scale)
+                and math.isfinite(image_guidance_scale)):  # NaN fails every comparison: say so here
+            raise PipelineInputError(f"guidance scales must be finite and >= 0 (got text {guidance_scale}, "
+                                     f"image {image_guidance_scale})")
         image_scales = per_step_scales(image_guidance_scale, num_inference_steps, image_guidance_interval)  # (S,)
         references_on = reference_steps(num_inference_steps, reference_start)  # (S,) bool or None
         guidance_order = self.guidance_order(guidance_order)
@@ -282,15 +305,19 @@ class JeDiPipeline:
                                      "('A AND B'); use 'image_first'")
         if sampler not in SAMPLERS:
             raise PipelineInputError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        if eta < 0 or (sampler == "dpmpp_2m" and eta != 0):
-            raise PipelineInputError(f"eta={eta}: eta must be >= 0, and 0 for dpmpp_2m (a deterministic solver)")
-        if not -2**63 <= int(seed) < 2**63:
-            raise PipelineInputError(f"seed={seed} must fit in 64 bits")
+        if not (eta >= 0 and math.isfinite(eta)) or (sampler == "dpmpp_2m" and eta != 0):
+            raise PipelineInputError(f"eta={eta}: eta must be finite and >= 0, and 0 for dpmpp_2m (a deterministic solver)")
+        if not 0 <= int(seed) < 2**64:
+            raise PipelineInputError(f"seed={seed} must be in [0, 2**64)")
         try:
             timesteps = inference_timesteps(self.schedule_config, num_inference_steps, sampler)  # (S,)
         except ValueError as e:
             raise PipelineInputError(f"steps={num_inference_steps}: {e}") from None
-        references = list(references)
+        # one path or image is one reference (list() would split a path string into characters;
+        # a (k, H, W, 3) array is k references)
+        one = isinstance(references, (str, Path, Image.Image)) or (isinstance(references, np.ndarray)
+                                                                   and references.ndim <= 3)
+        references = [references] if one else list(references)
         k, m = len(references), len(prompts)
         if k == 0:  # no references: every step is already text-only (and one program serves it)
             references_on = None
@@ -324,6 +351,10 @@ class JeDiPipeline:
                 for j, (part, weight) in enumerate(parts):
                     part_texts[j][i], part_weights[j, 0, i] = part, weight
             part_ids = np.stack([self._tokenize(texts) for texts in part_texts])[:, None]  # (P, 1, N, T)
+        cut = self._overlong([part for parts in weighted_parts for part, _ in parts] + ref_prompts)
+        if cut:
+            warnings.warn(f"{len(cut)} prompt(s) longer than the text encoder's {self.max_length} tokens; the end "
+                          f"is not read, e.g. {cut[0]!r}", stacklevel=2)
         empty_ids = self._tokenize([""])  # (1, T)
         timesteps = jnp.asarray(timesteps, jnp.int32)
         # max_references == 0: plain joint text-to-image, 2-branch classifier-free guidance.
@@ -333,10 +364,10 @@ class JeDiPipeline:
                                     clip_sample=self.schedule_config.clip_range)
         params = {name: c.params for name, c in self.model.components.items()}
         args = (params, input_ids, empty_ids, ref_images, member_mask, ref_mask, timesteps,
-                jnp.asarray(image_scales), jnp.float32(guidance_scale), jax.random.key(seed), part_ids,
+                jnp.asarray(image_scales), jnp.float32(guidance_scale), seed_key(seed), part_ids,
                 part_weights, None if references_on is None else jnp.asarray(references_on))
 
-        compiled, compile_s = self._program(args, config, float(eta))
+        compiled, compile_s = self._program(args, config, float(eta), bool(progress))
         start = time.time()
         self._bar = tqdm(total=num_inference_steps, desc="denoising", unit="step") if progress else None
         try:
@@ -356,7 +387,11 @@ class JeDiPipeline:
                         else list(image_guidance_interval), reference_start=float(reference_start),
                         replace_known=replace_known, image_guidance=config.image_guidance, resolution=size, model=str(self.model.folder),
                         prediction_type=self.schedule_config.prediction_type, text_layer=self.text_layer,
-                        coupled_attention=self.coupled_attention, prompt_parts=num_parts)
+                        coupled_attention=self.coupled_attention, prompt_parts=num_parts,
+                        reference_masks=[None if mk is None else str(mk) if isinstance(mk, (str, Path)) else "array"
+                                         for mk in masks],
+                        dtype=self.model.dtype, attention_kernel=self.model.attention_kernel,
+                        truncated_prompts=cut)
         grid = labeled_grid([refs or [np.full((size, size, 3), 255, np.uint8)],
                              [from_model_range(out[0, i]) for i in range(m)]],
                             [[f"reference {i + 1}" for i in range(k)] or ["(no references)"], prompts],

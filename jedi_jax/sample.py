@@ -7,13 +7,16 @@ Writes OUT/image_00.png ..., OUT/grid.png (references on top, results below, pro
 and OUT/settings.json. --model defaults to the embedded JeDi-mini. Bad input (missing or unreadable
 files, no prompt, too many references, steps < 1, negative guidance) is one line on stderr, exit
 code 2 and no output folder: everything is written to a temporary folder renamed at the end.
-JAX's persistent compilation cache makes a second run with the same shapes start without compiling
-(the cache lives in $JEDI_JAX_CACHE, by default ~/.cache/jedi_jax/xla).
+JAX's persistent compilation cache lets a second run with the same shapes skip XLA's compile (the
+cache lives in $JEDI_JAX_CACHE, by default ~/.cache/jedi_jax/xla). A progress bar is a host callback
+inside the sampler, and JAX caches no program that has one: the bar is drawn only when stderr is a
+terminal, and --no-progress turns it off there too.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -64,7 +67,34 @@ def parse_args(argv=None):
     p.add_argument("--model", default=None, help="jedi_jax model folder (default: the embedded JeDi-mini)")
     p.add_argument("--out", required=True, help="output folder (must not exist)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (the default off a terminal); lets the compiled sampler be cached")
     return p.parse_args(argv)
+
+
+def use_compilation_cache() -> None:
+    """JAX's persistent compilation cache in CACHE_DIR, for every program however small."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(CACHE_DIR))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def writable_folder_target(path: str | Path) -> str | None:
+    """Why a new folder cannot be made at `path` (None if it can): it exists, or its nearest existing
+    ancestor is not a writable directory. Checked before any model loads, so a bad --out costs nothing."""
+    path = Path(path).absolute()
+    if path.exists():
+        return f"output folder {path} already exists"
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"cannot create {path}: {parent} is a file"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot create {path}: {parent} is not writable"
+    return None
 
 
 def parse_interval(text: str, flag: str = "--image-guidance-interval") -> tuple[float, float]:
@@ -88,19 +118,19 @@ def validate(args) -> None:
         raise ValueError(f"{len(args.prompt)} prompts for --num {args.num}: give 1 or {args.num}")
     if args.steps < 1:
         raise ValueError(f"--steps {args.steps} must be >= 1")
-    if any(v is not None and v < 0 for v in (args.guidance, args.image_guidance)):
-        raise ValueError(f"guidance scales must be >= 0 (got --guidance {args.guidance}, "
+    if any(v is not None and not (v >= 0 and math.isfinite(v)) for v in (args.guidance, args.image_guidance)):
+        raise ValueError(f"guidance scales must be finite and >= 0 (got --guidance {args.guidance}, "
                          f"--image-guidance {args.image_guidance})")
     if args.image_guidance_interval is not None:
         args.image_guidance_interval = parse_interval(args.image_guidance_interval)
     if not 0.0 <= args.reference_start < 1.0:
         raise ValueError(f"--reference-start {args.reference_start}: need 0 <= FRACTION < 1")
-    if args.eta < 0:
-        raise ValueError(f"--eta {args.eta} must be >= 0")
+    if not (args.eta >= 0 and math.isfinite(args.eta)):
+        raise ValueError(f"--eta {args.eta} must be finite and >= 0")
     if args.sampler == "dpmpp_2m" and args.eta != 0:
         raise ValueError(f"--eta {args.eta}: dpmpp_2m is deterministic; eta applies to --sampler ddim only")
-    if not -2**63 <= args.seed < 2**63:
-        raise ValueError(f"--seed {args.seed} must fit in 64 bits")
+    if not 0 <= args.seed < 2**64:
+        raise ValueError(f"--seed {args.seed} must be in [0, 2**64)")
     if len(args.ref) > args.max_references:
         raise ValueError(f"{len(args.ref)} references given but the set holds at most {args.max_references} "
                          "(raise --max-references)")
@@ -109,8 +139,9 @@ def validate(args) -> None:
             raise ValueError(f"{len(values)} {flag} values for {len(args.ref)} references")
     for path in args.ref + (args.ref_mask or []):
         load_reference(path, 8)  # opens and decodes: missing / unreadable / not an image fail here
-    if Path(args.out).exists():
-        raise ValueError(f"output folder {args.out} already exists")
+    problem = writable_folder_target(args.out)
+    if problem:
+        raise ValueError(problem)
     model = Path(args.model) if args.model else DEFAULT_MODEL_DIR
     if not model.is_dir():
         raise ValueError(f"model folder {model} does not exist" if args.model else
@@ -125,12 +156,9 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    import jax
     import jax.numpy as jnp
 
-    jax.config.update("jax_compilation_cache_dir", str(CACHE_DIR))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    use_compilation_cache()
 
     from jedi_jax.convert.param_io import atomic_directory
     from jedi_jax.pipeline import JeDiPipeline, PipelineInputError
@@ -149,18 +177,23 @@ def main(argv=None) -> int:
                    image_guidance_scale=args.image_guidance, image_guidance_interval=args.image_guidance_interval,
                    guidance_order=args.guidance_order, reference_start=args.reference_start,
                    sampler=args.sampler, eta=args.eta, seed=args.seed,
-                   replace_known=not args.free_known, progress=True)
+                   replace_known=not args.free_known, progress=sys.stderr.isatty() and not args.no_progress)
     except (PipelineInputError, ImageInputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"compiled in {out.seconds['compile']:.1f} s (0 = reused from the cache), "
-          f"sampled {len(out.images)} image(s) in {out.seconds['run']:.1f} s")
-    with atomic_directory(args.out) as tmp:
-        for i, image in enumerate(out.images):
-            image.save(tmp / f"image_{i:02d}.png")
-        out.grid.save(tmp / "grid.png")
-        (tmp / "settings.json").write_text(json.dumps(dict(out.settings, references=args.ref, seconds=out.seconds),
-                                                      indent=2))
+    print(f"compiled in {out.seconds['compile']:.1f} s (lowering included; the persistent cache skips XLA's "
+          f"part), sampled {len(out.images)} image(s) in {out.seconds['run']:.1f} s")
+    try:
+        with atomic_directory(args.out) as tmp:
+            for i, image in enumerate(out.images):
+                image.save(tmp / f"image_{i:02d}.png")
+            out.grid.save(tmp / "grid.png")
+            (tmp / "settings.json").write_text(json.dumps(
+                dict(out.settings, references=args.ref, seconds=out.seconds),
+                indent=2))
+    except OSError as e:  # e.g. --out created by someone else meanwhile, or the disk filled up
+        print(f"error: could not write {args.out}: {e}", file=sys.stderr)
+        return 1
     print(f"wrote {len(out.images)} images and the grid to {Path(args.out) / 'grid.png'}")
     return 0
 

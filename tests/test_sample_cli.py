@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 
 
-def _run(*args, cwd=None):
+def _run(*args, cwd=None, env=None):
     return subprocess.run([sys.executable, "-m", "jedi_jax.sample", *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd, timeout=600)
+                          text=True, cwd=cwd, timeout=600, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +31,12 @@ BAD = {
     "zero prompts": (["--ref", "{d}/ref.png"], "no --prompt"),
     "too many references": (["--ref", "{d}/ref.png"] * 3 + ["--prompt", "x", "--max-references", "2"], "at most 2"),
     "steps < 1": (["--prompt", "x", "--steps", "0"], "--steps 0 must be >= 1"),
-    "negative guidance": (["--prompt", "x", "--guidance", "-1"], "must be >= 0"),
-    "negative image guidance": (["--prompt", "x", "--image-guidance", "-0.5"], "must be >= 0"),
+    "negative guidance": (["--prompt", "x", "--guidance", "-1"], "must be finite and >= 0"),
+    "negative image guidance": (["--prompt", "x", "--image-guidance", "-0.5"], "must be finite and >= 0"),
+    "NaN guidance": (["--prompt", "x", "--guidance", "nan"], "must be finite and >= 0"),
+    "infinite eta": (["--prompt", "x", "--eta", "inf"], "--eta inf must be finite"),
+    "negative seed": (["--prompt", "x", "--seed", "-1"], "--seed -1 must be in [0, 2**64)"),
+    "output under a file": (["--prompt", "x", "--out", "{d}/ref.png/out"], "ref.png is a file"),
     "bad interval": (["--prompt", "x", "--image-guidance-interval", "0.5"], "expected START:END"),
     "empty interval": (["--prompt", "x", "--image-guidance-interval", "0.8:0.2"], "need 0 <= START < END <= 1"),
     "reference start out of range": (["--prompt", "x", "--reference-start", "1"], "need 0 <= FRACTION < 1"),
@@ -49,7 +53,7 @@ BAD = {
 def test_bad_input_is_one_line_exit_2_no_output(files, tmp_path, case):
     args, message = BAD[case]
     out = tmp_path / "out"
-    r = _run(*[a.format(d=files) for a in args], "--out", out)
+    r = _run(*[a.format(d=files) for a in args], *([] if "--out" in args else ["--out", out]))
     assert r.returncode == 2, r.stderr
     lines = [l for l in r.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
@@ -57,16 +61,23 @@ def test_bad_input_is_one_line_exit_2_no_output(files, tmp_path, case):
 
 
 def test_cli_writes_images_grid_and_settings(files, tmp_path, tiny_model_dir):
-    out = tmp_path / "out"
+    import os
+
+    out, cache = tmp_path / "out", tmp_path / "xla"
     r = _run("--ref", files / "ref.png", "--prompt", "a photo of the dog on the beach", "--num", "2", "--steps", "2",
              "--seed", "3", "--model", tiny_model_dir, "--max-references", "2", "--image-guidance-interval", "0.5:1",
-             "--guidance-order", "text_first", "--out", out)
+             "--guidance-order", "text_first", "--out", out, env=dict(os.environ, JEDI_JAX_CACHE=str(cache)))
     assert r.returncode == 0, r.stderr
+    # no progress bar off a terminal, so the sampler itself went into the persistent cache (JAX refuses
+    # programs with host callbacks; before, only small helper programs were cached)
+    assert any(p.name.startswith("jit__generate") for p in cache.iterdir()), sorted(p.name for p in cache.iterdir())
     assert sorted(p.name for p in out.iterdir()) == ["grid.png", "image_00.png", "image_01.png", "settings.json"]
     settings = json.loads((out / "settings.json").read_text())
     assert settings["seed"] == 3 and settings["steps"] == 2 and settings["num_references"] == 1
     assert settings["image_guidance_interval"] == [0.5, 1.0] and settings["guidance_order"] == "text_first"
     assert settings["set_size"] == 4 and settings["prompts"] == ["a photo of the dog on the beach"] * 2
+    assert settings["dtype"] == "float32" and settings["reference_masks"] == [None]
+    assert settings["truncated_prompts"] == []
     assert "compiled in" in r.stdout
     # the existing output folder is now refused
     r2 = _run("--prompt", "x", "--model", tiny_model_dir, "--out", out)

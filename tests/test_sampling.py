@@ -24,6 +24,32 @@ def test_same_seed_same_images_different_seed_differs(tiny_pipeline):
     assert np.abs(a[0].astype(int) - c[0].astype(int)).mean() > 1.0
 
 
+def test_seeds_use_all_64_bits_and_keep_their_32_bit_images(tiny_pipeline, tmp_path):
+    """jax.random.key keeps a seed's low 32 bits: 2**32 + 1 would silently give seed 1's image. The
+    high word is folded in; seeds below 2**32 give the keys (and images) they always gave."""
+    from jedi_jax.pipeline import seed_key
+
+    for seed in (0, 1, 2**32 - 1):
+        np.testing.assert_array_equal(jax.random.key_data(seed_key(seed)), jax.random.key_data(jax.random.key(seed)))
+    run = lambda seed: tiny_pipeline([PROMPT], _refs(0, 1), num_inference_steps=2, seed=seed).set_images
+    assert np.abs(run(2**32 + 1)[0].astype(int) - run(1)[0].astype(int)).mean() > 1.0
+    np.testing.assert_array_equal(run(2**63 + 5), run(2**63 + 5))
+    # one path is one reference (not one per character), like one prompt string is one prompt
+    from PIL import Image
+
+    Image.fromarray(_refs(0, 1)[0]).save(tmp_path / "r.png")
+    out = tiny_pipeline(PROMPT, str(tmp_path / "r.png"), num_inference_steps=1)
+    assert out.settings["num_references"] == 1 and len(out.references) == 1
+
+
+def test_overlong_prompts_warn_and_are_recorded(tiny_pipeline):
+    long = " ".join([PROMPT] * 20)
+    with pytest.warns(UserWarning, match="longer than the text encoder's"):
+        out = tiny_pipeline(long, num_inference_steps=1)
+    assert out.settings["truncated_prompts"] == [long]
+    assert tiny_pipeline(PROMPT, num_inference_steps=1).settings["truncated_prompts"] == []
+
+
 def _branch_setup(pipe, seed=0):
     unet = pipe.model.unet
     key = jax.random.key(seed)
@@ -109,8 +135,14 @@ def test_bad_pipeline_input(tiny_pipeline):
         tiny_pipeline([PROMPT], sampler="dpmpp_2m", eta=0.5)
     with pytest.raises(PipelineInputError, match="steps=1001"):  # more steps than the schedule has
         tiny_pipeline([PROMPT], num_inference_steps=1001)
-    with pytest.raises(PipelineInputError, match="64 bits"):
+    with pytest.raises(PipelineInputError, match=r"must be in \[0, 2\*\*64\)"):
         tiny_pipeline([PROMPT], seed=2**64)
+    with pytest.raises(PipelineInputError, match=r"must be in \[0, 2\*\*64\)"):
+        tiny_pipeline([PROMPT], seed=-1)
+    with pytest.raises(PipelineInputError, match="finite"):
+        tiny_pipeline([PROMPT], guidance_scale=float("nan"))
+    with pytest.raises(PipelineInputError, match="finite"):
+        tiny_pipeline([PROMPT], eta=float("inf"))
     with pytest.raises(PipelineInputError, match="two fractions"):
         tiny_pipeline([PROMPT], image_guidance_interval=(0.1, 0.5, 0.9))
 
@@ -349,3 +381,23 @@ def test_pipeline_guidance_order(tiny_model_dir, tmp_path):
     index_path.write_text(json.dumps(dict(index, sampling={"guidance_order": "both"})))
     with pytest.raises(ConversionError, match="guidance_order must be one of"):
         load_model(folder)
+
+
+def test_bfloat16_compute_stays_close_to_float32_on_the_shipped_model():
+    """`--dtype bfloat16` (the accelerator setting) end to end: text encoder, UNet and VAE compute in
+    bf16 from the same float32 weights, and the shipped JeDi-mini's images stay close to float32's."""
+    from jedi_jax.demo import load_examples
+    from jedi_jax.pipeline import JeDiPipeline
+
+    example = load_examples()[0]
+    images = {}
+    for dtype in (jnp.float32, jnp.bfloat16):
+        pipe = JeDiPipeline.from_pretrained(None, dtype=dtype, max_references=1)
+        out = pipe([example["prompts"][0]["prompt"]], example["reference_files"][:1], num_inference_steps=4, seed=3)
+        assert out.settings["dtype"] == jnp.dtype(dtype).name
+        assert all(jnp.asarray(p).dtype == jnp.float32 for p in jax.tree.leaves(pipe.model.unet.params))
+        images[jnp.dtype(dtype).name] = np.asarray(out.images[0], np.float32) / 255.0  # (64, 64, 3)
+    diff = np.abs(images["bfloat16"] - images["float32"])
+    print(f"bf16 vs f32 images: mean abs {diff.mean():.4f}, max {diff.max():.3f}")
+    assert images["float32"].std() > 0.05  # a real image, not a constant
+    assert 0 < diff.mean() < 0.03  # bf16 really ran (not bit-identical) and stays close
