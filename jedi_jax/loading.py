@@ -82,6 +82,13 @@ def load_model(model_dir: str | Path, *, dtype=jnp.float32, attention_kernel: st
         for name in kinds
     }
     tokenizer = load_tokenizer(model_dir) if (model_dir / "tokenizer").is_dir() else None
+    if tokenizer is not None and "text_encoder" in components:
+        from jedi_jax.models.clip_text import check_vocabulary
+
+        try:
+            check_vocabulary(len(tokenizer), components["text_encoder"].config)
+        except ValueError as e:
+            raise ConversionError(f"{model_dir}: {e}") from None
     sched = model_dir / "scheduler" / "scheduler_config.json"
     scheduler_config = read_json(sched) if sched.exists() else None
     return Model(model_dir, components, tokenizer, scheduler_config, read_sampling_defaults(model_dir),

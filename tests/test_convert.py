@@ -194,6 +194,22 @@ def test_restore_is_strict(converted, tmp_path):
         load_component(tmp_path, "unet")
 
 
+def test_a_tokenizer_larger_than_the_embedding_table_is_refused(converted, tmp_path):
+    """Ids past the text encoder's vocab_size embed as NaN (jnp.take fills) and poison the whole
+    prompt silently: loading such a folder (say, after adding textual-inversion tokens) must fail."""
+    folder = _copy(converted, tmp_path)
+    vocab_file = folder / "tokenizer" / "vocab.json"
+    vocab = json.loads(vocab_file.read_text())
+    size = json.loads((folder / "text_encoder" / "config.json").read_text())["vocab_size"]
+    assert len(vocab) <= size
+    vocab.update({f"newword{i}</w>": len(vocab) + i for i in range(size - len(vocab) + 1)})
+    vocab_file.write_text(json.dumps(vocab))
+    with pytest.raises(ConversionError, match=f"tokenizer has {size + 1} tokens but the text encoder's "
+                                              f"vocab_size is {size}"):
+        load_model(folder)
+    load_model(converted)  # the folder as converted loads
+
+
 def _leftovers(folder, name="out"):
     """Hidden temporary / moved-aside siblings of `folder/name` (none may be left behind)."""
     return sorted(p.name for p in folder.iterdir() if p.name.startswith(f".{name}."))

@@ -17,6 +17,19 @@ def _refs(seed, n=2, size=32):
     return [(rng.random((size + 8, size, 3)) * 255).astype(np.uint8) for _ in range(n)]
 
 
+def test_unet_input_zeroes_the_reference_slot_of_unknown_members_whatever_it_holds():
+    """[x_t | known | clean refs, zeros where unknown] (JeDi Sec. 3.3): a NaN left in an unknown
+    member's reference slot must not reach its input (0 * NaN is NaN; the member is being generated)."""
+    rng = np.random.default_rng(0)
+    noisy = jnp.asarray(rng.standard_normal((1, 3, 2, 2, 4)), jnp.float32)
+    refs = jnp.asarray(rng.standard_normal((1, 3, 2, 2, 4)), jnp.float32).at[0, 1].set(jnp.nan)
+    ref_mask = jnp.asarray([[True, False, False]])
+    x = np.asarray(unet_input(noisy, refs, ref_mask))  # (1, 3, 2, 2, 9)
+    assert x.shape == (1, 3, 2, 2, 9) and np.isfinite(x).all()
+    np.testing.assert_array_equal(x[0, 0, ..., 5:], np.asarray(refs)[0, 0])  # known: its clean latent
+    assert (x[0, 1:, ..., 4:] == 0).all() and (x[0, 0, ..., 4] == 1).all()  # unknown: zeros, mask 0
+
+
 def test_same_seed_same_images_different_seed_differs(tiny_pipeline):
     run = lambda seed: tiny_pipeline([PROMPT], _refs(0, 1), num_inference_steps=3, seed=seed).set_images
     a, b, c = run(0), run(0), run(1)

@@ -206,5 +206,25 @@ def test_input_validation(params, inputs):
         fm.bind(params)(x[0], t, c)
     with pytest.raises(ValueError, match="context must be"):
         fm.bind(params)(x, t, c[:, 0])
+    with pytest.raises(ValueError, match=f"latents have 4 channels; this UNet takes in_channels={CFG.in_channels}"):
+        fm.bind(params)(x[..., :4], t, c)  # plain SD latents given to a JeDi (2C+1) UNet
+    with pytest.raises(ValueError, match="context width 12 does not match the UNet's cross_attention_dim 16"):
+        fm.bind(params)(x, t, c[..., :12])
     with pytest.raises(ValueError, match="unknown attention kernel"):
         Functional.abstract(lambda r: UNet(CFG, attention_kernel="nope", rngs=r))
+
+
+def test_bind_refuses_params_that_do_not_fit(params, inputs):
+    """A (1,) bias would broadcast where (C,) is due and give wrong numbers with no error: bind names
+    missing, unexpected and mis-shaped parameters instead."""
+    import copy
+
+    fm, _ = _model()
+    bad = copy.deepcopy(jax.tree.map(np.asarray, params))
+    bad["conv_in"]["bias"] = bad["conv_in"]["bias"][:1]  # (1,) instead of (C0,)
+    del bad["conv_out"]["bias"]
+    bad["extra"] = {"kernel": np.zeros(3)}
+    with pytest.raises(ValueError, match=r"missing conv_out/bias.*unexpected extra/kernel.*conv_in/bias has shape "
+                                         r"\(1,\), expected \(32,\)"):
+        fm.bind(bad)
+    fm.bind(params)  # the real ones bind

@@ -79,6 +79,14 @@ class CLIPTextConfig:
         return self.hidden_size // self.num_attention_heads
 
 
+def check_vocabulary(num_tokens: int, cfg: CLIPTextConfig) -> None:
+    """A tokenizer of `num_tokens` ids must fit the embedding table: jnp.take fills an out-of-range
+    id with NaN, which the causal attention spreads over the whole prompt without any error."""
+    if num_tokens > cfg.vocab_size:
+        raise ValueError(f"tokenizer has {num_tokens} tokens but the text encoder's vocab_size is {cfg.vocab_size}: "
+                         "ids beyond it would embed as NaN")
+
+
 @struct.dataclass
 class CLIPTextOutput:
     """Mirrors transformers' `BaseModelOutputWithPooling` / `CLIPTextModelOutput` (a jax pytree)."""

@@ -18,7 +18,9 @@ def unet_input(noisy: jnp.ndarray, ref_latents: jnp.ndarray, ref_mask: jnp.ndarr
     """noisy, ref_latents (B, N, h, w, C); ref_mask (B, N) bool -> (B, N, h, w, 2C+1)."""
     known = ref_mask.astype(noisy.dtype)[:, :, None, None, None]  # (B, N, 1, 1, 1)
     mask_channel = jnp.broadcast_to(known, noisy.shape[:-1] + (1,))  # (B, N, h, w, 1)
-    return jnp.concatenate([noisy, mask_channel, ref_latents * known], axis=-1)
+    # where, not ref_latents * known: 0 * NaN is NaN, and the unknown members are the ones generated
+    refs = jnp.where(ref_mask[:, :, None, None, None], ref_latents, 0).astype(noisy.dtype)  # (B, N, h, w, C)
+    return jnp.concatenate([noisy, mask_channel, refs], axis=-1)
 
 
 def num_input_channels(latent_channels: int) -> int:
@@ -30,7 +32,8 @@ def widen_conv_in(unet_params: dict, in_channels: int) -> dict:
 
     The new channels get zero weights, so a converted text-to-image model (4 channels) computes
     exactly what it did before, whatever the known-mask and reference channels hold: training then
-    learns to use them (JeDi initializes from SD this way). Returns a new params dict.
+    learns to use them (JeDi initializes from SD this way). Returns a new params dict (`unet_params`
+    itself when it already has `in_channels`).
     """
     kernel = unet_params["conv_in"]["kernel"]  # (3, 3, C_old, C_out)
     old = kernel.shape[2]

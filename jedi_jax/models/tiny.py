@@ -61,6 +61,7 @@ def write_random_model(dst: str | Path, *, seed: int = 0, configs: dict | None =
     """Writes a jedi_jax model folder with random weights (and a tokenizer for `words`)."""
     import tempfile
 
+    from jedi_jax.models.clip_text import check_vocabulary
     from jedi_jax.models.tokenizer import write_test_tokenizer
 
     configs = dict(configs or tiny_configs())
@@ -68,8 +69,7 @@ def write_random_model(dst: str | Path, *, seed: int = 0, configs: dict | None =
         tok = Path(tmp) / "tokenizer"
         vocab = write_test_tokenizer(tok, words)
         text = configs["text_encoder"]
-        if len(vocab) > text.vocab_size:
-            raise ValueError(f"tokenizer has {len(vocab)} tokens but vocab_size is {text.vocab_size}")
+        check_vocabulary(len(vocab), text)
         # Special-token ids of this vocabulary (the pooled output reads the end-of-text position).
         configs["text_encoder"] = dataclasses.replace(text, bos_token_id=vocab["<|startoftext|>"],
                                                       eos_token_id=vocab["<|endoftext|>"],

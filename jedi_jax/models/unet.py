@@ -302,6 +302,13 @@ class UNet(nnx.Module):
         B, N, h, w, _ = latents.shape
         if context.ndim != 4 or context.shape[:2] != (B, N):
             raise ValueError(f"context must be (B, N, T, D) = ({B}, {N}, T, D), got {context.shape}")
+        # Checked here, not left to XLA's conv / dot_general shape errors (JeDi's 2C+1 vs C is easy to mix up)
+        if latents.shape[-1] != self.config.in_channels:
+            raise ValueError(f"latents have {latents.shape[-1]} channels; this UNet takes in_channels="
+                             f"{self.config.in_channels} (a JeDi UNet: noisy latents, known mask, clean references)")
+        if context.shape[-1] not in set(self.config.cross_attention_dim):
+            raise ValueError(f"context width {context.shape[-1]} does not match the UNet's cross_attention_dim "
+                             f"{_compact(self.config.cross_attention_dim)}")
         if member_mask is not None:
             member_mask = jnp.asarray(member_mask).astype(bool)  # (B, N)
         set_kw = dict(num_members=N, member_mask=member_mask)

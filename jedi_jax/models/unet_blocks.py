@@ -67,7 +67,7 @@ class Downsample2D(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.padding == 0:  # diffusers pads (0, 1, 0, 1) before an unpadded conv
             x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-        return self.conv(x)  # (B*N, ceil(h/2), ceil(w/2), C)
+        return self.conv(x)  # (B*N, ceil(h/2), ceil(w/2), C) with padding 1; floor(h/2) with 0 (the VAE)
 
 
 class Upsample2D(nnx.Module):

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jedi_jax.models import attention as attn_lib
 from jedi_jax.models.layers import conv, group_norm
 from jedi_jax.models.unet_blocks import Downsample2D, ResnetBlock2D, Upsample2D
 
@@ -139,10 +140,13 @@ class VAEConfig:
 
 class VAEAttention(nnx.Module):
     """diffusers `Attention` as built by `UNetMidBlock2D` for the VAE: GroupNorm, single head of
-    dim C (`attention_head_dim = C`), float32 softmax, residual connection, rescale 1."""
+    dim C (`attention_head_dim = C`), float32 softmax, residual connection, rescale 1. Runs on the
+    shared attention kernels: "chunked" never holds the (L, L) scores, 1 GiB per image in float32
+    at 1024 px (cuDNN's head-dim limit rules out "cudnn" for C = 512)."""
 
-    def __init__(self, channels: int, groups: int, *, dtype, rngs: nnx.Rngs):
-        self.dtype = dtype
+    def __init__(self, channels: int, groups: int, *, dtype, rngs: nnx.Rngs, attention_kernel: str = "xla"):
+        attn_lib.get_kernel(attention_kernel)  # an unknown name fails here, at construction
+        self.attention_kernel = attention_kernel
         self.group_norm = group_norm(channels, groups, 1e-6, dtype=dtype, rngs=rngs)
         lin = lambda: nnx.Linear(channels, channels, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
         self.to_q, self.to_k, self.to_v = lin(), lin(), lin()
@@ -150,11 +154,9 @@ class VAEAttention(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:  # (B, H, W, C) -> (B, H, W, C)
         b, hgt, wid, c = x.shape
-        h = self.group_norm(x).reshape(b, hgt * wid, c)  # (B, L, C)
-        q, k, v = self.to_q(h), self.to_k(h), self.to_v(h)
-        logits = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32) * (c ** -0.5)
-        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)  # (B, L, L)
-        h = jnp.einsum("bqk,bkc->bqc", weights, v)
+        h = self.group_norm(x).reshape(b, hgt * wid, 1, c)  # (B, L, 1 head, C)
+        h = attn_lib.dot_product_attention(self.to_q(h), self.to_k(h), self.to_v(h),
+                                           kernel=self.attention_kernel)  # (B, L, 1, C), float32 softmax
         h = self.to_out[0](h).reshape(b, hgt, wid, c)
         return x + h
 
@@ -162,10 +164,12 @@ class VAEAttention(nnx.Module):
 class UNetMidBlock2D(nnx.Module):
     """diffusers `UNetMidBlock2D` (num_layers=1): resnet, [attention], resnet."""
 
-    def __init__(self, channels: int, groups: int, add_attention: bool, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, channels: int, groups: int, add_attention: bool, *, dtype, rngs: nnx.Rngs,
+                 attention_kernel: str = "xla"):
         self.add_attention = add_attention
         self.resnets = nnx.List([ResnetBlock2D(channels, channels, None, groups=groups, dtype=dtype, rngs=rngs) for _ in range(2)])
-        self.attentions = nnx.List([VAEAttention(channels, groups, dtype=dtype, rngs=rngs)] if add_attention else [])
+        self.attentions = nnx.List([VAEAttention(channels, groups, dtype=dtype, rngs=rngs,
+                                                 attention_kernel=attention_kernel)] if add_attention else [])
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = self.resnets[0](x)
@@ -203,9 +207,10 @@ class UpDecoderBlock2D(nnx.Module):
 
 
 class Encoder(nnx.Module):
-    """diffusers `vae.Encoder` (double_z=True): (B, H, W, in) -> (B, H/f, W/f, 2*latent)."""
+    """diffusers `vae.Encoder` (double_z=True): (B, H, W, in) -> (B, H/f, W/f, 2*latent); sizes that f
+    does not divide are floored at every level, as in diffusers."""
 
-    def __init__(self, cfg: VAEConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: VAEConfig, *, dtype, rngs: nnx.Rngs, attention_kernel: str = "xla"):
         ch, g = cfg.block_out_channels, cfg.norm_num_groups
         self.conv_in = conv(cfg.in_channels, ch[0], 3, dtype=dtype, rngs=rngs)
         blocks, cout = [], ch[0]
@@ -213,7 +218,8 @@ class Encoder(nnx.Module):
             cin, cout = cout, c
             blocks.append(DownEncoderBlock2D(cin, cout, cfg.layers_per_block, g, i < len(ch) - 1, dtype=dtype, rngs=rngs))
         self.down_blocks = nnx.List(blocks)
-        self.mid_block = UNetMidBlock2D(ch[-1], g, cfg.mid_block_add_attention, dtype=dtype, rngs=rngs)
+        self.mid_block = UNetMidBlock2D(ch[-1], g, cfg.mid_block_add_attention, dtype=dtype, rngs=rngs,
+                                        attention_kernel=attention_kernel)
         self.conv_norm_out = group_norm(ch[-1], g, 1e-6, dtype=dtype, rngs=rngs)
         self.conv_out = conv(ch[-1], 2 * cfg.latent_channels, 3, dtype=dtype, rngs=rngs)
 
@@ -228,10 +234,11 @@ class Encoder(nnx.Module):
 class Decoder(nnx.Module):
     """diffusers `vae.Decoder` (norm_type "group"): (B, h, w, latent) -> (B, h*f, w*f, out)."""
 
-    def __init__(self, cfg: VAEConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: VAEConfig, *, dtype, rngs: nnx.Rngs, attention_kernel: str = "xla"):
         ch, g = cfg.block_out_channels, cfg.norm_num_groups
         self.conv_in = conv(cfg.latent_channels, ch[-1], 3, dtype=dtype, rngs=rngs)
-        self.mid_block = UNetMidBlock2D(ch[-1], g, cfg.mid_block_add_attention, dtype=dtype, rngs=rngs)
+        self.mid_block = UNetMidBlock2D(ch[-1], g, cfg.mid_block_add_attention, dtype=dtype, rngs=rngs,
+                                        attention_kernel=attention_kernel)
         rev, blocks, cout = list(reversed(ch)), [], ch[-1]
         for i, c in enumerate(rev):
             cin, cout = cout, c
@@ -255,11 +262,11 @@ class AutoencoderKL(nnx.Module):
     """diffusers `AutoencoderKL` (no tiling/slicing). Images (B, H, W, 3) in [-1, 1], latents
     (B, H/f, W/f, latent_channels) UNSCALED (apply `scale_latents` before the diffusion model)."""
 
-    def __init__(self, config: VAEConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, config: VAEConfig, *, dtype=jnp.float32, rngs: nnx.Rngs, attention_kernel: str = "xla"):
         self.config = config
         self.dtype = dtype
-        self.encoder = Encoder(config, dtype=dtype, rngs=rngs)
-        self.decoder = Decoder(config, dtype=dtype, rngs=rngs)
+        self.encoder = Encoder(config, dtype=dtype, rngs=rngs, attention_kernel=attention_kernel)
+        self.decoder = Decoder(config, dtype=dtype, rngs=rngs, attention_kernel=attention_kernel)
         lc = config.latent_channels
         self.quant_conv = conv(2 * lc, 2 * lc, 1, dtype=dtype, rngs=rngs) if config.use_quant_conv else None
         self.post_quant_conv = conv(lc, lc, 1, dtype=dtype, rngs=rngs) if config.use_post_quant_conv else None

@@ -242,9 +242,10 @@ def _tokenizer(folder, max_len: int, text_config):
     from jedi_jax.data.tokenizer_files import load_tokenizer
     from jedi_jax.models.tokenizer import CachedTokenize
 
+    from jedi_jax.models.clip_text import check_vocabulary
+
     tok = load_tokenizer(str(folder) if folder else None)
-    if len(tok) > text_config.vocab_size:
-        raise ValueError(f"tokenizer has {len(tok)} tokens > text_encoder.vocab_size={text_config.vocab_size}")
+    check_vocabulary(len(tok), text_config)
     return CachedTokenize(tok, max_len)
 
 
