@@ -22,7 +22,8 @@ from jedi_jax.train.sharding import DEFAULT_RULES  # noqa: E402  (the rules live
 
 # Stable Diffusion 1.x scheduler (diffusers scheduler_config.json of runwayml/stable-diffusion-v1-5).
 SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                   prediction_type="epsilon")
+                   prediction_type="epsilon", timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False,
+                   clip_sample=False)
 
 
 def sd15_unet(in_channels: int = 9) -> dict:

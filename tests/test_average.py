@@ -1,4 +1,5 @@
 """Weight averaging of model folders (jedi_jax.train.average): exact arithmetic, strict refusals."""
+import json
 import shutil
 
 import jax
@@ -59,7 +60,18 @@ def test_average_refuses_folders_that_are_not_finetunes_of_one_model(tiny_model_
     with pytest.raises(ConversionError, match="tokenizer/ differs"):
         average_folders([tiny_model_dir, renamed], tmp_path / "bad")
 
-    for weights, problem in (("0.5,0.6", "sum to 1"), ("1", "1 values for 2 models"), ("a,b", "comma-separated")):
+    # a UNet trained to read another text layer is not a finetune of the same model, in either order
+    layered = tmp_path / "layered"
+    shutil.copytree(tiny_model_dir, layered)
+    info = json.loads((layered / "jedi_model.json").read_text())
+    info["sampling"] = dict(info.get("sampling") or {}, text_layer="tokens")
+    (layered / "jedi_model.json").write_text(json.dumps(info))
+    for pair in ([tiny_model_dir, layered], [layered, tiny_model_dir]):
+        with pytest.raises(ConversionError, match="reads text layer"):
+            average_folders(pair, tmp_path / "bad")
+
+    for weights, problem in (("0.5,0.6", "sum to 1"), ("1", "1 values for 2 models"), ("a,b", "comma-separated"),
+                             ("nan,0.5", "must be >= 0 and sum to 1"), ("inf,-inf", "must be >= 0")):
         code = main(["--models", str(tiny_model_dir), str(tiny_model_dir), "--weights", weights,
                      "--dst", str(tmp_path / "cli")])
         err = capsys.readouterr().err.strip()

@@ -94,6 +94,26 @@ def test_config_validation_up_front():
         assert part in msg, msg
     trainer.validate_config(_cfg())  # the shipped variants validate
     trainer.validate_config(_cfg("tiny"))
+    # optimizer values that cannot be meant, each named
+    c = _cfg()
+    c.train.lr, c.train.warmup_steps, c.train.end_lr_factor, c.train.grad_clip = -1e-4, -10, 2.0, -1.0
+    c.train.weight_decay, c.train.b2, c.train.eps, c.train.peak_flops_per_chip = -0.1, 1.5, 0.0, -1.0
+    c.train.steps, c.train.grad_accum = 7, 2
+    c.model.dtype = "float16"
+    with pytest.raises(ValueError) as e:
+        trainer.validate_config(c)
+    msg = str(e.value)
+    for part in ("train.lr=-0.0001", "train.warmup_steps=-10", "train.end_lr_factor=2.0", "train.grad_clip=-1.0",
+                 "train.weight_decay=-0.1", "train.b2=1.5", "train.eps=0.0", "train.peak_flops_per_chip=-1.0",
+                 "last 1 micro-steps", "model.dtype=float16"):
+        assert part in msg, (part, msg)
+    from configs import mini, sd15
+
+    for module, variants in ((mini, ("", "gpu")), (sd15, ("", "tiny", "micro", "h100x8", "v5e-64"))):
+        for variant in variants:  # every named variant validates (given a data set where it needs one)
+            c = module.get_config(variant)
+            c.data.source = c.data.source or "array_record:/data/sets"
+            trainer.validate_config(c)
     with pytest.raises(ValueError, match="data.source"):
         trainer.validate_config(_cfg(""))  # the SD 1.5 default needs a data set
 

@@ -64,6 +64,15 @@ def test_convert_train_export_sample(tmp_path):
 
     model = load_model(exported)
     assert model.unet.config.in_channels == 9 and model.scheduler_config["beta_schedule"] == "scaled_linear"
+    # the exported scheduler is the one trained: every key spelled out, so a diffusers reader does not
+    # fill in DDIMScheduler's defaults (clip_sample=True, steps_offset=0, set_alpha_to_one=True)
+    from configs import sd15
+    from jedi_jax.schedulers.schedule import NoiseScheduleConfig
+
+    trained = NoiseScheduleConfig.from_train_config(sd15.get_config("tiny").schedule.to_dict())
+    assert NoiseScheduleConfig.from_diffusers(model.scheduler_config) == trained
+    assert (trained.clip_sample, trained.steps_offset, trained.set_alpha_to_one) == (False, 1, False)
+    assert "(EMA UNet)" in json.loads((exported / "jedi_model.json").read_text())["source"]
     # trained on the penultimate text layer: the folder says so, and sampling reads that layer
     assert model.sampling == {"text_layer": "penultimate"}
     pipe = JeDiPipeline(model, max_references=1)

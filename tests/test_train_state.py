@@ -214,13 +214,18 @@ def _train_cfg(**kw):
 
 
 def test_lr_schedule_warmup_then_cosine_or_constant():
-    sched = state_lib.learning_rate_schedule(_train_cfg())
-    np.testing.assert_allclose([float(sched(s)) for s in (0, 4, 9, 10)], [1e-3, 5e-3, 1e-2, 1e-2], rtol=1e-6)
-    np.testing.assert_allclose(float(sched(100)), 1e-3, rtol=1e-5)  # lr * end_lr_factor
+    sched = state_lib.learning_rate_schedule(_train_cfg())  # updates 0..99
+    applied = np.array([float(sched(s)) for s in range(100)])
+    np.testing.assert_allclose(applied[[0, 4, 9]], [1e-3, 5e-3, 1e-2], rtol=1e-6)
+    assert (applied == applied.max()).sum() == 1 and applied[9] == applied.max()  # the peak once
+    assert (np.diff(applied[9:]) < 0).all()  # then strictly down ...
+    np.testing.assert_allclose(applied[99], 1e-3, rtol=1e-5)  # ... to lr * end_lr_factor at the LAST update
+    no_warmup = state_lib.learning_rate_schedule(_train_cfg(warmup_steps=0))
+    np.testing.assert_allclose([float(no_warmup(0)), float(no_warmup(99))], [1e-2, 1e-3], rtol=1e-5)
     const = state_lib.learning_rate_schedule(_train_cfg(decay="constant"))
     assert float(const(50)) == pytest.approx(1e-2)
-    accum = state_lib.learning_rate_schedule(_train_cfg(grad_accum=4))  # horizon in optimizer updates
-    np.testing.assert_allclose(float(accum(25)), 1e-3, rtol=1e-5)
+    accum = state_lib.learning_rate_schedule(_train_cfg(grad_accum=4))  # horizon in optimizer updates: 25
+    np.testing.assert_allclose(float(accum(24)), 1e-3, rtol=1e-5)
 
 
 def test_grad_accumulation_and_ema_update_only_on_optimizer_steps():

@@ -79,6 +79,18 @@ class NoiseScheduleConfig:
         return float(self.clip_sample_range) if self.clip_sample else None
 
     @classmethod
+    def from_train_config(cls, d: Mapping[str, Any]) -> "NoiseScheduleConfig":
+        """A training config's `schedule` block, as the trainer reads it: keys it leaves out take this
+        dataclass's SD 1.x defaults (steps_offset 1, no alpha-to-one, no clipping), NOT diffusers'
+        DDIMScheduler defaults as `from_diffusers` gives. Trainer, sample grids, bench and export all
+        read it here, so an exported scheduler_config.json (`to_diffusers`) is the schedule trained."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown schedule keys {unknown}; known: {sorted(known)}")
+        return cls(**dict(d))
+
+    @classmethod
     def from_diffusers(cls, d: Mapping[str, Any]) -> "NoiseScheduleConfig":
         """Reads a diffusers `scheduler_config.json` dict.
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import filecmp
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -56,7 +57,7 @@ def check_weights(weights: Sequence[float], n: int) -> list[float]:
     weights = [float(w) for w in weights]
     if len(weights) != n:
         raise ValueError(f"--weights has {len(weights)} values for {n} models")
-    if any(w < 0 for w in weights) or abs(sum(weights) - 1.0) > 1e-6:
+    if not all(math.isfinite(w) and w >= 0 for w in weights) or abs(sum(weights) - 1.0) > 1e-6:  # NaN too
         raise ValueError(f"--weights must be >= 0 and sum to 1, got {weights} (sum {sum(weights):g})")
     return weights
 
@@ -85,6 +86,11 @@ def average_folders(models: Sequence[str | Path], dst: str | Path, *, weights: S
             if a != b:
                 diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
                 raise ConversionError(f"{other}: {name} config differs from {first}'s in {diff}")
+        # which text layer the UNet was trained to read is a property of its weights, not a sampling
+        # preference: UNets that read different layers are not finetunes of one model
+        layers = [read_sampling_defaults(m).get("text_layer", "last") for m in (first, other)]
+        if layers[0] != layers[1]:
+            raise ConversionError(f"{other}: its UNet reads text layer {layers[1]!r}, {first}'s reads {layers[0]!r}")
         for folder in COPIED_FOLDERS:
             if (first / folder).is_dir() != (other / folder).is_dir() or (
                     (first / folder).is_dir() and not _same_folder(first / folder, other / folder)):

@@ -33,16 +33,22 @@ from jedi_jax.train import step as step_lib
 log = logging.getLogger("jedi_jax.train.bench")
 
 
-def synthetic_batch(config, process_count: int = 1) -> dict:
-    """This process's share of a batch with the loader's dtypes and shapes (B_local, N, ...)."""
+def synthetic_batch(config, process_count: int = 1, models=None) -> dict:
+    """This process's share of a batch with the loader's dtypes and shapes (B_local, N, ...): images,
+    or, for a run on precomputed latents (data.latent_vae, e.g. configs/mini.py), latents of the
+    models' VAE grid, so the timed step is the trainer's (no VAE encoder in it)."""
     d = config.data
     b, n, s, t = d.batch_size // process_count, d.set_size, d.image_size, config.model.max_text_len
     rng = np.random.default_rng(0)
     ref = np.zeros((b, n), bool)
     ref[:, 0] = n > 1
-    batch = {"images": rng.uniform(-1, 1, (b, n, s, s, 3)).astype(np.float32),
-             "input_ids": rng.integers(0, 200, (b, n, t)).astype(np.int32),
+    batch = {"input_ids": rng.integers(0, 200, (b, n, t)).astype(np.int32),
              "member_mask": np.ones((b, n), bool), "ref_mask": ref}
+    if str(d.get("latent_vae", "")) and models is not None:  # the pool source encodes with that VAE
+        h = s // models.vae_factor
+        batch["latents"] = rng.standard_normal((b, n, h, h, models.latent_channels)).astype(np.float32)
+    else:
+        batch["images"] = rng.uniform(-1, 1, (b, n, s, s, 3)).astype(np.float32)
     if step_lib.configured_uses_subject_weight(config):  # the step then reads subject masks too
         batch["masks"] = (rng.uniform(size=(b, n, s, s)) < 0.25).astype(np.float32)
     return batch
@@ -97,23 +103,21 @@ def prepare(config) -> dict:
     jax.block_until_ready(state)
     init_s = time.perf_counter() - t0
 
-    schedule = make_schedule(NoiseScheduleConfig(**config.schedule.to_dict()))
-    fn = step_lib.make_train_step(bundle.models, schedule, tx, lr, prediction_type=config.schedule.prediction_type,
-                                  ema_decay=float(config.train.ema_decay),
-                                  loss_weighting=config.train.loss_weighting,
-                                  subject_weight=step_lib.configured_subject_weight_by_t(
-                                      config, schedule.num_train_timesteps))
-    local = synthetic_batch(config, jax.process_count())
+    schedule = make_schedule(NoiseScheduleConfig.from_train_config(config.schedule.to_dict()))
+    fn = step_lib.configured_train_step(config, bundle.models, schedule, tx, lr)
+    flops_fn = (step_lib.configured_train_step(config, bundle.flops_models, schedule, tx, lr)
+                if bundle.flops_models is not None else None)
+    local = synthetic_batch(config, jax.process_count(), bundle.models)
     bsh = shd.batch_sharding(mesh, rules)
     compiled, info = step_lib.compile_train_step(
         fn, abstract_state=abstract, state_shardings=sh,
         abstract_batch=step_lib.abstract_batch(local, jax.process_count()), batch_sharding=bsh,
         abstract_frozen=jax.eval_shape(lambda f: f, bundle.frozen), frozen_shardings=bundle.frozen_shardings,
-        mesh=mesh)
+        mesh=mesh, flops_train_step=flops_fn)
     key = jax.device_put(jax.random.key_data(jax.random.key(1)), shd.replicated(mesh))
     return {"compiled": compiled, "state": state, "batch": shd.global_batch(local, bsh), "frozen": bundle.frozen,
             "key": key, "init_s": init_s, "info": info, "unet_params_m": models_lib.count(abstract.params) / 1e6,
-            "local_sets": int(config.data.batch_size) // jax.device_count()}
+            "local_sets": int(config.data.batch_size) // shd.batch_divisor(mesh, rules)}  # sets per device
 
 
 def time_steps(config, prep: dict, steps: int = 20) -> dict:
@@ -142,7 +146,7 @@ def time_steps(config, prep: dict, steps: int = 20) -> dict:
            "steps_per_s": 1 / step_s, "sets_per_s": config.data.batch_size / step_s,
            "sets_per_s_per_chip": config.data.batch_size / step_s / jax.device_count(),
            "images_per_s_per_chip": config.data.batch_size * config.data.set_size / step_s / jax.device_count(),
-           "flops_per_step_per_device": flops, "mfu": (flops / step_s / peak) if (flops and peak) else None,
+           "flops_per_step_per_device": flops, "flops_from": prep["info"].get("flops_from"), "mfu": (flops / step_s / peak) if (flops and peak) else None,
            "peak_memory_gb": mem, "loss": loss, "unet_params_m": prep["unet_params_m"]}
     out.update(memory_figures(compiled, prep["local_sets"]))
     return out

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from jedi_jax.convert.pipeline_folder import write_model_folder
+from jedi_jax.schedulers.schedule import NoiseScheduleConfig
 from jedi_jax.train import checkpoint as ckpt_lib
 from jedi_jax.train import models as models_lib
 from jedi_jax.train import sharding as shd
@@ -44,7 +45,9 @@ def export_run(workdir: str | Path, dst: str | Path, *, step: int | None = None,
                store_dtype=None, overwrite: bool = False, log=print) -> Path:
     workdir = Path(workdir)
     config = ml_collections.ConfigDict(ckpt_lib.read_json_item(workdir / "checkpoints", "config", step))
-    mesh = shd.make_mesh(("data", "fsdp"), (1, 1), devices=jax.devices()[:1])
+    # one device, but the run's own axis names: its rules may name axes beyond data / fsdp
+    axes = tuple(config.mesh.get("axes", ("data", "fsdp")))
+    mesh = shd.make_mesh(axes, (1,) * len(axes), devices=jax.devices()[:1])
     rules = tuple(tuple(r) for r in config.mesh.rules)
     bundle = models_lib.build(config.model, mesh=mesh, rules=rules, seed=config.seed, load_unet=False)
     models = bundle.models
@@ -57,7 +60,10 @@ def export_run(workdir: str | Path, dst: str | Path, *, step: int | None = None,
         state, _, _ = checkpointer.restore(step, shd.with_shardings(abstract, shardings))
     finally:
         checkpointer.close()
-    unet = state.ema_params if use_ema and state.ema_params is not None else state.params
+    used_ema = use_ema and state.ema_params is not None
+    if use_ema and not used_ema:
+        log(f"note: {workdir} kept no EMA (train.ema_decay=0): exporting its raw weights")
+    unet = state.ema_params if used_ema else state.params
     cast = (lambda t: jax.tree.map(lambda x: jnp.asarray(x, store_dtype), t)) if store_dtype else (lambda t: t)
     parts = {
         "unet": ("unet", models.unet_config, cast(unet)),
@@ -68,13 +74,15 @@ def export_run(workdir: str | Path, dst: str | Path, *, step: int | None = None,
     with tempfile.TemporaryDirectory() as tmp:
         sched = Path(tmp) / "scheduler"
         sched.mkdir()
-        (sched / "scheduler_config.json").write_text(json.dumps(dict(config.schedule.to_dict(),
-                                                                     _class_name="DDIMScheduler"), indent=2))
+        # every key spelled out: a diffusers reader fills missing ones with DDIMScheduler's defaults
+        # (clip_sample=True, steps_offset=0, ...), which is not the schedule the trainer used
+        trained = NoiseScheduleConfig.from_train_config(config.schedule.to_dict())
+        (sched / "scheduler_config.json").write_text(json.dumps(trained.to_diffusers(), indent=2))
         tok = Path(tmp) / "tokenizer"
         shutil.copytree(tokenizer_dir, tok)
         out = write_model_folder(dst, parts, extra_folders={"tokenizer": tok, "scheduler": sched},
                                  overwrite=overwrite, sampling=_sampling_entry(config.model),
-                                 source=f"{workdir} step {int(state.step)} ({'EMA' if use_ema else 'raw'} UNet)")
+                                 source=f"{workdir} step {int(state.step)} ({'EMA' if used_ema else 'raw'} UNet)")
     log(f"exported step {int(state.step)} of {workdir} to {out}")
     return out
 

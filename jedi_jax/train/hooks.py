@@ -75,7 +75,7 @@ def sample_grid(*, step, workdir, config, models, unet_params, frozen, batch, to
     latents = jnp.asarray(batch["latents"][:k]) if images is None else None
     member_mask = jnp.asarray(batch["member_mask"][:k])
     ref_mask = jnp.asarray(batch["ref_mask"][:k])
-    schedule_cfg = NoiseScheduleConfig.from_diffusers(dict(config.schedule))
+    schedule_cfg = NoiseScheduleConfig.from_train_config(config.schedule.to_dict())
     empty_ids = jnp.asarray(tokenizer([""]))  # (1, T)
     real, out = _program(models, schedule_cfg, int(config.sample.num_steps))(
                     unet_params, frozen, images, latents, jnp.asarray(batch["input_ids"][:k]), empty_ids, member_mask, ref_mask,

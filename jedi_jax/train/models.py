@@ -88,6 +88,9 @@ class Bundle:
     frozen_shardings: dict
     tokenizer: Callable[[list[str]], Any] | None
     source: str  # "random" or the folder
+    # the same networks with the UNet on the "xla" attention kernel, when the run uses another: what
+    # the MFU's FLOPs are counted on (step.compile_train_step); None when the run's kernel is "xla"
+    flops_models: Models | None = None
 
 
 def _unet_kwargs(model_cfg) -> dict:
@@ -203,8 +206,14 @@ def build(model_cfg, *, mesh, rules, seed: int, load_unet: bool = True) -> Bundl
         tok_dir = str(folder / "tokenizer")
     tokenizer = _tokenizer(tok_dir, model_cfg.max_text_len, configs["text_encoder"])
     source = ", ".join(f"{n}: {loaded_from.get(n, 'random')}" for n in COMPONENTS)
+    flops_models = None
+    if model_cfg.attention_kernel != "xla":
+        from jedi_jax.models.unet import UNet
+
+        kw = dict(_unet_kwargs(model_cfg), attention_kernel="xla")
+        flops_models = dataclasses.replace(models, unet=Functional.abstract(lambda r: UNet(configs["unet"], rngs=r, **kw)))
     return Bundle(models, unet_params, unet_init, {n: params[n] for n in ("vae", "text_encoder")},
-                  {n: shardings[n] for n in ("vae", "text_encoder")}, tokenizer, source)
+                  {n: shardings[n] for n in ("vae", "text_encoder")}, tokenizer, source, flops_models)
 
 
 def _load(folder: Path, name: str, model_cfg, shardings):

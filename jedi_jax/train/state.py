@@ -39,7 +39,8 @@ class TrainState:
 
 def learning_rate_schedule(train_cfg) -> optax.Schedule:
     """Linear warmup lr/W, 2 lr/W, ..., lr over the first W = `warmup_steps` updates (the first
-    update already moves), then 'cosine' decay to lr * end_lr_factor at the end, or 'constant'.
+    update already moves), then 'cosine' decay whose last update (count total - 1) applies exactly
+    lr * end_lr_factor, the peak applied once; or 'constant'.
 
     Counts OPTIMIZER updates: with gradient accumulation k the horizon is steps // k.
     """
@@ -47,10 +48,13 @@ def learning_rate_schedule(train_cfg) -> optax.Schedule:
     accum = max(1, int(train_cfg.grad_accum))
     total = max(1, int(train_cfg.steps) // accum)
     warmup = min(int(train_cfg.warmup_steps), total)
+    # after(i) for i = 1, ..., total - W: the update after the warmup's last (which applied lr) is
+    # i = 1; without warmup the first update is i = 0 (lr) and the horizon one shorter
+    horizon = max(1, total - warmup if warmup else total - 1)
     if train_cfg.decay == "constant":
         after = optax.constant_schedule(lr)
     elif train_cfg.decay == "cosine":
-        after = optax.cosine_decay_schedule(lr, max(1, total - warmup), alpha=float(train_cfg.end_lr_factor))
+        after = optax.cosine_decay_schedule(lr, horizon, alpha=float(train_cfg.end_lr_factor))
     else:
         raise ValueError(f"train.decay={train_cfg.decay!r}: use 'cosine' or 'constant'")
     if warmup == 0:
@@ -59,7 +63,7 @@ def learning_rate_schedule(train_cfg) -> optax.Schedule:
     def schedule(count):
         count = jnp.asarray(count)
         warm = lr * jnp.minimum(1.0, (count + 1) / warmup)
-        return jnp.where(count < warmup, warm, after(jnp.maximum(count - warmup, 0)))
+        return jnp.where(count < warmup, warm, after(jnp.maximum(count - warmup + 1, 0)))
 
     return schedule
 

@@ -22,6 +22,9 @@ over the GENERATED members only -- references and padding members carry no loss:
 With k ~ U{0..N-1} references, "member" gives a set with k=0 N times the weight of one with
 k=N-1 (it has N generated members against 1), so the many-reference case that personalization
 with several references needs is the one least trained; "set" gives every k the same weight.
+With train.grad_accum > 1 both normalizations are per micro-batch (optax.MultiSteps then averages
+the micro-batches' gradients): a micro-batch with few generated members weighs as much as one
+with many, so "member" is exact only within a micro-batch.
 
 Subject weighting (train.subject_weight = a > 0; needs subject masks in the batch): within a member
 the squared error is a weighted mean over the latent grid,
@@ -63,11 +66,15 @@ log = logging.getLogger(__name__)
 
 BATCH_KEYS = ("images", "latents", "input_ids", "member_mask", "ref_mask", "masks")
 
-# Dense bf16 peak FLOP/s per chip (no sparsity), matched by substring of `device.device_kind`.
+# Dense bf16 peak FLOP/s per chip (no sparsity), matched by substring of `device.device_kind`, first
+# match wins: more specific names come before the names they contain ("L40S" before "L40" before "L4").
 PEAK_FLOPS = (
     ("H200", 989e12),
-    ("H100", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),  # SXM
     ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L40", 181e12),
     ("L4", 121e12),
     ("TPU v6", 918e12),
     ("TPU v5 lite", 197e12),
@@ -264,12 +271,26 @@ def make_train_step(models: Models, schedule: NoiseSchedule, tx: optax.GradientT
     return train_step
 
 
+def configured_train_step(config, models: Models, schedule: NoiseSchedule, tx: optax.GradientTransformation,
+                          lr_schedule: optax.Schedule) -> Callable:
+    """`make_train_step` with the loss settings of a training config (the trainer's and the bench's)."""
+    return make_train_step(models, schedule, tx, lr_schedule, prediction_type=config.schedule.prediction_type,
+                           ema_decay=float(config.train.ema_decay), loss_weighting=config.train.loss_weighting,
+                           subject_weight=configured_subject_weight_by_t(config, schedule.num_train_timesteps))
+
+
 def compile_train_step(train_step: Callable, *, abstract_state, state_shardings, abstract_batch: dict,
-                       batch_sharding, abstract_frozen, frozen_shardings, mesh) -> tuple[Any, dict]:
+                       batch_sharding, abstract_frozen, frozen_shardings, mesh,
+                       flops_train_step: Callable | None = None) -> tuple[Any, dict]:
     """jax.jit with explicit in/out shardings and a donated state, lowered and compiled now.
 
     abstract_*: ShapeDtypeStruct trees (GLOBAL shapes). Returns (compiled, info) where info has
     'compile_s' and 'flops' (per device per step, from XLA's cost analysis; None if unavailable).
+
+    flops_train_step: the same step with the "xla" attention kernel, for counting FLOPs only. XLA's
+    cost analysis counts a scan body once (the "chunked" kernel's FLOPs come out divided by its
+    number of chunks) and a custom call (cuDNN attention) as nothing, while attention is about a third
+    of an SD 1.5 step. It is lowered, not compiled, and its (global) count divided by the mesh size.
     """
     from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -285,12 +306,19 @@ def compile_train_step(train_step: Callable, *, abstract_state, state_shardings,
     t0 = time.perf_counter()
     lowered = jitted.lower(abstract_state, abstract_batch, abstract_frozen, key_spec)
     compiled = lowered.compile()
-    info = {"compile_s": time.perf_counter() - t0, "flops": step_flops(compiled)}
+    info = {"compile_s": time.perf_counter() - t0, "flops": step_flops(compiled), "flops_from": "compiled step"}
+    if flops_train_step is not None:
+        counted = jax.jit(flops_train_step, in_shardings=(state_shardings, batch_sh, frozen_shardings, rep),
+                          out_shardings=(state_shardings, rep))
+        total = step_flops(counted.lower(abstract_state, abstract_batch, abstract_frozen, key_spec))
+        info.update(flops=None if total is None else total / mesh.size,
+                    flops_from="the step lowered with the xla attention kernel")
     return compiled, info
 
 
 def step_flops(compiled) -> float | None:
-    """FLOPs of one step on one device, from XLA's cost analysis of the (partitioned) program."""
+    """FLOPs of one step from XLA's cost analysis: per device for a compiled (partitioned) program,
+    in all for a lowered one."""
     try:
         cost = compiled.cost_analysis()
     except Exception:  # some backends do not implement it

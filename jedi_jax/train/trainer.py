@@ -49,6 +49,20 @@ def validate_config(config) -> None:
         errors.append(f"train.grad_accum={t.grad_accum} must be >= 1")
     if t.decay not in ("cosine", "constant"):
         errors.append(f"train.decay={t.decay!r} must be 'cosine' or 'constant'")
+    # optimizer values that cannot be meant (a negative grad_clip would silently turn clipping off)
+    for name, ok, want in (("lr", t.lr > 0, "> 0"), ("warmup_steps", t.warmup_steps >= 0, ">= 0"),
+                           ("end_lr_factor", 0 <= t.end_lr_factor <= 1, "in [0, 1]"),
+                           ("grad_clip", t.grad_clip >= 0, ">= 0 (0 = no clipping)"),
+                           ("weight_decay", t.weight_decay >= 0, ">= 0"), ("b1", 0 <= t.b1 < 1, "in [0, 1)"),
+                           ("b2", 0 <= t.b2 < 1, "in [0, 1)"), ("eps", t.eps > 0, "> 0"),
+                           ("peak_flops_per_chip", t.peak_flops_per_chip >= 0, ">= 0 (0 = from the device table)")):
+        if not ok:
+            errors.append(f"train.{name}={t[name]} must be {want}")
+    if t.grad_accum >= 1 and t.steps % t.grad_accum:
+        errors.append(f"train.steps={t.steps} is not a multiple of train.grad_accum={t.grad_accum}: the last "
+                      f"{t.steps % t.grad_accum} micro-steps' gradients would never be applied")
+    if str(config.model.get("dtype", "float32")) == "float16":  # the UNet's gradients could underflow
+        errors.append("model.dtype=float16: training has no loss scaling; use bfloat16")
     if not 0.0 <= t.ema_decay < 1.0:
         errors.append(f"train.ema_decay={t.ema_decay} must be in [0, 1)")
     if t.log_every < 1 or c.every < 1:
@@ -158,6 +172,10 @@ def train(config, workdir: str | Path) -> dict[str, Any]:
     {'status': 'done' | 'preempted', 'step', 'loss', 'steps_per_s', 'sets_per_s', 'compile_s', ...}."""
     config.lock()  # unknown keys are errors from here on
     validate_config(config)
+    updates = config.train.steps // config.train.grad_accum
+    if config.train.warmup_steps > updates:  # legal (a smoke run of a big config), but say what it means
+        log.warning("train.warmup_steps=%d exceeds the run's %d optimizer updates: the whole run is warmup and "
+                    "reaches train.lr only at its last update", config.train.warmup_steps, updates)
     guard = ckpt_lib.PreemptionGuard(config.checkpoint.preemption_sync_every)  # SIGTERM from here on: flag
     opened: list = []  # closers of what _train opened; its loop's `finally` closes them on the way out
     try:
@@ -194,7 +212,7 @@ def _train(config, workdir, guard: ckpt_lib.PreemptionGuard, opened: list) -> di
     validate_models(config, models, mesh)
     from jedi_jax.schedulers.schedule import NoiseScheduleConfig, make_schedule
 
-    schedule = make_schedule(NoiseScheduleConfig(**config.schedule.to_dict()))
+    schedule = make_schedule(NoiseScheduleConfig.from_train_config(config.schedule.to_dict()))
     tx, lr_schedule = state_lib.make_optimizer(config.train)
     ema = config.train.ema_decay > 0
     init_key, step_key = jax.random.split(jax.random.key(config.seed))
@@ -239,21 +257,19 @@ def _train(config, workdir, guard: ckpt_lib.PreemptionGuard, opened: list) -> di
     # Ahead-of-time compilation on the first batch's shapes.
     bsh = shd.batch_sharding(mesh, rules)
     first = step_lib.select_batch(next(loader))
-    train_step = step_lib.make_train_step(models, schedule, tx, lr_schedule,
-                                          prediction_type=config.schedule.prediction_type,
-                                          ema_decay=float(config.train.ema_decay),
-                                          loss_weighting=config.train.loss_weighting,
-                                          subject_weight=step_lib.configured_subject_weight_by_t(
-                                              config, schedule.num_train_timesteps))
+    train_step = step_lib.configured_train_step(config, models, schedule, tx, lr_schedule)
+    flops_step = (step_lib.configured_train_step(config, bundle.flops_models, schedule, tx, lr_schedule)
+                  if bundle.flops_models is not None else None)
     compiled, info = step_lib.compile_train_step(
         train_step, abstract_state=abstract, state_shardings=state_sh,
         abstract_batch=step_lib.abstract_batch(first, pc), batch_sharding=bsh,
         abstract_frozen=jax.eval_shape(lambda f: f, bundle.frozen), frozen_shardings=bundle.frozen_shardings,
-        mesh=mesh)
+        mesh=mesh, flops_train_step=flops_step)
     peak = float(config.train.peak_flops_per_chip) or step_lib.peak_flops_per_chip()
     flops = info["flops"]
-    log.info("compiled train step in %.1fs; %s GFLOP/step/device; peak %s", info["compile_s"],
-             "?" if flops is None else f"{flops / 1e9:.2f}", "n/a (cpu)" if peak is None else f"{peak / 1e12:.0f} TFLOP/s")
+    log.info("compiled train step in %.1fs; %s GFLOP/step/device (from %s); peak %s", info["compile_s"],
+             "?" if flops is None else f"{flops / 1e9:.2f}", info["flops_from"],
+             "n/a (cpu)" if peak is None else f"{peak / 1e12:.0f} TFLOP/s")
     summary.update(compile_s=info["compile_s"], flops_per_step_per_device=flops)
 
     base_key = jax.device_put(jax.random.key_data(step_key), shd.replicated(mesh))
