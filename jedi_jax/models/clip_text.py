@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from jedi_jax.models.layers import layer_norm, linear
+
 _ACTS = ("quick_gelu", "gelu")
 _FIELDS_FROM_TRANSFORMERS = (
     "vocab_size", "hidden_size", "intermediate_size", "projection_dim", "num_hidden_layers",
@@ -98,12 +100,11 @@ class CLIPTextOutput:
 
 
 def _layer_norm(cfg: CLIPTextConfig, dtype, rngs) -> nnx.LayerNorm:
-    return nnx.LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps, use_fast_variance=False,
-                         dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    return layer_norm(cfg.hidden_size, cfg.layer_norm_eps, dtype=dtype, rngs=rngs)
 
 
 def _linear(din: int, dout: int, dtype, rngs, use_bias: bool = True) -> nnx.Linear:
-    return nnx.Linear(din, dout, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    return linear(din, dout, dtype=dtype, rngs=rngs, use_bias=use_bias)
 
 
 class CLIPTextEmbeddings(nnx.Module):

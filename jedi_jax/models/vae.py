@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jedi_jax.models import attention as attn_lib
-from jedi_jax.models.layers import conv, group_norm
+from jedi_jax.models.layers import conv, group_norm, linear
 from jedi_jax.models.unet_blocks import Downsample2D, ResnetBlock2D, Upsample2D
 
 _DIFFUSERS_DEFAULTS: dict[str, Any] = {  # AutoencoderKL.__init__ defaults
@@ -148,7 +148,7 @@ class VAEAttention(nnx.Module):
         attn_lib.get_kernel(attention_kernel)  # an unknown name fails here, at construction
         self.attention_kernel = attention_kernel
         self.group_norm = group_norm(channels, groups, 1e-6, dtype=dtype, rngs=rngs)
-        lin = lambda: nnx.Linear(channels, channels, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+        lin = lambda: linear(channels, channels, dtype=dtype, rngs=rngs)  # noqa: E731
         self.to_q, self.to_k, self.to_v = lin(), lin(), lin()
         self.to_out = nnx.List([lin()])  # torch to_out = [Linear, Dropout]; Dropout has no params
 
