@@ -65,6 +65,7 @@ def get_config(arg: str | None = None):
         common.tiny_model(c)
         c.data.source = "mini_world"
         c.data.num_sets = 10_000
+        c.data.hflip = 0.0  # mini-world renders must not be mirrored (SetLoader refuses)
         c.data.image_size = 32
         c.data.batch_size = 8
         c.data.num_workers = 0
@@ -80,6 +81,7 @@ def get_config(arg: str | None = None):
         common.micro_model(c)
         c.data.source = "mini_world"
         c.data.num_sets = 1000
+        c.data.hflip = 0.0  # mini-world renders must not be mirrored (SetLoader refuses)
         c.data.image_size = 8
         c.data.batch_size = 8
         c.data.num_workers = 0

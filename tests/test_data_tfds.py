@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 
 from jedi_jax.data import set_source
 from jedi_jax.data.set_source import ArrayRecordSetSource, MiniWorldSource, records_equal
@@ -72,6 +73,28 @@ def test_example_codec_roundtrip():
         assert set_source.parse_example(ex.SerializeToString())["ints"] == feats["ints"]
 
 
+def test_both_writers_keep_masks_of_any_dtype():
+    """Masks are "nonzero = subject". A uint8 0/255 mask times 255 wraps to 0/1 and a uint8 0/1 mask
+    written as is reads back below the 127 threshold: both writers once lost every subject pixel."""
+    import io
+
+    from PIL import Image
+
+    from jedi_jax.data import tfds_sets
+
+    blob = np.zeros((2, 8, 8), bool)
+    blob[:, 2:5, 3:6] = True
+    images = np.zeros((2, 8, 8, 3), np.uint8)
+    for name, masks in (("bool", blob), ("uint8 0/1", blob.astype(np.uint8)), ("uint8 0/255", blob * np.uint8(255)),
+                        ("float 0/1", blob.astype(np.float32))):
+        record = {"images": images, "masks": masks, "captions": ["a", "b"], "subject": "s"}
+        back = set_source.decode_record(set_source.encode_record(record))["masks"]
+        np.testing.assert_array_equal(back, blob, err_msg=f"encode_record, {name} masks")
+        pngs = tfds_sets.encode_set(record)["masks"]
+        read = np.stack([np.asarray(Image.open(io.BytesIO(b))) > 127 for b in pngs])  # the readers' threshold
+        np.testing.assert_array_equal(read, blob, err_msg=f"tfds encode_set, {name} masks")
+
+
 def test_native_array_record_roundtrip(tmp_path):
     ref = MiniWorldSource("train", num_sets=6, set_size=4)
     path = str(tmp_path / "sets.array_record")
@@ -90,6 +113,27 @@ def test_native_array_record_roundtrip(tmp_path):
     set_source.write_array_record(str(tmp_path / "nm.array_record"), (nomask[i] for i in range(2)))
     r = ArrayRecordSetSource(str(tmp_path / "nm.array_record"))[1]
     assert "masks" not in r and records_equal(r, nomask[1])
+
+
+def test_truncated_or_foreign_records_fail_naming_the_record(tmp_path):
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    ref = MiniWorldSource("train", num_sets=1, set_size=2)[0]
+    good = set_source.encode_record(ref)
+    with pytest.raises(ValueError, match="truncated protobuf"):  # cut short: once decoded silently
+        set_source.decode_record(good[: len(good) - 40])
+    path = str(tmp_path / "mixed.array_record")
+    writer = ArrayRecordWriter(path, "group_size:1")
+    for item in (good, good[:-40], set_source.serialize_example({"labels": [1, 2]})):
+        writer.write(item)
+    writer.close()
+    src = ArrayRecordSetSource(path, backend="native")
+    assert records_equal(src[0], ref)
+    for index in (1, 2):  # truncated; a valid example of another schema
+        with pytest.raises(ValueError, match=f"mixed.array_record split 'train': record {index} is not a set example"):
+            src[index]
+    with pytest.raises(ValueError, match="split slices need the tfds backend"):
+        ArrayRecordSetSource(str(tmp_path), "train[:90%]", backend="native")
 
 
 def _can_build_with_tfds():

@@ -245,6 +245,13 @@ def test_render_pool_first_set_gives_other_subjects_and_its_cache_says_so(tmp_pa
         RenderPool("train", 3, 2, cache=str(cache), log=log)
     with pytest.raises(ValueError, match="first_set must be >= 0"):
         RenderPool("train", 3, 2, first_set=-1, log=log)
+    # a cache of one subject per set is not a pool of 2 subjects (nor the reverse)
+    with pytest.raises(ValueError, match="with a new subject per set, not .* with 2 subjects: delete it"):
+        RenderPool("train", 3, 2, first_set=4, num_subjects=2, cache=str(cache), log=log)
+    two = tmp_path / "two.npz"
+    RenderPool("train", 3, 2, processes=1, num_subjects=2, cache=str(two), log=log)
+    with pytest.raises(ValueError, match="with 2 subjects, not .* with a new subject per set"):
+        RenderPool("train", 3, 2, cache=str(two), log=log)
 
 
 def test_render_pool_keeps_subject_masks_and_refuses_a_cache_without_them(tmp_path):
@@ -384,3 +391,14 @@ def test_mini_paint_primitives():
     for shape in mw.MARK_SHAPES:
         d = paint.mark_sdf(shape, u, v, 0.2, -0.1, 0.2)
         assert d[np.abs(g - (-0.1)).argmin(), np.abs(g - 0.2).argmin()] < 0 < d[0, 0], shape
+
+
+def test_no_test_subject_is_a_train_subject_in_the_ranges_in_use():
+    """Subject seeds keep 31 bits of their split's stream, so a test subject could equal a train
+    subject by chance. Not in the ranges used: test 0..999 (MiniBench 0..39, validation 100..171,
+    examples) against the largest training pool (40,000 sets, configs/mini.py:gpu) and more."""
+    def seeds(split, n):
+        return {int(mw._subject_seed(split, i).generate_state(1, np.uint32)[0] & 0x7FFFFFFF): i for i in range(n)}
+
+    train, test = seeds("train", 100_000), seeds("test", 1_000)  # (a pair within train is harmless)
+    assert not set(train) & set(test), sorted((test[s], train[s]) for s in set(train) & set(test))

@@ -413,3 +413,24 @@ def test_closing_the_loader_closes_its_source():
     next(loader)
     loader.close()
     assert Closable.closed == 1
+
+
+def test_loader_refuses_bad_probabilities_seeds_states_and_flipping_the_mini_world():
+    src = ToySource([3] * 16)
+    for kw, message in ((dict(caption_dropout=1.5), "caption_dropout=1.5"), (dict(ref_dropout=-1.0), "ref_dropout=-1.0"),
+                        (dict(hflip=float("nan")), "hflip=nan"), (dict(seed=-1), "seed=-1")):
+        with pytest.raises(ValueError, match=message):
+            make(src, **kw)
+    with pytest.raises(ValueError, match="epoch -1"):
+        make(src).set_state({"epoch": -1, "position": 0})
+    # A mirrored train render of (beach, left) is the held-out (beach, right) pair: the mini world's
+    # sources say they must not be flipped, and the loader holds them to it.
+    from jedi_jax.data.mini_world import HELDOUT_COMBOS
+    from jedi_jax.data.set_source import MiniWorldSource
+
+    world = MiniWorldSource("train", num_sets=16, set_size=3)
+    assert HELDOUT_COMBOS  # the reason: the held-out pairs are not closed under mirroring
+    with pytest.raises(ValueError, match="MiniWorldSource must not be mirrored"):
+        make(world, hflip=0.5)
+    make(world, hflip=0.0)
+    make(src, hflip=0.5)  # a source that says nothing may be flipped

@@ -204,7 +204,9 @@ def sample_subject(rng: np.random.Generator | int, category: int | str | None = 
 
 @functools.lru_cache(maxsize=4096)
 def subject_for(split: str, index: int) -> Subject:
-    """The ``index``-th subject of a split (train/test seed spaces are disjoint)."""
+    """The ``index``-th subject of a split. Train and test draw from different seed streams, but the
+    subject seed keeps 31 bits, so two streams can meet by chance (about 1 in 2**31 per pair; test
+    4,961 equals a train subject below 10**6): tests/test_data_world.py checks the ranges in use."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     ss = _subject_seed(split, index)

@@ -6,7 +6,8 @@ spread over all CPU cores (a 16-core machine renders 20k sets of 6 in seconds), 
 them in an .npz file, and then serves records by index in microseconds. It is a random-access
 source for `jedi_jax.train.loader.SetLoader` like any other:
 
-    data.source = "jedi_jax.data.pool:from_config"     (configs/mini.py)
+    data.source = "jedi_jax.data.pool:from_config"          renders, pixels
+    data.source = "jedi_jax.data.pool:latents_from_config"  renders encoded once by data.latent_vae (configs/mini.py)
 """
 from __future__ import annotations
 
@@ -78,6 +79,8 @@ class RenderPool:
     subject mask (bool (R, 64, 64)), which train.subject_weight needs.
     """
 
+    flip_safe = False  # mini-world renders: see set_source.MiniWorldSource
+
     def __init__(self, split: str = "train", num_sets: int = 20_000, set_size: int = 6, *,
                  num_subjects: int | None = None, processes: int | None = None, cache: str | None = None,
                  wording: str = "world", first_set: int = 0, log=print):
@@ -90,11 +93,17 @@ class RenderPool:
             data = np.load(cache, allow_pickle=False)
             held = str(data["wording"]) if "wording" in data else "world"
             held_first = int(data["first_set"]) if "first_set" in data else 0  # caches before first_set start at 0
+            # -1 = a new subject per set (num_subjects None); caches written before the key held only those
+            held_subjects = int(data["num_subjects"]) if "num_subjects" in data else -1
+            want_subjects = int(num_subjects or -1)
             if (data["images"].shape[:2] != (num_sets, set_size) or str(data["split"]) != split or held != wording
-                    or held_first != first_set):
+                    or held_first != first_set or held_subjects != want_subjects):
+                def subjects(n):
+                    return "a new subject per set" if n < 0 else f"{n} subjects"
                 raise ValueError(f"pool cache {cache} holds {data['images'].shape[:2]} sets from {held_first} of split "
-                                 f"{data['split']} worded {held!r}, not ({num_sets}, {set_size}) from {first_set} of "
-                                 f"{split} worded {wording!r}: delete it")
+                                 f"{data['split']} worded {held!r} with {subjects(held_subjects)}, not ({num_sets}, "
+                                 f"{set_size}) from {first_set} of {split} worded {wording!r} with "
+                                 f"{subjects(want_subjects)}: delete it")
             if "masks" not in data:  # renders are deterministic, so re-rendering keeps a latent cache valid
                 raise ValueError(f"pool cache {cache} predates subject masks: delete it (it re-renders identically)")
             self.images, self.captions, self.subjects = data["images"], data["captions"], data["subjects"]
@@ -120,7 +129,7 @@ class RenderPool:
         if cache:
             tmp = f"{cache}.tmp.npz"
             np.savez(tmp, images=self.images, masks=self.masks, captions=self.captions, subjects=self.subjects, split=split,
-                     wording=wording, first_set=first_set)
+                     wording=wording, first_set=first_set, num_subjects=int(num_subjects or -1))
             os.replace(tmp, cache)
 
     def __len__(self) -> int:
@@ -152,6 +161,8 @@ class LatentPool:
     """A RenderPool encoded once by a frozen VAE: records carry 'latents' (R, h, w, C), scaled for the
     UNet (`scale_latents` of the posterior mean), instead of pixels. Encoding the pool once removes
     the VAE encoder from every training step (on CPUs it is a large share of a small model's step)."""
+
+    flip_safe = False  # mini-world renders: see set_source.MiniWorldSource
 
     def __init__(self, renders: RenderPool, vae_folder: str, *, batch: int = 256, cache: str | None = None,
                  log=print, progress: bool = True):

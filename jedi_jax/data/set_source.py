@@ -62,16 +62,18 @@ def _fields(buf: memoryview):
         field, wire = key >> 3, key & 7
         if wire == 0:
             val, pos = _read_varint(buf, pos)
-        elif wire == 2:
+            yield field, wire, val
+            continue
+        if wire == 2:
             n, pos = _read_varint(buf, pos)
-            val, pos = buf[pos:pos + n], pos + n
-        elif wire == 5:
-            val, pos = buf[pos:pos + 4], pos + 4
-        elif wire == 1:
-            val, pos = buf[pos:pos + 8], pos + 8
+        elif wire in (1, 5):
+            n = 8 if wire == 1 else 4
         else:
             raise ValueError(f"unsupported protobuf wire type {wire}")
-        yield field, wire, val
+        if pos + n > end:  # a slice past the end would silently come back short
+            raise ValueError(f"truncated protobuf: field {field} needs {n} bytes, {end - pos} left")
+        yield field, wire, buf[pos:pos + n]
+        pos += n
 
 
 def _decode_feature(buf: memoryview) -> list[Any]:
@@ -181,7 +183,8 @@ def encode_record(record: SetRecord) -> bytes:
         "subject": [record["subject"].encode("utf-8")],
     }
     if record.get("masks") is not None:
-        feats["masks"] = [_png(np.asarray(m).astype(np.uint8) * 255) for m in record["masks"]]
+        # nonzero = subject, whatever the dtype (a uint8 0/255 mask times 255 would wrap to 0/1)
+        feats["masks"] = [_png((np.asarray(m) != 0).astype(np.uint8) * 255) for m in record["masks"]]
     return serialize_example(feats)
 
 
@@ -262,6 +265,9 @@ class ArrayRecordSetSource:
             backend = "tfds" if has_info and _tfds_importable() else "native"
         if backend == "tfds" and not is_dir:
             raise ValueError("the tfds backend needs a TFDS dataset version folder")
+        if backend == "native" and "[" in split:
+            raise ValueError(f"split {split!r}: split slices need the tfds backend (pip install tensorflow-datasets); "
+                             "the native reader takes whole splits")
         self.path = path
         self.split = split
         self.backend = backend
@@ -301,9 +307,11 @@ class ArrayRecordSetSource:
         if not -n <= index < n:
             raise IndexError(index)
         item = self._open()[int(index) % n]
-        if self.backend == "tfds":
-            return _from_tfds_example(item)
-        return decode_record(item)
+        try:
+            return _from_tfds_example(item) if self.backend == "tfds" else decode_record(item)
+        except Exception as e:  # a corrupt or foreign record: say which (a bare KeyError 'images' does not)
+            raise ValueError(f"{self.path} split {self.split!r}: record {int(index) % n} is not a set example "
+                             f"({type(e).__name__}: {e})") from e
 
     def __getstate__(self):  # picklable for multi-process loaders: reopen lazily
         state = dict(self.__dict__)
@@ -319,6 +327,10 @@ class MiniWorldSource:
     ...)`` as a set record. ``num_sets`` may be huge (nothing is precomputed); ``num_subjects`` None
     gives a new subject per set (so ``first_set`` picks other subjects). ``with_labels`` adds
     'labels' (dict of (n,) int32 arrays) and 'category'."""
+
+    # Not to be mirrored: a mirrored train render of (background, left) is (background, right), a
+    # held-out pair of the test split, and subjects carry chiral marks (SetLoader refuses hflip > 0).
+    flip_safe = False
 
     def __init__(self, split: str = "train", num_sets: int = 1_000_000, set_size: int = 4,
                  num_subjects: int | None = None, with_masks: bool = True, with_labels: bool = False,

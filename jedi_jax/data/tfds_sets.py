@@ -73,7 +73,7 @@ def encode_set(record: dict[str, Any]) -> dict[str, Any]:
         "subject": record["subject"],
     }
     if record.get("masks") is not None:
-        ex["masks"] = [encode_png(m) for m in record["masks"]]
+        ex["masks"] = [encode_png(np.asarray(m) != 0) for m in record["masks"]]  # nonzero = subject, any dtype
     return ex
 
 

@@ -295,6 +295,15 @@ class SetLoader:
             raise ValueError(f"resample must be one of {sorted(_RESAMPLE)}")
         if not (0 < crop_scale[0] <= crop_scale[1] and 0 < crop_ratio[0] <= crop_ratio[1]):
             raise ValueError(f"bad crop_scale {crop_scale} / crop_ratio {crop_ratio}")
+        for name, p in (("caption_dropout", caption_dropout), ("ref_dropout", ref_dropout), ("hflip", hflip)):
+            if not 0.0 <= p <= 1.0:  # NaN fails too
+                raise ValueError(f"{name}={p} must be a probability in [0, 1]")
+        if int(seed) < 0:
+            raise ValueError(f"seed={seed} must be >= 0")
+        if hflip > 0 and getattr(source, "flip_safe", True) is False:
+            raise ValueError(f"hflip={hflip}: {type(source).__name__} must not be mirrored (a mirrored train "
+                             "render of (background, left) shows a held-out (background, right) pair, and "
+                             "subjects carry chiral marks): set data.hflip=0")
         self.source = source
         self.num_sets = len(source)
         if self.num_sets == 0:
@@ -469,11 +478,11 @@ class SetLoader:
             raise ValueError(f"state was saved with seed {state['seed']}, loader has seed {self.seed}")
         if "num_sets" in state and int(state["num_sets"]) != self.num_sets:
             raise ValueError(f"state was saved for {state['num_sets']} sets, source has {self.num_sets}")
-        position = int(state["position"])
-        if position < 0:
-            raise ValueError(f"negative position {position}")
+        position, epoch = int(state["position"]), int(state["epoch"])
+        if position < 0 or epoch < 0:
+            raise ValueError(f"loader state with epoch {epoch}, position {position}: both must be >= 0")
         self._cancel_queue()
-        self._epoch, self._position = self._normalize(int(state["epoch"]), position)
+        self._epoch, self._position = self._normalize(epoch, position)
 
     def _cancel_queue(self) -> None:
         for _, jobs in self._queue:
