@@ -305,8 +305,9 @@ class JeDiPipeline:
                                      "('A AND B'); use 'image_first'")
         if sampler not in SAMPLERS:
             raise PipelineInputError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        if not (eta >= 0 and math.isfinite(eta)) or (sampler == "dpmpp_2m" and eta != 0):
-            raise PipelineInputError(f"eta={eta}: eta must be finite and >= 0, and 0 for dpmpp_2m (a deterministic solver)")
+        if not 0 <= eta <= 1 or (sampler == "dpmpp_2m" and eta != 0):  # NaN fails the range too
+            raise PipelineInputError(f"eta={eta}: eta must be in [0, 1] (1 = ancestral DDPM), and 0 for dpmpp_2m "
+                                     "(a deterministic solver)")
         if not 0 <= int(seed) < 2**64:
             raise PipelineInputError(f"seed={seed} must be in [0, 2**64)")
         try:

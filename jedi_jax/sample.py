@@ -125,8 +125,8 @@ def validate(args) -> None:
         args.image_guidance_interval = parse_interval(args.image_guidance_interval)
     if not 0.0 <= args.reference_start < 1.0:
         raise ValueError(f"--reference-start {args.reference_start}: need 0 <= FRACTION < 1")
-    if not (args.eta >= 0 and math.isfinite(args.eta)):
-        raise ValueError(f"--eta {args.eta} must be finite and >= 0")
+    if not 0 <= args.eta <= 1:  # NaN fails too
+        raise ValueError(f"--eta {args.eta} must be in [0, 1] (1 = ancestral DDPM)")
     if args.sampler == "dpmpp_2m" and args.eta != 0:
         raise ValueError(f"--eta {args.eta}: dpmpp_2m is deterministic; eta applies to --sampler ddim only")
     if not 0 <= args.seed < 2**64:

@@ -70,6 +70,18 @@ def test_array_shapes(tmp_path):
         load_reference(np.zeros((2, 8, 8, 3), np.uint8), 8)
 
 
+def test_integer_arrays_other_than_uint8_are_refused():
+    """np.array of Python ints is int64: read as floats in [0, 1] it would become a white reference."""
+    from jedi_jax.sampling.images import open_image
+
+    values = (np.arange(48).reshape(4, 4, 3) * 5)  # 0..235
+    for dtype in (np.int64, np.int32, np.uint16, np.int16):
+        with pytest.raises(ImageInputError, match=f"integer image arrays must be uint8, got {np.dtype(dtype).name}"):
+            open_image(values.astype(dtype))
+    np.testing.assert_array_equal(np.asarray(open_image(values.astype(np.uint8))), values)
+    np.testing.assert_array_equal(np.asarray(open_image(values / 255.0)), values)  # floats in [0, 1]
+
+
 def test_bad_files(tmp_path):
     (tmp_path / "x.png").write_text("no")
     with pytest.raises(ImageInputError, match="not a readable image"):

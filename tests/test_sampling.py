@@ -154,8 +154,9 @@ def test_bad_pipeline_input(tiny_pipeline):
         tiny_pipeline([PROMPT], seed=-1)
     with pytest.raises(PipelineInputError, match="finite"):
         tiny_pipeline([PROMPT], guidance_scale=float("nan"))
-    with pytest.raises(PipelineInputError, match="finite"):
-        tiny_pipeline([PROMPT], eta=float("inf"))
+    for eta in (float("inf"), float("nan"), 1.5):  # above 1 the DDIM variance exceeds 1 - abar: NaN images
+        with pytest.raises(PipelineInputError, match=r"eta must be in \[0, 1\]"):
+            tiny_pipeline([PROMPT], eta=eta)
     with pytest.raises(PipelineInputError, match="two fractions"):
         tiny_pipeline([PROMPT], image_guidance_interval=(0.1, 0.5, 0.9))
 
@@ -414,3 +415,34 @@ def test_bfloat16_compute_stays_close_to_float32_on_the_shipped_model():
     print(f"bf16 vs f32 images: mean abs {diff.mean():.4f}, max {diff.max():.3f}")
     assert images["float32"].std() > 0.05  # a real image, not a constant
     assert 0 < diff.mean() < 0.03  # bf16 really ran (not bit-identical) and stays close
+
+
+def test_sample_set_checks_per_step_scales_and_keeps_a_bfloat16_carry():
+    """A (2,) scale over 4 steps was read with a clamped index ([2, 5, 5, 5]); a bfloat16 x_T with
+    float32 references broke the loop's carry type when the references were re-noised."""
+    from jedi_jax.sampling.joint import JointSamplerConfig, sample_set
+    from jedi_jax.schedulers.schedule import NoiseScheduleConfig, make_schedule
+
+    B, N, h, C, T, D = 1, 3, 4, 2, 3, 8
+    schedule = make_schedule(NoiseScheduleConfig())
+    timesteps = jnp.asarray([999, 666, 333, 0], jnp.int32)
+    layout = guidance.SetLayout(member_mask=jnp.ones((B, N), bool), ref_mask=jnp.asarray([[True, False, False]]))
+    refs = jnp.asarray(np.random.default_rng(0).standard_normal((B, N, h, h, C)), jnp.float32)
+    ctx, empty = jnp.ones((B, N, T, D)), jnp.zeros((B, N, T, D))
+
+    def unet_fn(params, x, t, c, m):  # a stand-in denoiser: 0.1 * the noisy channels
+        return 0.1 * x[..., :C]
+
+    def run(x_T, image_scale=2.0):
+        return sample_set(unet_fn, {}, schedule, timesteps, x_T, refs, layout, ctx, empty, image_scale, 5.0,
+                          jax.random.key(0), config=JointSamplerConfig())
+
+    x_T = jnp.asarray(np.random.default_rng(1).standard_normal((B, N, h, h, C)), jnp.float32)
+    for bad in (jnp.asarray([2.0, 3.0]), jnp.ones(7), jnp.ones((4, 1))):
+        with pytest.raises(ValueError, match=r"image_scale must be one value \(\) or one per step \(4,\)"):
+            run(x_T, bad)
+    run(x_T, jnp.full((4,), 2.0))  # one per step is fine
+    out = run(x_T.astype(jnp.bfloat16))
+    assert out.dtype == jnp.bfloat16 and np.isfinite(np.asarray(out, np.float32)).all()
+    # the known member comes back as its reference (in the sample's dtype)
+    np.testing.assert_array_equal(np.asarray(out[0, 0]), np.asarray(refs[0, 0].astype(jnp.bfloat16)))

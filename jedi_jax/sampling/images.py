@@ -28,6 +28,10 @@ def open_image(source) -> Image.Image:
             array = array[..., 0]  # (H, W, 1) -> grey (H, W)
         if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4))):
             raise ImageInputError(f"an image array must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4); got {array.shape}")
+        if np.issubdtype(array.dtype, np.integer) and array.dtype != np.uint8:
+            # an int64 0..255 array read as floats in [0, 1] would come out white
+            raise ImageInputError(f"integer image arrays must be uint8, got {array.dtype}: use "
+                                  ".astype(np.uint8) for 0..255 values, or floats in [0, 1]")
         if array.dtype != np.uint8:
             array = (np.clip(array.astype(np.float32), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
         image = Image.fromarray(array)

@@ -92,12 +92,18 @@ def sample_set(unet_fn: UNetFn, unet_params, schedule, timesteps: jnp.ndarray, x
     """
     if config.sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {config.sampler!r}; choose one of {SAMPLERS}")
+    for name, scale in (("image_scale", image_scale), ("text_scale", text_scale)):
+        # a per-step scale of another length would be read with a clamped index, silently
+        if jnp.ndim(scale) > 1 or (jnp.ndim(scale) == 1 and jnp.shape(scale) != timesteps.shape):
+            raise ValueError(f"{name} must be one value () or one per step {tuple(timesteps.shape)}; "
+                             f"got shape {jnp.shape(scale)}")
     known = layout.ref_mask[:, :, None, None, None]  # (B, N, 1, 1, 1)
     eta_key, known_key = jax.random.split(key)
 
     def renoise_known(x, t, i):  # the references noised to t, as in training
         noise = jax.random.normal(jax.random.fold_in(known_key, i), x.shape, x.dtype)
-        return jnp.where(known, add_noise(schedule, ref_latents, noise, jnp.full((x.shape[0],), t)), x)
+        noised = add_noise(schedule, ref_latents, noise, jnp.full((x.shape[0],), t)).astype(x.dtype)
+        return jnp.where(known, noised, x)  # x's dtype: the loop's carry must keep it
 
     def denoise_with_references(x, t, i):
         s_i = step_scale(image_scale, i)
@@ -130,5 +136,5 @@ def sample_set(unet_fn: UNetFn, unet_params, schedule, timesteps: jnp.ndarray, x
                     clip_sample=config.clip_sample if config.sampler == "ddim" else None,
                     pre_step=renoise_known if config.replace_known else None, on_step=on_step)
     if config.replace_known:
-        x = jnp.where(known, ref_latents, x)
+        x = jnp.where(known, ref_latents.astype(x.dtype), x)
     return x

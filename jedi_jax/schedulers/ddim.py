@@ -48,8 +48,8 @@ def ddim_step(schedule: NoiseSchedule, model_output: jax.Array, t: jax.Array, t_
       x_{t_prev}, shape and dtype of x_t (math in float32).
     """
     eta = float(eta)
-    if eta < 0:
-        raise ValueError(f"eta={eta} must be >= 0")
+    if not 0.0 <= eta <= 1.0:  # above 1 the variance exceeds 1 - abar_prev (NaN); NaN fails too
+        raise ValueError(f"eta={eta} must be in [0, 1] (1 = ancestral DDPM)")
     if eta > 0 and key is None:
         raise ValueError("ddim_step with eta > 0 needs a PRNG `key`")
     t = jnp.asarray(t, jnp.int32)
@@ -69,7 +69,9 @@ def ddim_step(schedule: NoiseSchedule, model_output: jax.Array, t: jax.Array, t_
         std = bcast(eta * variance**0.5, x)
     else:
         std = jnp.zeros((), jnp.float32)
-    direction = (1.0 - a_prev - std**2) ** 0.5 * eps  # "direction pointing to x_t"
+    # "direction pointing to x_t". At eta = 1 and abar_t ~ 0 (cosine's t = 999, zero terminal SNR) the
+    # radicand is 0 in exact arithmetic and -6e-8 in float32: clamp, or the whole sample is NaN.
+    direction = jnp.maximum(1.0 - a_prev - std**2, 0.0) ** 0.5 * eps
     x_prev = a_prev**0.5 * x0 + direction
     if eta > 0:
         x_prev = x_prev + std * jax.random.normal(key, x.shape, jnp.float32)

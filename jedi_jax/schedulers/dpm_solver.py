@@ -42,7 +42,10 @@ def dpm_init_state(x: jax.Array) -> DPMState:
 
 def dpm_sigma(schedule: NoiseSchedule, t: jax.Array) -> jax.Array:
     """VE sigma_t = sqrt((1 - abar_t) / abar_t) at integer timesteps t (any shape), float32."""
-    ab = jnp.maximum(schedule.alphas_cumprod[jnp.asarray(t, jnp.int32)], _MIN_ALPHA_CUMPROD)
+    # Only an abar of exactly 0 (zero terminal SNR) is floored, as diffusers does: flooring every abar
+    # would lift the cosine schedule's abar_999 = 2.4e-9 and start its solve at sigma 4096, not 20291.
+    ab = schedule.alphas_cumprod[jnp.asarray(t, jnp.int32)]
+    ab = jnp.where(ab > 0, ab, _MIN_ALPHA_CUMPROD)
     return ((1.0 - ab) / ab) ** 0.5
 
 

@@ -49,6 +49,8 @@ def sample_loop(denoise_fn: DenoiseFn, x_T: jax.Array, timesteps, schedule: Nois
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler={sampler!r} unsupported; use one of {SAMPLERS}")
     eta = float(eta)
+    if not 0.0 <= eta <= 1.0:  # NaN would run as 0: every comparison with it is False
+        raise ValueError(f"eta={eta} must be in [0, 1]")
     if eta > 0 and key is None:
         raise ValueError("sample_loop with eta > 0 needs a PRNG `key`")
     timesteps = jnp.asarray(timesteps, jnp.int32)

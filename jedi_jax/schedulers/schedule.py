@@ -110,7 +110,10 @@ class NoiseScheduleConfig:
             timestep_spacing=str(d.get("timestep_spacing", "leading")),
             steps_offset=int(d.get("steps_offset", 0)),
             set_alpha_to_one=bool(d.get("set_alpha_to_one", True)),
-            clip_sample=bool(d.get("clip_sample", True)),
+            # DDIMScheduler's default is True, but a config of another scheduler (DPMSolverMultistep,
+            # Euler, PNDM ...) has no clip_sample because that scheduler never clips: clipping SD's
+            # latents to [-1, 1] there would be our invention, not the model's
+            clip_sample=bool(d.get("clip_sample", d.get("_class_name", "DDIMScheduler") == "DDIMScheduler")),
             clip_sample_range=float(d.get("clip_sample_range", 1.0)),
             rescale_betas_zero_snr=bool(d.get("rescale_betas_zero_snr", False)),
         )

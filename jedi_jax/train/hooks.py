@@ -62,7 +62,8 @@ def _generate(models, schedule_cfg, num_steps, unet_params, frozen, images, late
                      guidance.SetLayout(member_mask=member_mask, ref_mask=ref_mask), context,
                      jnp.broadcast_to(empty[None], context.shape), image_scale, text_scale,
                      jax.random.fold_in(key, 1),
-                     config=JointSamplerConfig(prediction_type=schedule_cfg.prediction_type))
+                     config=JointSamplerConfig(prediction_type=schedule_cfg.prediction_type,
+                                               clip_sample=schedule_cfg.clip_range))  # as the exported pipeline
     return (images if images is not None else decode(latents)), decode(out)
 
 
