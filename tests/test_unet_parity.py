@@ -205,6 +205,12 @@ def test_config_parsing():
     assert sd15.num_heads == (8, 8, 8, 8) and not sd15.use_linear_projection
     assert UNetConfig.from_diffusers({**SD15, "in_channels": 9}).in_channels == 9
     assert sd15.to_diffusers()["attention_head_dim"] == 8 and sd15.to_diffusers()["sample_size"] == 64
+    # built directly the way diffusers takes them (an int for every level, lists): normalized, hashable
+    direct = UNetConfig(layers_per_block=2, num_heads=8, cross_attention_dim=768, sample_size=64,
+                        block_out_channels=[320, 640, 1280, 1280], down_block_types=list(sd15.down_block_types))
+    assert direct == sd15 and hash(direct) == hash(sd15)
+    with pytest.raises(ValueError, match="num_heads"):
+        UNetConfig(num_heads=(8, 8))
 
 
 @pytest.mark.parametrize("key,value", [

@@ -148,6 +148,13 @@ def test_vae_bfloat16_compute_runs_close():
     assert np.abs(np.asarray(out, np.float32) - ref).max() < 0.05 * np.abs(ref).max()
 
 
+def test_vae_config_from_lists_is_hashable_and_equal_to_tuples():
+    kw = dict(block_out_channels=[64, 128], down_block_types=["DownEncoderBlock2D"] * 2,
+              up_block_types=["UpDecoderBlock2D"] * 2)
+    listed, tupled = VAEConfig(**kw), VAEConfig(**{k: tuple(v) for k, v in kw.items()})
+    assert listed == tupled and hash(listed) == hash(tupled)
+
+
 def test_vae_attention_runs_on_the_shared_kernels():
     """The mid-block attention goes through models/attention.py: the "chunked" kernel (no (L, L)
     score matrix: 1 GiB per image at 1024 px in float32) gives the "xla" kernel's output, and an

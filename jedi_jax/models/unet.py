@@ -9,6 +9,7 @@ unchanged (parameter paths = diffusers state-dict keys, docs/DESIGN.md).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Mapping, Optional
 
 import jax
@@ -100,9 +101,16 @@ class UNetConfig:
     sample_size: Optional[int] = None  # bookkeeping only
 
     def __post_init__(self):
+        # Normalize what a caller may pass as diffusers does (an int for every level, lists for tuples):
+        # the config stays hashable (a static jit argument) and equal to its from_diffusers twin.
+        set_ = functools.partial(object.__setattr__, self)
+        set_("block_out_channels", tuple(int(c) for c in self.block_out_channels))
         n = len(self.block_out_channels)
-        for key in ("down_block_types", "up_block_types", "layers_per_block", "transformer_layers_per_block",
-                    "num_heads", "cross_attention_dim"):
+        for key in ("layers_per_block", "transformer_layers_per_block", "num_heads", "cross_attention_dim"):
+            set_(key, _levels(getattr(self, key), n, key))
+        for key in ("down_block_types", "up_block_types"):
+            value = getattr(self, key)
+            set_(key, (value,) if isinstance(value, str) else tuple(value))
             if len(getattr(self, key)) != n:
                 raise ValueError(f"{key} must have {n} entries (one per level), got {getattr(self, key)}")
         if bad := [t for t in self.down_block_types if t not in _DOWN_TYPES]:

@@ -83,6 +83,11 @@ class VAEConfig:
     mid_block_add_attention: bool = True
 
     def __post_init__(self):
+        # lists (as JSON gives them) become tuples: the config stays hashable and equal to its parsed twin
+        for key in ("down_block_types", "up_block_types", "block_out_channels"):
+            object.__setattr__(self, key, tuple(getattr(self, key)))
+        if isinstance(self.sample_size, list):
+            object.__setattr__(self, "sample_size", tuple(self.sample_size))
         n = len(self.block_out_channels)
         if len(self.down_block_types) != n or len(self.up_block_types) != n:
             raise ValueError("down_block_types, up_block_types and block_out_channels must have equal lengths")
