@@ -224,3 +224,21 @@ def test_config_parsing():
 def test_config_rejects_unsupported(key, value):
     with pytest.raises(ValueError, match=key):
         UNetConfig.from_diffusers({**SD15, key: value})
+
+
+def test_sdxl_added_cond_shapes_are_checked():
+    """SDXL's text_time conditioning: a width that does not add up to projection_class_embeddings_input_dim,
+    or a leading shape that is neither (B,) nor (B, N), is one error naming it (not an XLA dot_general error,
+    and a (P,) vector is no longer broadcast to every set)."""
+    kwargs = dict(TINY["sdxl"][0])
+    cfg = UNetConfig.from_diffusers(kwargs)
+    fm = Functional.abstract(lambda r: UNet(cfg, rngs=r))
+    params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), fm.param_shapes())
+    B, N = 2, 3
+    x, t, ctx = jnp.zeros((B, N, 8, 8, 4)), jnp.zeros((B,), jnp.int32), jnp.zeros((B, N, 6, 32))
+    ok = {"text_embeds": jnp.zeros((B, N, 20)), "time_ids": jnp.zeros((B, 6))}
+    assert fm.bind(params)(x, t, ctx, None, ok).shape == (B, N, 8, 8, 4)
+    with pytest.raises(ValueError, match=r"20 \+ 5 time_ids x 8 = 60, but .* is 68"):
+        fm.bind(params)(x, t, ctx, None, {**ok, "time_ids": jnp.zeros((B, N, 5))})
+    with pytest.raises(ValueError, match=r"added_cond\['text_embeds'\] must be \(B, X\) or \(B, N, X\)"):
+        fm.bind(params)(x, t, ctx, None, {**ok, "text_embeds": jnp.zeros((20,))})

@@ -293,6 +293,15 @@ class UNet(nnx.Module):
                 raise ValueError("SDXL UNet needs added_cond={'text_embeds': (B, N, P), 'time_ids': (B, N, 6)}")
             text = jnp.asarray(added_cond["text_embeds"])
             ids = jnp.asarray(added_cond["time_ids"])
+            for name, a in (("text_embeds", text), ("time_ids", ids)):  # per set (B, .) or per image (B, N, .)
+                if a.shape[:-1] not in ((B,), (B, N)):
+                    raise ValueError(f"added_cond[{name!r}] must be (B, X) or (B, N, X) = ({B}, {N}, X); got {a.shape}")
+            width = text.shape[-1] + ids.shape[-1] * self.config.addition_time_embed_dim
+            if width != self.config.projection_class_embeddings_input_dim:
+                raise ValueError(f"text_embeds width {text.shape[-1]} + {ids.shape[-1]} time_ids x "
+                                 f"{self.config.addition_time_embed_dim} = {width}, but the UNet's "
+                                 f"projection_class_embeddings_input_dim is "
+                                 f"{self.config.projection_class_embeddings_input_dim}")
             text = jnp.broadcast_to(text[:, None] if text.ndim == 2 else text, (B, N, text.shape[-1]))
             ids = jnp.broadcast_to(ids[:, None] if ids.ndim == 2 else ids, (B, N, ids.shape[-1]))
             time_embeds = self.add_time_proj(ids.reshape(-1))  # (B*N*6, Ca)
