@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PYTEST_ARGS ?= -n 2 -q
 
-.PHONY: install install-test demo test bench clean
+.PHONY: install install-test demo test clean
 
 $(VENV)/.base: setup.py
 	python3 -m venv $(VENV)

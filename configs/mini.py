@@ -3,15 +3,16 @@ r"""JeDi-mini, stage 2: the joint-image UNet of the embedded default model (the 
 Same code paths as SD 1.5 JeDi: SD-layout UNet with the 9-channel input and coupled self-attention
 at every level, frozen KL VAE (stage 1, configs/mini_vae.py, 64x64x3 -> 16x16x4) and frozen CLIP
 text encoder, trained on mini-world sets of N=4 with 0..3 clean references and the loss on the
-generated members only. Recipe chosen for little compute (../shared/notes calibration): latent
-space, v-prediction, cosine schedule, warmup, EMA.
+generated members only. Recipe chosen for little compute (in calibration runs whose notes are not
+shipped): latent space, v-prediction, cosine schedule, warmup, EMA.
 
-    # stage 1 (VAE), then stage 2 from the exported VAE folder:
+    # stage 1 (VAE), then stage 2, a UNet from scratch on the exported VAE folder's latents:
     python -m jedi_jax.train.vae_trainer --config configs/mini_vae.py:gpu --workdir runs/mini_vae
     python -m jedi_jax.train --config configs/mini.py --workdir runs/mini \
-        --config.model.pretrained=runs/mini_vae/vae_export
-    python -m jedi_jax.train.export --workdir runs/mini --dst jedi_jax/assets/jedi_mini
-  or all of it: bash launch/train_mini.sh
+        --config.model.pretrained=runs/mini_vae/vae_export --config.data.latent_vae=runs/mini_vae/vae_export
+    python -m jedi_jax.train.export --workdir runs/mini --dst runs/jedi_mini
+  or all of it (plus MiniBench): bash launch/train_mini.sh [cpu|gpu]. The shipped model
+  (jedi_jax/assets/jedi_mini) is not that: it is the eleventh UNet stage of a chain of warm starts.
 
 Variants: '' (= cpu) for 2 CPU cores, float32, 8 sets per step; 'gpu' for one H100/H200: bf16,
 128 sets per step (launch/one_gpu_session.sh runs it time-boxed, warm-started from the shipped
@@ -27,8 +28,9 @@ weigh 1 + 3 in each image's loss), stage 3g continues 3f's folder with
 `--config.train.subject_weight=6`, stage 3h continues 3g's with `--config.model.text_layer=tokens`,
 and stage 3i, the shipped UNet, continues 3h's 4,000 more steps (seed 1)
 (jedi_jax/assets/jedi_mini/MODEL_CARD.md has the shipped chain's commands, EXPERIMENTS.md the
-rest). The text encoder is a small CLIP (random, frozen: its job is to keep the caption tokens
-apart; the UNet's cross-attention learns to read them), read at `model.text_layer="tokens"`: its
+rest; they spell out the text layer each stage read, since this default changed). The text encoder
+is a small CLIP (random, frozen: its job is to keep the caption tokens apart; the UNet's
+cross-attention learns to read them), read at `model.text_layer="tokens"`: its
 token embeddings, normed, without the position embeddings (stage 3h; stages 3b-3g read
 "embeddings", token + position; stages 1-3a "last"; export records the layer in jedi_model.json).
 """

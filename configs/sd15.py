@@ -7,9 +7,11 @@ Variants (`get_config(arg)`):
   (default)  one host, any accelerator count. Needs a converted SD 1.5 folder and a set data set:
       python -m jedi_jax.convert --src stable-diffusion-v1-5 --dst sd15-jax --unet-in-channels 9
       python -m jedi_jax.train --config configs/sd15.py --workdir runs/sd15 \
-          --config.model.pretrained=sd15-jax --config.data.source=array_record:/data/jedi_sets/train
-    Expect: a few minutes to load and compile, then a progress line every 50 steps; the loss starts
-    at SD 1.5's own epsilon loss (the widened model computes SD 1.5 exactly at step 0).
+          --config.model.pretrained=sd15-jax --config.data.source=array_record:/data/jedi_sets/1.0.0
+    array_record:PATH takes a TFDS version folder (dataset_info.json and *-train.array_record-*
+    shards) or one .array_record file. Expect: a few minutes to load and compile, then a progress
+    line every 50 steps; the loss starts at SD 1.5's own epsilon loss (the widened model computes
+    SD 1.5 exactly at step 0).
 
   :tiny      random-weight tiny SD-layout networks on the procedural mini world, 32 px, CPU:
       python -m jedi_jax.train --config configs/sd15.py:tiny --workdir /tmp/jedi_tiny
@@ -26,7 +28,7 @@ Variants (`get_config(arg)`):
 
   :h100x8    one 8x H100/H200 node: FSDP over the 8 GPUs, 8 sets (32 images) per GPU, cuDNN attention:
       python -m jedi_jax.train --config configs/sd15.py:h100x8 --workdir /ckpt/jedi_sd15 \
-          --config.model.pretrained=/ckpt/sd15-jax --config.data.source=array_record:/data/jedi_sets/train
+          --config.model.pretrained=/ckpt/sd15-jax --config.data.source=array_record:/data/jedi_sets/1.0.0
     Several nodes: launch/gpu_slurm.sh (mesh.dcn_shape = (nodes, 1)). The per-GPU batch is an
     estimate not yet measured on hardware: on OOM set --config.model.remat=True or lower
     data.batch_size; `python -m jedi_jax.train.bench --config configs/sd15.py:h100x8

@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     if not (model / "jedi_model.json").exists():
         why = (f"--model {model} is not a jedi_jax model folder (no jedi_model.json)" if args.model else
                f"no model at {model}: the embedded JeDi-mini is missing from this installation "
-               "(train it with: python -m jedi_jax.train --config configs/mini.py)")
+               "(train one in a repository checkout: bash launch/train_mini.sh gpu; then --model runs/jedi_mini)")
         print(f"error: {why}", file=sys.stderr)
         return 2
     start = time.time()

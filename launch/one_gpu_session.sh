@@ -6,14 +6,16 @@
 #   1. JeDi-mini (configs/mini.py:gpu) trains for TRAIN_SECONDS (default 360) of wall time, warm-
 #      started from the shipped model (jedi_jax/assets/jedi_mini: its UNet, VAE, frozen CLIP and
 #      tokenizer), then stops through SIGTERM (the trainer saves the step reached and exits);
+#      MINI_ARGS come after the warm-start flags, so a repeated --config.model.pretrained /
+#      --config.data.latent_vae there wins (the model card's stage 2 starts from stage 1 that way);
 #   2. meanwhile the SD 1.5 train-step benchmark (configs/sd15.py:h100x8 on one GPU, random
 #      weights, 512 px, N=4, BENCH_SETS sets per GPU, cuDNN attention) compiles on the host CPUs,
 #      and times its steps only once the GPU is free (--wait_for), so the figures are clean;
 #   3. eval.learning_curve over every kept checkpoint (normalized identity, 16 subjects);
 #   4. packs the last checkpoint (split in 15 MB parts) and the run's logs, metrics, samples and
 #      curve into OUT_DIR.
-# Afterwards, on any machine: cat OUT_DIR/ckpt.tar.part-* | tar -x -C runs/mini_gpu, then
-#   python -m jedi_jax.train.export --workdir runs/mini_gpu --dst runs/jedi_mini_gpu
+# Afterwards, on any machine: mkdir -p runs/mini_gpu && cat OUT_DIR/ckpt.tar.part-* | tar -x -C runs/mini_gpu,
+#   then python -m jedi_jax.train.export --workdir runs/mini_gpu --dst runs/jedi_mini_gpu
 # Env overrides (the CPU dry run in tests/test_launch_scripts.py uses them): PYTHON, BENCH_CONFIG,
 # BENCH_SETS, BENCH_ARGS, MINI_CONFIG, MINI_ARGS, CURVE_SUBJECTS, CURVE_SECONDS, RUN_DIR.
 # It runs from the repo root whatever the caller's directory (config and asset paths are repo-

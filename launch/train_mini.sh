@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Train the embedded default JeDi-mini from scratch on one machine, then evaluate it.
+# Train a JeDi-mini from scratch on one machine (stages 1-2), then evaluate it.
 #
 #   bash launch/train_mini.sh [cpu|gpu] [RUNS_DIR]
 #
-# Stage 1: the KL VAE (configs/mini_vae.py), stage 2: the joint-image UNet (configs/mini.py) on
-# the stage-1 latents, then export to a model folder and MiniBench. The shipped model was made
-# with exactly these commands; its MODEL_CARD.md says which variant, on what hardware, how long.
+# The KL VAE (configs/mini_vae.py), then the joint-image UNet (configs/mini.py, from a random init)
+# on the VAE's latents, then export to a model folder (RUNS_DIR/jedi_mini) and MiniBench. This is
+# not the shipped model's recipe: the shipped UNet went through eleven stages (warm starts, caption
+# wordings, loss weightings, text layers); jedi_jax/assets/jedi_mini/MODEL_CARD.md ("Exact
+# commands") has that chain, the hardware and the times.
 set -euo pipefail
 variant=${1:-cpu}
 runs=${2:-runs}

@@ -102,4 +102,9 @@ def load_examples(folder: str = EXAMPLES_DIR) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    argparse.ArgumentParser(prog="python -m jedi_jax.data.examples",
+                            description=f"Regenerate the packaged examples in {EXAMPLES_DIR} "
+                                        "(after a mini-world change); takes no arguments.").parse_args()
     print("wrote", write_examples())

@@ -508,8 +508,13 @@ def save_grid(path: str, split: str = "train", num_sets: int = 8, n: int = 6, st
 
 
 if __name__ == "__main__":  # python -m jedi_jax.data.mini_world OUT.png [split] [num_sets]
-    import sys
-    args = sys.argv[1:]
-    out = save_grid(args[0] if args else "/tmp/mini_world_grid.png",
-                    args[1] if len(args) > 1 else "train", int(args[2]) if len(args) > 2 else 8)
-    print("wrote", out)
+    import argparse
+
+    _parser = argparse.ArgumentParser(prog="python -m jedi_jax.data.mini_world",
+                                      description="Write a PNG grid of mini-world sets (one row per set).")
+    _parser.add_argument("out", nargs="?", default="/tmp/mini_world_grid.png",
+                         help="output image (default: /tmp/mini_world_grid.png)")
+    _parser.add_argument("split", nargs="?", default="train", choices=SPLITS, help="default: train")
+    _parser.add_argument("num_sets", nargs="?", default=8, type=int, help="rows (default: 8)")
+    _args = _parser.parse_args()
+    print("wrote", save_grid(_args.out, _args.split, _args.num_sets))

@@ -112,4 +112,11 @@ def main(argv: Sequence[str] = ()) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    import argparse
+
+    _parser = argparse.ArgumentParser(prog="python -m jedi_jax.data.tokenizer_files",
+                                      description="Write the mini world's CLIP-BPE tokenizer folder.")
+    _parser.add_argument("folder", nargs="?", default=None,
+                         help=f"output folder (default: the packaged one, {PACKAGED_DIR})")
+    _args = _parser.parse_args(sys.argv[1:])
+    main([_args.folder] if _args.folder else [])

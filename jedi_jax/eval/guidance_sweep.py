@@ -3,8 +3,11 @@ touching MiniBench's subjects.
 
     python -m jedi_jax.eval.guidance_sweep [--model DIR] [--out out/guidance_sweep] \
         [--first-subject 100] [--subjects 24] [--image-scales 1,2,3,4] [--text-scales 3,5] [--k 1,3] \
-        [--placement-contrast 0,1,2] [--image-intervals 0:1,0.3:1] [--orders image_first,text_first] \
+        [--placement-contrast 0,1,2 | --orders image_first,text_first] [--image-intervals 0:1,0.3:1] \
         [--reference-starts 0,0.2] [--reference-captions given,empty] [--sampler ddim] [--eta 0]
+
+(A placement contrast above 0 composes prompts, which the text_first order does not take: the two
+flags are refused together unless the contrasts are all 0 or the orders are image_first only.)
 
 JeDi (CVPR 2024, Sec. 4.3) samples with two guidance scales: sT on the prompt, sI on the reference
 images. They trade identity against prompt fidelity, so they must be picked on data the benchmark

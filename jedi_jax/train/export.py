@@ -1,7 +1,9 @@
 """Export a training run as a jedi_jax model folder (what JeDiPipeline / the demo / MiniBench load).
 
-    python -m jedi_jax.train.export --workdir runs/mini --dst jedi_jax/assets/jedi_mini [--step N]
+    python -m jedi_jax.train.export --workdir runs/mini --dst runs/jedi_mini [--step N]
         [--no-ema] [--store-dtype bfloat16] [--overwrite]
+
+An existing --dst (e.g. the shipped jedi_jax/assets/jedi_mini) is refused unless --overwrite is given.
 
 The folder gets the UNet of the checkpoint (EMA weights unless --no-ema), the frozen VAE and text
 encoder exactly as the run built them (from config.model.pretrained, or the seeded random init),
