@@ -15,9 +15,9 @@ Variants (`get_config(arg)`):
 
   :tiny      random-weight tiny SD-layout networks on the procedural mini world, 32 px, CPU:
       python -m jedi_jax.train --config configs/sd15.py:tiny --workdir /tmp/jedi_tiny
-    Expect (2 idle CPU cores, 2026-12-01): 73 s in all, 15 s of it compiling, then ~5.6 steps/s
-    (~45 sets/s, data rendering included; ~1.5 steps/s when other work shares the cores); loss ~1.1
-    at step 10 (random epsilon predictions) -> ~0.25 at step 200;
+    Expect (2 idle CPU cores, 2026-12-02): 91 s in all, 20 s of it compiling, then ~6.4 steps/s
+    (~52 sets/s = ~207 images/s, data rendering included; ~1.5-3 steps/s when other work shares the
+    cores); loss ~1.1 at step 10 (random epsilon predictions) -> ~0.24 at step 200;
     checkpoints at steps 100 and 200; re-running the command says "nothing to do". Sample grids:
     add --config.sample.every=100. From a converted random-weight folder instead of a random init:
       python -c "from jedi_jax.models.tiny import write_random_model as w; w('/tmp/tiny-jax')"
