@@ -41,9 +41,11 @@ with ocp.StandardCheckpointer() as ck:  # restore both onto this process's singl
         states[name] = ck.restore(path, target)
 data = [read_json_item(f"{d}/checkpoints", "data", STEPS) for d in (MP_DIR, REF_DIR)]
 a, b = states["multi"], states["single"]
-diff = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(jax.tree.leaves(a["params"]), jax.tree.leaves(b["params"])))
+d = np.concatenate([np.abs(np.asarray(x) - np.asarray(y)).ravel()
+                    for x, y in zip(jax.tree.leaves(a["params"]), jax.tree.leaves(b["params"]))])
 leaf = a["params"]["conv_in"]["kernel"]
-print("RESULT", json.dumps({"diff": diff, "step": int(a["step"]), "data": data, "devices": len(leaf.sharding.device_set)}))
+print("RESULT", json.dumps({"diff": float(d.max()), "mean_diff": float(d.mean()), "step": int(a["step"]),
+                            "data": data, "devices": len(leaf.sharding.device_set)}))
 """
 
 
@@ -72,7 +74,11 @@ def test_two_processes_train_and_single_process_restores(tmp_path):
     script = COMPARE.replace("STEPS", str(STEPS)).replace("REF_DIR", repr(str(ref_dir))).replace("MP_DIR", repr(str(mp_dir)))
     out = run_script(script, devices=1)
     res = json.loads(out.stdout.split("RESULT ", 1)[1])
+    print(f"multi-process vs single: max |diff| {res['diff']:.2e}, mean {res['mean_diff']:.2e}")
     assert res["step"] == STEPS and res["devices"] == 1
     assert res["data"][0] == res["data"][1]  # same global data position
-    assert res["diff"] < 2e-5, res  # float32 reduction order differs between the sharded and single runs
-    assert np.isfinite(res["diff"])
+    # float32 reduction order differs between the sharded and the single run. Adam divides by sqrt(v),
+    # so a parameter whose gradient is at rounding level can take a visibly different step (max); the
+    # mean stays at rounding level, where a wrong batch or a lost shard moves it by ~lr (1e-3 here).
+    assert np.isfinite(res["diff"]) and res["diff"] < 1e-4, res
+    assert res["mean_diff"] < 1e-7, res
