@@ -81,6 +81,9 @@ def validate_config(config) -> None:
     if not d.source:
         errors.append("data.source is empty: set e.g. --config.data.source=array_record:/data/sets "
                       "(or mini_world)")
+    if d.hflip > 0 and (d.source == "mini_world" or str(d.source).startswith("jedi_jax.data.pool:")):
+        errors.append(f"data.hflip={d.hflip}: mini-world renders must not be mirrored (a mirrored (background, left) "
+                      "is a held-out (background, right) pair); set data.hflip=0")
     if d.batch_size % jax.process_count():
         errors.append(f"data.batch_size={d.batch_size} must be divisible by the {jax.process_count()} processes")
     if len(m.axes) != len(m.shape):
