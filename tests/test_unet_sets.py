@@ -224,7 +224,7 @@ def test_bind_refuses_params_that_do_not_fit(params, inputs):
     bad["conv_in"]["bias"] = bad["conv_in"]["bias"][:1]  # (1,) instead of (C0,)
     del bad["conv_out"]["bias"]
     bad["extra"] = {"kernel": np.zeros(3)}
-    with pytest.raises(ValueError, match=r"missing conv_out/bias.*unexpected extra/kernel.*conv_in/bias has shape "
-                                         r"\(1,\), expected \(32,\)"):
+    with pytest.raises(ValueError, match=r"missing parameter 'conv_out.bias'.*unexpected parameter 'extra.kernel'.*"
+                                         r"'conv_in.bias' has shape \(1,\) but the model needs \(32,\)"):
         fm.bind(bad)
     fm.bind(params)  # the real ones bind

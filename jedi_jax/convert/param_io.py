@@ -21,11 +21,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jedi_jax.convert.torch_naming import ConversionError, flatten
-
-
-def _str_keys(tree: Mapping) -> dict[str, object]:
-    return {".".join(str(p) for p in path): leaf for path, leaf in flatten(tree).items()}
+from jedi_jax.convert.torch_naming import ConversionError
 
 
 def params_fingerprint(params) -> str:
@@ -114,7 +110,9 @@ def stored_shapes(path: str | os.PathLike) -> dict[str, tuple]:
         raise ConversionError(f"unreadable parameter checkpoint at {path}: {type(e).__name__}: {e}") from e
     finally:
         checkpointer.close()
-    return {k: tuple(v.shape) for k, v in _str_keys(tree).items()}
+    from jedi_jax.models.functional import flat_shapes
+
+    return flat_shapes(tree)
 
 
 def restore_params(path: str | os.PathLike, shapes: Mapping, *, what: str, shardings=None) -> dict:
@@ -122,15 +120,9 @@ def restore_params(path: str | os.PathLike, shapes: Mapping, *, what: str, shard
 
     `shardings`, an optional tree of jax.sharding.Sharding matching `shapes`, places the arrays.
     """
-    stored = stored_shapes(path)
-    expected = {k: tuple(v.shape) for k, v in _str_keys(shapes).items()}
-    problems = [f"missing parameter {k!r} (expected shape {s})" for k, s in expected.items() if k not in stored]
-    problems += [f"unexpected parameter {k!r} (shape {s})" for k, s in stored.items() if k not in expected]
-    problems += [
-        f"parameter {k!r} has shape {stored[k]} but the model needs {s}"
-        for k, s in expected.items()
-        if k in stored and stored[k] != s
-    ]
+    from jedi_jax.models.functional import flat_shapes, shape_problems
+
+    problems = shape_problems(flat_shapes(shapes), stored_shapes(path))
     if problems:
         shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
         raise ConversionError(f"{what}: checkpoint {path} does not match the model:\n  " + "\n  ".join(shown))

@@ -10,7 +10,7 @@ by jitted functions without baking weights into the program.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 from flax import nnx
@@ -53,26 +53,31 @@ class Functional:
         return nnx.merge(self.graphdef, state)
 
 
-def _flat(tree: dict, prefix: tuple = ()) -> dict[tuple, Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, prefix + (str(k),)))
-        else:
-            out[prefix + (str(k),)] = v  # list indices may be ints or strings (nnx.List, restored trees)
-    return out
+def flat_shapes(tree: Params) -> dict[str, tuple]:
+    """{'down_blocks.0.resnets.1.conv1.kernel': shape} of a nested params (or ShapeDtypeStruct) dict;
+    list indices, ints in nnx trees and strings in restored ones, read the same."""
+    from jedi_jax.convert.torch_naming import flatten
+
+    def shape(leaf) -> tuple:  # arrays, tracers, ShapeDtypeStructs, orbax metadata: all have .shape
+        return tuple(leaf.shape) if hasattr(leaf, "shape") else tuple(jax.numpy.shape(leaf))
+
+    return {".".join(map(str, path)): shape(leaf) for path, leaf in flatten(tree).items()}
+
+
+def shape_problems(expected: Mapping[str, tuple], got: Mapping[str, tuple]) -> list[str]:
+    """One line per missing, unexpected or mis-shaped parameter between two {name: shape} maps."""
+    problems = [f"missing parameter {k!r} (expected shape {s})" for k, s in expected.items() if k not in got]
+    problems += [f"unexpected parameter {k!r} (shape {s})" for k, s in got.items() if k not in expected]
+    problems += [f"parameter {k!r} has shape {got[k]} but the model needs {s}"
+                 for k, s in expected.items() if k in got and got[k] != s]
+    return problems
 
 
 def check_params(params: Params, shapes: Params) -> None:
     """ValueError naming the first few missing / unexpected / mis-shaped parameters, if any."""
-    if not isinstance(params, dict):
+    if not isinstance(params, Mapping):
         raise ValueError(f"params must be a nested dict of arrays, got {type(params).__name__}")
-    got, want = _flat(params), _flat(shapes)
-    name = lambda key: "/".join(map(str, key))  # noqa: E731
-    problems = [f"missing {name(k)}" for k in want if k not in got]
-    problems += [f"unexpected {name(k)}" for k in got if k not in want]
-    problems += [f"{name(k)} has shape {tuple(jax.numpy.shape(got[k]))}, expected {tuple(s.shape)}"
-                 for k, s in want.items() if k in got and tuple(jax.numpy.shape(got[k])) != tuple(s.shape)]
+    problems = shape_problems(flat_shapes(shapes), flat_shapes(params))
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise ValueError(f"params do not fit the module: {'; '.join(problems[:5])}{more}")

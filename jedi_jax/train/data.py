@@ -19,6 +19,13 @@ from typing import Any, Callable
 import numpy as np
 
 
+def renders_mini_world(data_cfg) -> bool:
+    """Whether `data.source` renders the mini world (`mini_world`, the jedi_jax.data.pool factories):
+    such sources must not be mirrored (their `flip_safe = False`), checked before anything is built."""
+    src = str(data_cfg.source)
+    return src == "mini_world" or src.startswith("jedi_jax.data.pool:")
+
+
 def make_source(data_cfg, with_masks: bool = False) -> Any:
     """with_masks: records carry subject masks (mini_world; other sources carry them if their data has them)."""
     src = str(data_cfg.source)

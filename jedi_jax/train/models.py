@@ -107,13 +107,19 @@ def configs_from_dicts(model_cfg):
             CLIPTextConfig.from_transformers(model_cfg.text_encoder.to_dict()))
 
 
+def _unet_factory(model_cfg, unet_config, **overrides):
+    """rngs -> the UNet of `model_cfg` (dtype, kernel, remat), with `overrides` of those keywords."""
+    from jedi_jax.models.unet import UNet
+
+    kw = dict(_unet_kwargs(model_cfg), **overrides)
+    return lambda r: UNet(unet_config, rngs=r, **kw)
+
+
 def _factories(model_cfg, unet_config, vae_config, text_config):
     from jedi_jax.models.clip_text import CLIPTextModel
-    from jedi_jax.models.unet import UNet
     from jedi_jax.models.vae import AutoencoderKL
 
-    ukw = _unet_kwargs(model_cfg)
-    return (lambda r: UNet(unet_config, rngs=r, **ukw),
+    return (_unet_factory(model_cfg, unet_config),
             lambda r: AutoencoderKL(vae_config, dtype=dtype_of(model_cfg.vae_dtype), rngs=r),
             lambda r: CLIPTextModel(text_config, dtype=dtype_of(model_cfg.dtype), rngs=r))
 
@@ -208,10 +214,8 @@ def build(model_cfg, *, mesh, rules, seed: int, load_unet: bool = True) -> Bundl
     source = ", ".join(f"{n}: {loaded_from.get(n, 'random')}" for n in COMPONENTS)
     flops_models = None
     if model_cfg.attention_kernel != "xla":
-        from jedi_jax.models.unet import UNet
-
-        kw = dict(_unet_kwargs(model_cfg), attention_kernel="xla")
-        flops_models = dataclasses.replace(models, unet=Functional.abstract(lambda r: UNet(configs["unet"], rngs=r, **kw)))
+        xla_unet = _unet_factory(model_cfg, configs["unet"], attention_kernel="xla")
+        flops_models = dataclasses.replace(models, unet=Functional.abstract(xla_unet))
     return Bundle(models, unet_params, unet_init, {n: params[n] for n in ("vae", "text_encoder")},
                   {n: shardings[n] for n in ("vae", "text_encoder")}, tokenizer, source, flops_models)
 

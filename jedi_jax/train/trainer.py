@@ -27,6 +27,7 @@ import jax
 import numpy as np
 
 from jedi_jax.train import checkpoint as ckpt_lib
+from jedi_jax.train import data as data_lib
 from jedi_jax.train import models as models_lib
 from jedi_jax.train import sharding as shd
 from jedi_jax.train import state as state_lib
@@ -81,7 +82,7 @@ def validate_config(config) -> None:
     if not d.source:
         errors.append("data.source is empty: set e.g. --config.data.source=array_record:/data/sets "
                       "(or mini_world)")
-    if d.hflip > 0 and (d.source == "mini_world" or str(d.source).startswith("jedi_jax.data.pool:")):
+    if d.hflip > 0 and data_lib.renders_mini_world(d):
         errors.append(f"data.hflip={d.hflip}: mini-world renders must not be mirrored (a mirrored (background, left) "
                       "is a held-out (background, right) pair); set data.hflip=0")
     if d.batch_size % jax.process_count():
