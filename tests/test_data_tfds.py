@@ -115,6 +115,37 @@ def test_native_array_record_roundtrip(tmp_path):
     assert "masks" not in r and records_equal(r, nomask[1])
 
 
+def test_array_record_files_carry_whether_they_may_be_mirrored(tmp_path):
+    # Mini-world renders must not be flipped (a mirrored train (background, left) is a held-out
+    # (background, right)); written to files, they keep saying so, and the loader and the config
+    # check refuse hflip > 0 on them. Files that say nothing (real photos) may be flipped.
+    from jedi_jax.train import data as data_lib
+    from jedi_jax.train.loader import SetLoader
+    import ml_collections
+
+    ref = MiniWorldSource("train", num_sets=4, set_size=3)
+    path = str(tmp_path / "world.array_record")
+    set_source.write_array_record(path, (ref[i] for i in range(4)), flip_safe=False)
+    src = ArrayRecordSetSource(path, backend="native")
+    assert src.flip_safe is False and os.path.exists(path + set_source.SIDECAR_SUFFIX)
+    with pytest.raises(ValueError, match="ArrayRecordSetSource must not be mirrored"):
+        SetLoader(src, batch_size=2, set_size=3, image_size=16, seed=0, hflip=0.5)
+    SetLoader(src, batch_size=2, set_size=3, image_size=16, seed=0, hflip=0.0)
+    cfg = ml_collections.ConfigDict({"source": f"array_record:{path}"})
+    assert data_lib.renders_mini_world(cfg)
+    # rewritten as flip-safe data, the stale sidecar goes with the old content
+    set_source.write_array_record(path, (ref[i] for i in range(4)))
+    assert not os.path.exists(path + set_source.SIDECAR_SUFFIX)
+    assert ArrayRecordSetSource(path, backend="native").flip_safe is True and not data_lib.renders_mini_world(cfg)
+    # a folder: any shard's sidecar, or a mini-world name in dataset_info.json, marks the data set
+    folder = tmp_path / "sets" / "1.0.0"
+    set_source.write_array_record(str(folder / "sets-train.array_record-00000-of-00001"), (ref[i] for i in range(2)))
+    assert set_source.path_flip_safe(str(folder))
+    (folder / "dataset_info.json").write_text(json.dumps({"name": set_source.MINI_WORLD_DATASETS[0]}))
+    assert not set_source.path_flip_safe(str(folder))
+    assert ArrayRecordSetSource(str(folder), "train", backend="native").flip_safe is False
+
+
 def test_truncated_or_foreign_records_fail_naming_the_record(tmp_path):
     from array_record.python.array_record_module import ArrayRecordWriter
 
@@ -155,7 +186,7 @@ def test_tfds_build_and_read_without_tensorflow(tmp_path):
         for split, n in sizes.items():
             ref = MiniWorldSource(split, num_sets=n, set_size=4)
             set_source.write_array_record(os.path.join(path, f"mini_jedi_sets-{split}.array_record-00000-of-00001"),
-                                          (ref[i] for i in range(n)))
+                                          (ref[i] for i in range(n)), flip_safe=False)
         backends = ["native"]
     out = _read_without_tf(path, backends, sizes)
     assert out.pop("tensorflow_loaded") is False
@@ -164,4 +195,5 @@ def test_tfds_build_and_read_without_tensorflow(tmp_path):
     # in-process reads agree with the generator too (auto backend)
     src = ArrayRecordSetSource(path, "test")
     assert records_equal(src[3], MiniWorldSource("test", 4)[3])
+    assert src.flip_safe is False  # TFDS names it mini_jedi_sets: not to be mirrored
     assert np.array_equal(src[0]["images"], MiniWorldSource("test", 4)[0]["images"])

@@ -38,6 +38,11 @@ from jedi_jax.data import mini_world
 
 SetRecord = dict[str, Any]
 
+# TFDS names of data sets that hold mini-world renders (dataset_info.json "name"): not to be mirrored.
+MINI_WORLD_DATASETS = ("mini_jedi_sets",)
+# Written next to a bare .array_record file by write_array_record(..., flip_safe=False).
+SIDECAR_SUFFIX = ".meta.json"
+
 
 # ----------------------------------------------------------------------------------------------
 # Minimal tf.train.Example protobuf codec (only what set datasets use: bytes/int64/float lists)
@@ -240,6 +245,27 @@ def _tfds_importable() -> bool:
         return False
 
 
+def path_flip_safe(path: str | Sequence[str]) -> bool:
+    """Whether the set data at ``path`` may be mirrored: False for a TFDS folder whose
+    dataset_info.json names a mini-world data set (MINI_WORLD_DATASETS), or for files whose
+    ``SIDECAR_SUFFIX`` sidecar says ``"flip_safe": false``; True otherwise (real photos mirror fine)."""
+    if isinstance(path, (str, os.PathLike)) and os.path.isdir(path):
+        info = os.path.join(path, "dataset_info.json")
+        if os.path.exists(info):
+            with open(info) as f:
+                if json.load(f).get("name") in MINI_WORLD_DATASETS:
+                    return False
+        files = glob.glob(os.path.join(os.fspath(path), "*.array_record-*"))
+    else:
+        files = [os.fspath(path)] if isinstance(path, (str, os.PathLike)) else [os.fspath(p) for p in path]
+    for file in files:
+        if os.path.exists(file + SIDECAR_SUFFIX):
+            with open(file + SIDECAR_SUFFIX) as f:
+                if json.load(f).get("flip_safe", True) is False:
+                    return False
+    return True
+
+
 def split_files(dataset_dir: str, split: str) -> list[str]:
     """The array_record shards of ``split`` in a TFDS dataset version folder."""
     files = sorted(glob.glob(os.path.join(dataset_dir, f"*-{split}.array_record-*")))
@@ -280,6 +306,8 @@ class ArrayRecordSetSource:
         else:
             self.files = [os.fspath(p) for p in path]
         self._source = None
+        # Mini-world data must not be mirrored, whether rendered on the fly or read from files.
+        self.flip_safe = path_flip_safe(path)
 
     def _open(self):
         if self._source is None:
@@ -368,11 +396,19 @@ class MiniWorldSource:
                 f"set_size={self.set_size}, num_subjects={self.num_subjects}, first_set={self.first_set})")
 
 
-def write_array_record(path: str, records: Iterable[SetRecord]) -> int:
+def write_array_record(path: str, records: Iterable[SetRecord], flip_safe: bool = True) -> int:
     """Writes set records to one array_record file (group_size:1, random access) in the TFDS set
-    example format. No TensorFlow/TFDS needed. Returns the number written."""
+    example format. No TensorFlow/TFDS needed. Returns the number written. ``flip_safe=False``
+    (mini-world renders) writes a ``PATH.meta.json`` sidecar that makes the loader refuse hflip > 0."""
     from array_record.python.array_record_module import ArrayRecordWriter
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    sidecar = os.fspath(path) + SIDECAR_SUFFIX
+    if flip_safe:
+        if os.path.exists(sidecar):
+            os.remove(sidecar)
+    else:
+        with open(sidecar, "w") as f:
+            json.dump({"flip_safe": False}, f)
     writer = ArrayRecordWriter(os.fspath(path), "group_size:1")
     n = 0
     try:

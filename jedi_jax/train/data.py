@@ -20,9 +20,14 @@ import numpy as np
 
 
 def renders_mini_world(data_cfg) -> bool:
-    """Whether `data.source` renders the mini world (`mini_world`, the jedi_jax.data.pool factories):
-    such sources must not be mirrored (their `flip_safe = False`), checked before anything is built."""
+    """Whether `data.source` holds mini-world renders (`mini_world`, the jedi_jax.data.pool factories,
+    or array_record data written from the mini world): such sources must not be mirrored (their
+    `flip_safe = False`), checked before anything is built."""
     src = str(data_cfg.source)
+    if src.startswith("array_record:"):
+        from jedi_jax.data.set_source import path_flip_safe
+
+        return not path_flip_safe(src.split(":", 1)[1])
     return src == "mini_world" or src.startswith("jedi_jax.data.pool:")
 
 
