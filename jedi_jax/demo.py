@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     from jedi_jax.convert.param_io import atomic_directory, check_destination
 
     try:  # a bad --out costs nothing: checked before the model loads (the old folder is replaced whole)
-        check_destination(args.out, overwrite=True)
+        check_destination(args.out, overwrite=True, marker="grid.png")
     except FileExistsError as e:
         print(f"error: --out {args.out}: {e}", file=sys.stderr)
         return 2
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     # the new results replace the old folder whole, or not at all (no mix of two runs' images)
     try:
-        with atomic_directory(out, overwrite=True) as tmp:
+        with atomic_directory(out, overwrite=True, marker="grid.png") as tmp:
             for name, image in files.items():
                 image.save(tmp / name)
     except OSError as e:  # a full disk, a folder made unwritable meanwhile: one line, the old folder kept

@@ -561,3 +561,26 @@ def test_unet_in_channels_equal_to_the_source_is_a_plain_conversion(diffusers_di
     assert convert_main(["--src", str(diffusers_dir[0]), "--dst", str(dst), "--unet-in-channels", "4"]) == 0
     (_, _, ours), (_, _, ref) = (load_component_params(d, "unet", "unet") for d in (dst, converted))
     np.testing.assert_array_equal(np.asarray(ours["conv_in"]["kernel"]), np.asarray(ref["conv_in"]["kernel"]))
+
+
+def test_overwrite_refuses_the_working_folder_and_folders_that_are_not_earlier_outputs(tmp_path, monkeypatch):
+    # `--out .` or `--out runs` must not take the user's files with the old output.
+    work = tmp_path / "work"
+    (work / "runs" / "a_run").mkdir(parents=True)
+    monkeypatch.chdir(work / "runs")
+    for dst in (".", str(work)):
+        with pytest.raises(FileExistsError, match="holds the current folder"):
+            param_io.check_destination(dst, overwrite=True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileExistsError, match="has no grid.png: it is not an earlier output"):
+        with param_io.atomic_directory(work / "runs", overwrite=True, marker="grid.png"):
+            pass
+    assert (work / "runs" / "a_run").is_dir() and not _leftovers(work, "runs")
+    (tmp_path / "empty").mkdir()
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "grid.png").write_bytes(b"old")
+    for dst in (tmp_path / "empty", earlier):  # an empty folder or the tool's own earlier output: replaced
+        with param_io.atomic_directory(dst, overwrite=True, marker="grid.png") as tmp:
+            (tmp / "grid.png").write_bytes(b"new")
+        assert (dst / "grid.png").read_bytes() == b"new"

@@ -137,9 +137,14 @@ def restore_params(path: str | os.PathLike, shapes: Mapping, *, what: str, shard
         checkpointer.close()
 
 
-def check_destination(dst: str | os.PathLike, *, overwrite: bool = False) -> Path:
+def check_destination(dst: str | os.PathLike, *, overwrite: bool = False, marker: str | None = None) -> Path:
     """Absolute `dst`, if a folder may be written there: FileExistsError (one line) if it exists and
-    `overwrite` is off, or if it is anything but a folder (a file is never replaced by a folder)."""
+    `overwrite` is off, or if it is anything but a folder (a file is never replaced by a folder).
+
+    With `overwrite` the old folder goes whole, so it is refused when it holds the current folder
+    (`--out .` would move the user's working folder away), and, given a `marker` file name, when it
+    is not empty and lacks that file: a tool that replaces its own previous output (the demo's
+    grid.png, MiniBench's results.json) must not take a folder of other runs with it (`--out runs`)."""
     dst = Path(dst).absolute()
     if os.path.lexists(dst):
         if not overwrite:
@@ -148,6 +153,12 @@ def check_destination(dst: str | os.PathLike, *, overwrite: bool = False) -> Pat
             raise FileExistsError(f"{dst} is a symbolic link: refusing to replace it (give the folder it points to)")
         if not dst.is_dir():
             raise FileExistsError(f"{dst} exists and is not a folder: refusing to replace it with one")
+        cwd = Path.cwd().resolve()
+        if dst.resolve() == cwd or dst.resolve() in cwd.parents:
+            raise FileExistsError(f"{dst} holds the current folder: refusing to replace it (give a new folder)")
+        if marker is not None and any(dst.iterdir()) and not (dst / marker).exists():
+            raise FileExistsError(f"{dst} is not empty and has no {marker}: it is not an earlier output of this "
+                                  "tool, refusing to replace it (give a new or empty folder)")
     return dst
 
 
@@ -190,7 +201,7 @@ def _discard(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(dst: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_directory(dst: str | os.PathLike, *, overwrite: bool = False, marker: str | None = None) -> Iterator[Path]:
     """Yields a temporary folder beside `dst`; renames it to `dst` only if the block succeeds.
 
     Nothing half-written is left behind: on any error the temporary folder is removed. With
@@ -199,12 +210,12 @@ def atomic_directory(dst: str | os.PathLike, *, overwrite: bool = False) -> Iter
     `dst` is always either the complete old or the complete new folder. The folder gets the mode a
     plain mkdir gives (0o777 & ~umask).
     """
-    dst = check_destination(dst, overwrite=overwrite)
+    dst = check_destination(dst, overwrite=overwrite, marker=marker)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = _hidden_sibling(dst, "tmp", create=True)
     try:
         yield tmp
-        check_destination(dst, overwrite=overwrite)  # again: something may have appeared meanwhile
+        check_destination(dst, overwrite=overwrite, marker=marker)  # again: something may have appeared meanwhile
         if not os.path.lexists(dst):
             os.rename(tmp, dst)
             return
