@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -23,8 +24,23 @@ def cli_at_least(parser: argparse.ArgumentParser, **counts: tuple[int | None, in
     (None = not given, left to the default). Flags are keyword names: subjects -> --subjects."""
     for name, (value, minimum) in counts.items():
         if value is not None and value < minimum:
-            why = " (a CI needs two subjects)" if "subjects" in name and minimum == 2 else ""
-            parser.error(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}{why}")
+            parser.error(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
+
+
+def cli_scales(parser: argparse.ArgumentParser, **values) -> None:
+    """Each flag=value (a float, a tuple of floats, or None = not given): NaN, inf or a negative value
+    is a parser error naming the flag (guidance scales and weights; before the model loads)."""
+    for name, value in values.items():
+        for v in (() if value is None else value if isinstance(value, tuple) else (value,)):
+            if not (math.isfinite(v) and v >= 0):
+                parser.error(f"--{name.replace('_', '-')} {v}: must be finite and >= 0")
+
+
+def cli_learning_rates(parser: argparse.ArgumentParser, flag: str, values: tuple) -> None:
+    """Learning rates must be finite and > 0 (NaN passes a plain `<= 0` test)."""
+    bad = [v for v in values if not (math.isfinite(v) and v > 0)]
+    if bad:
+        parser.error(f"{flag} {bad[0]}: learning rates must be finite and > 0")
 
 
 def cli_list(parser: argparse.ArgumentParser, flag: str, text: str, cast=float) -> tuple:

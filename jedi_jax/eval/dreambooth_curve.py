@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from jedi_jax.eval import metrics as M
-from jedi_jax.eval.cli import cli_at_least, cli_list, cli_model
+from jedi_jax.eval.cli import cli_at_least, cli_learning_rates, cli_list, cli_model, cli_scales
 from jedi_jax.eval.protocol import VALIDATION_FIRST_SUBJECT, Scorer, call_seed, generate, load_pipeline, make_case
 
 SCORES = ("enc_ref", "pix", "background_ok", "placement_ok")
@@ -111,7 +111,7 @@ def measure(model, *, subjects: int = 6, lrs=(5e-5,), budgets=(50, 200), prompts
             log(f"[dreambooth_curve] lr {lr:g}, {b} steps ({row['finetune_seconds']:.1f} s): identity "
                 f"{M.fmt_ci(row['enc_ref_normalized'], 2)}")
     results = dict(jedi=jedi_rows, dreambooth=db_rows, reach=reach(jedi_rows[3], db_rows), subjects=names,
-                   settings=dict(subjects=subjects, lrs=list(lrs), budgets=list(budgets), prompts=prompts, seeds=seeds,
+                   settings=dict(subjects=subjects, first_subject=first_subject, lrs=list(lrs), budgets=list(budgets), prompts=prompts, seeds=seeds,
                                  steps=steps, guidance_scale=guidance_scale,
                                  image_guidance_scale=image_guidance_scale, model=str(pipe.model.folder)),
                    seconds_total=round(time.time() - start, 1))
@@ -140,11 +140,19 @@ def reach(jedi_row: dict, db_rows: list[dict]) -> list[dict]:
     return out
 
 
+def _subject_range(settings: dict) -> str:
+    """Which test subjects the curve ran on: MiniBench's (from 0) or validation ones (from 100)."""
+    first = int(settings.get("first_subject", 0))  # results.json written before it was saved: 0
+    last = first + settings["subjects"] - 1
+    whose = "MiniBench subjects" if first < VALIDATION_FIRST_SUBJECT else "validation subjects"
+    return f"{whose} {first}..{last}"
+
+
 def report(results: dict) -> str:
     f = M.fmt_ci
     s = results["settings"]
     lines = ["# Identity vs wall time: JeDi against DreamBooth-style finetuning", "",
-             f"MiniBench subjects 0..{s['subjects'] - 1} (test split), {s['prompts']} held-out-pair prompts x "
+             f"{_subject_range(s)} (test split), {s['prompts']} held-out-pair prompts x "
              f"{s['seeds']} seed(s) each, {s['steps']} DDIM steps, sT={s['guidance_scale']:g}, "
              f"sI={s['image_guidance_scale']:g} (JeDi); DreamBooth finetunes on the 3 references, then generates "
              f"text-only. Identity normalized: 0 = text-only, 1 = ground truth; 95% bootstrap CIs over subjects. "
@@ -236,8 +244,10 @@ def main(argv=None) -> int:
         return 2
     lrs = cli_list(p, "--lrs", args.lrs)
     budgets = cli_list(p, "--budgets", args.budgets, int)
-    if min(budgets) < 1 or min(lrs) <= 0:
-        p.error("learning rates must be > 0 and budgets >= 1")
+    if min(budgets) < 1:
+        p.error(f"--budgets {args.budgets}: each budget must be >= 1")
+    cli_learning_rates(p, "--lrs", lrs)
+    cli_scales(p, guidance_scale=args.guidance_scale, image_guidance_scale=args.image_guidance_scale)
     cli_at_least(p, subjects=(args.subjects, 2), first_subject=(args.first_subject, 0), prompts=(args.prompts, 1),
                  seeds=(args.seeds, 1), steps=(args.steps, 1))
     results = measure(model, subjects=args.subjects, first_subject=args.first_subject, lrs=lrs, budgets=budgets, prompts=args.prompts,

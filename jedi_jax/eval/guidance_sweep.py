@@ -20,7 +20,11 @@ For every (sT, sI, k) it reports normalized encoder identity (0 = text-only at t
 1 = ground truth), pixel identity and background / placement accuracy, each with a 95% bootstrap CI
 over subjects, as a markdown table (OUT/report.md) and JSON (OUT/results.json). "both" is the share
 of images with the prompted background AND the prompted placement: every prompt names a held-out
-pair, so it measures composition, which neither accuracy alone does.
+pair, so it measures composition, which neither accuracy alone does. The report also breaks the
+normalized encoder identity down by subject category (each category normalized on its own subjects:
+(mean - text-only) / (ground truth - text-only)) and, when several k are swept, gives the paired
+difference of encoder cosine between consecutive k on the same subjects and noise, with its 95%
+bootstrap CI (assets/jedi_mini/EXPERIMENTS.md, experiment 20).
 
 ``--placement-contrast w`` (w > 0) also says each prompt as a weighted composed prompt that adds
 w x (the prompt - the same prompt at the other placements) to the text guidance
@@ -57,9 +61,10 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 
 from jedi_jax.eval import metrics as M
-from jedi_jax.eval.cli import cli_at_least, cli_choices, cli_intervals, cli_list, cli_model
+from jedi_jax.eval.cli import cli_at_least, cli_choices, cli_intervals, cli_list, cli_model, cli_scales
 from jedi_jax.eval.protocol import (MINIBENCH_SUBJECTS, REFERENCE_CAPTIONS, VALIDATION_FIRST_SUBJECT, Scorer,
                                     call_seed, generate, load_pipeline, make_case, placement_contrast_prompt)
 from jedi_jax.sampling.guidance import ORDERS
@@ -111,6 +116,7 @@ def sweep(model, *, first_subject: int = 100, subjects: int = 24, text_scales=(3
     scorer = Scorer(evaluators)
     cases = [make_case(first_subject + i, 1) for i in range(subjects)]
     names = [c["name"] for c in cases]
+    categories = [c["subject"].category_name for c in cases]
     idx = M.bootstrap_indices(len(cases))
 
     def scored(case, image):
@@ -149,14 +155,51 @@ def sweep(model, *, first_subject: int = 100, subjects: int = 24, text_scales=(3
         for key in ("enc_ref", "pix"):
             row[f"{key}_normalized"] = M.normalized_ci(means(recs, key), means(text_only[cell.sT], key),
                                                        means(gt, key), idx)
+        row["enc_ref_by_subject"] = [None if x != x else float(x) for x in means(recs, "enc_ref")]  # NaN -> None
+        row["enc_ref_normalized_by_category"] = by_category(
+            means(recs, "enc_ref"), means(text_only[cell.sT], "enc_ref"), means(gt, "enc_ref"), categories)
         rows.append(row)
         log(f"[guidance_sweep] {cell.describe()}: identity {M.fmt_ci(row['enc_ref_normalized'], 2)}, "
             f"background {row['background_ok']['mean']:.2f}, placement {row['placement_ok']['mean']:.2f}, "
             f"both {row['context_ok']['mean']:.2f} ({row['seconds']:.0f} s)")
     ceiling = {key: M.mean_ci(means(gt, key), idx) for key in ("background_ok", "placement_ok", "context_ok")}
-    return dict(rows=rows, ground_truth=ceiling, subjects=names, first_subject=first_subject, steps=steps,
+    return dict(rows=rows, ground_truth=ceiling, subjects=names, categories=categories,
+                k_differences=k_differences(rows, idx), first_subject=first_subject, steps=steps,
                 sampler=sampler, eta=float(eta), seconds_total=round(time.time() - start, 1),
                 model=str(pipe.model.folder))
+
+
+def by_category(row, zero, one, categories: list[str]) -> dict:
+    """{category: normalized-identity CI on that category's subjects only}, in sorted order: each
+    category is normalized by its own text-only and ground-truth means (a category whose subjects are
+    easy to recognize from the caption alone has a higher 0 point)."""
+    cats = np.asarray(categories)
+    out = {}
+    for cat in sorted(set(categories)):
+        m = cats == cat
+        out[cat] = M.normalized_ci(row[m], zero[m], one[m], M.bootstrap_indices(int(m.sum())))
+    return out
+
+
+def k_differences(rows: list[dict], idx: np.ndarray) -> list[dict]:
+    """Paired differences of encoder cosine between rows that differ only in k, consecutive k
+    (k=2 - k=1, k=3 - k=2): the same subjects, prompts and noise, so the difference is resampled
+    per subject (does one more reference add identity?)."""
+    def setting(r):
+        return tuple((f, tuple(v) if isinstance(v, list) else v) for f, v in r.items() if f in Cell._fields and f != "k")
+
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(setting(r), []).append(r)
+    out = []
+    for same in groups.values():
+        same = sorted(same, key=lambda r: r["k"])
+        for a, b in zip(same, same[1:]):
+            x = np.array([np.nan if v is None else v for v in b["enc_ref_by_subject"]]) - \
+                np.array([np.nan if v is None else v for v in a["enc_ref_by_subject"]])
+            out.append(dict({f: v for f, v in b.items() if f in Cell._fields and f != "k"}, k_from=a["k"],
+                            k_to=b["k"], enc_ref_difference=M.mean_ci(x, idx)))
+    return out
 
 
 def report(results: dict) -> str:
@@ -183,6 +226,27 @@ def report(results: dict) -> str:
                      f"{r['contrast']:g} | {f(r['enc_ref_normalized'], 2)} | "
                      f"{f(r['pix_normalized'], 2)} | {f(r['background_ok'], 2)} | {f(r['placement_ok'], 2)} | "
                      f"{f(r['context_ok'], 2)} |")
+    cats = sorted(set(results.get("categories", [])))
+    if cats and all("enc_ref_normalized_by_category" in r for r in results["rows"]):
+        counts = {c: results["categories"].count(c) for c in cats}
+        lines += ["", "Encoder identity by category, normalized on each category's own subjects "
+                  "((mean - text-only) / (ground truth - text-only)). A category holds few subjects: its CI "
+                  f"(results.json) is wide, and below {M.MIN_CI_SUBJECTS} subjects there is none; read differences "
+                  "between categories with that in mind.", "",
+                  "| sT | sI | k | " + " | ".join(f"{c} ({counts[c]})" for c in cats) + f" | all ({n}) |",
+                  "|---|---|---|" + "---|" * (len(cats) + 1)]
+        for r in results["rows"]:
+            per = r["enc_ref_normalized_by_category"]
+            cells = [f"{per[c]['mean']:.2f}" if per[c]["mean"] is not None and np.isfinite(per[c]["mean"]) else "n/a"
+                     for c in cats]
+            lines.append(f"| {r['sT']:g} | {r['sI']:g} | {r['k']} | " + " | ".join(cells) +
+                         f" | {r['enc_ref_normalized']['mean']:.2f} |")
+    if results.get("k_differences"):
+        lines += ["", "Paired difference of encoder cosine (raw, not normalized) between consecutive k, same "
+                  "subjects and noise, 95% bootstrap CI over subjects:", ""]
+        for d in results["k_differences"]:
+            lines.append(f"- sT={d['sT']:g} sI={d['sI']:g}: k={d['k_to']} - k={d['k_from']}: "
+                         f"{f(d['enc_ref_difference'], 3)}")
     lines += ["", f"{results['seconds_total']:.0f} s in all."]
     return "\n".join(lines) + "\n"
 
@@ -229,20 +293,21 @@ def main(argv=None) -> int:
     reference_starts = cli_list(p, "--reference-starts", args.reference_starts)
     if any(not 0 <= r < 1 for r in reference_starts):
         p.error("--reference-starts: each fraction must be in [0, 1)")
-    if any(k < 1 or k > 3 for k in ks) or any(s < 0 for s in text_scales + image_scales + contrasts):
-        p.error("k must be in 1..3, guidance scales and placement-contrast weights >= 0")
+    if any(k < 1 or k > 3 for k in ks):
+        p.error(f"--k {args.k}: each k must be in 1..3")
+    cli_scales(p, text_scales=text_scales, image_scales=image_scales, placement_contrast=contrasts)
     intervals = cli_intervals(p, args.image_intervals)
     orders = (None,) if args.orders is None else cli_choices(p, "--orders", args.orders, ORDERS)
     if "text_first" in orders and any(contrasts):
         p.error("--placement-contrast > 0 composes prompts, which guidance order text_first does not take")
     reference_captions = cli_choices(p, "--reference-captions", args.reference_captions, REFERENCE_CAPTIONS)
-    if args.eta < 0:
-        p.error("--eta must be >= 0")
+    if not 0 <= args.eta <= 1:  # NaN fails too; the samplers take eta in [0, 1]
+        p.error(f"--eta {args.eta}: must be in [0, 1]")
     cli_at_least(p, first_subject=(args.first_subject, 0), subjects=(args.subjects, 2), steps=(args.steps, 1))
-    if args.first_subject < MINIBENCH_SUBJECTS:
-        print(f"warning: --first-subject {args.first_subject} overlaps MiniBench's subjects 0..{MINIBENCH_SUBJECTS - 1}: "
-              f"scales chosen here would be tuned on the benchmark (validation starts at {VALIDATION_FIRST_SUBJECT})",
-              file=sys.stderr)
+    if args.first_subject < VALIDATION_FIRST_SUBJECT:  # MiniBench scores 0..subjects-1 (16 by default, up to 100)
+        print(f"warning: --first-subject {args.first_subject} is below {VALIDATION_FIRST_SUBJECT}, among the subjects "
+              f"MiniBench may score (0..{MINIBENCH_SUBJECTS - 1} by default, up to {VALIDATION_FIRST_SUBJECT - 1}): "
+              f"scales chosen here would be tuned on the benchmark", file=sys.stderr)
     results = sweep(model, first_subject=args.first_subject, subjects=args.subjects, text_scales=text_scales,
                     image_scales=image_scales, ks=ks, contrasts=contrasts, intervals=intervals, orders=orders,
                     reference_starts=reference_starts, reference_captions=reference_captions, steps=args.steps,

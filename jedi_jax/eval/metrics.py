@@ -22,13 +22,24 @@ Per generated image (see ``minibench.py`` for where the inputs come from):
   equals the prompt's label.
 
 Aggregation: scores are averaged per SUBJECT first (over prompts and seeds), and every CI is a
-95% percentile BOOTSTRAP OVER SUBJECTS (2000 resamples, fixed seed): subjects are the independent
-unit, prompts and seeds of one subject are not independent. Rows are resampled jointly (the same
+95% BOOTSTRAP OVER SUBJECTS (2000 resamples, fixed seed): subjects are the independent unit,
+prompts and seeds of one subject are not independent. Rows are resampled jointly (the same
 subjects in every row of a resample), which is what makes the normalized score's CI honest:
 
     normalized(row) = (mean(row) - mean(text-only)) / (mean(ground truth) - mean(text-only))
 
 computed on each resample's subject means, so ground truth is 1 and text-only 0 by construction.
+
+The interval is the EXPANDED percentile interval (Hesterberg 2015, "What teachers should know about
+the bootstrap", sec. 5): the plain 2.5/97.5 percentiles of a bootstrap over n subjects are too
+narrow at the n MiniBench uses (their coverage, simulated on normal subject means: 0.80 at n=4,
+0.83 at 6, 0.91 at 12), because the bootstrap variance carries a (n-1)/n factor and a z quantile
+stands where a t quantile belongs. The expanded interval takes the percentiles at
+Phi(-sqrt(n/(n-1)) t_{n-1, 0.975}) and its complement instead (coverage 0.93 at n=5..8, 0.95 at 12
+and 40; tests/test_eval_minibench.py simulates it). Below MIN_CI_SUBJECTS subjects even that
+covers too little (0.87 at n=4, 0.5 at n=2), so no CI is given; nor when every resample is the
+same (every subject scored the same: a zero-width interval would read as certainty).
+Scores computed before session 20 used the plain percentiles (assets/jedi_mini/EXPERIMENTS.md).
 """
 from __future__ import annotations
 
@@ -37,6 +48,8 @@ import numpy as np
 PALETTE_BINS = 4  # per channel -> 64 colours
 TEXTURE_EDGES = np.array([0, 3, 6, 10, 16, 24, 36, 56, np.inf], np.float32)  # gradient magnitude, 0..255 scale
 BOOTSTRAP_SAMPLES = 2000
+CI_LEVEL = 0.95
+MIN_CI_SUBJECTS = 5  # fewer: no CI (module docstring)
 
 
 # ---------------------------------------------------------------------------------- per image
@@ -120,19 +133,37 @@ def bootstrap_indices(num_subjects: int, samples: int = BOOTSTRAP_SAMPLES, seed:
     return np.random.default_rng(seed).integers(0, num_subjects, (samples, num_subjects))
 
 
+def interval_percentiles(n: int, level: float = CI_LEVEL) -> tuple[float, float]:
+    """(lo, hi) percentiles (0..100) of the expanded percentile interval for n subjects (module
+    docstring): alpha/2 becomes Phi(-sqrt(n / (n - 1)) * t_{n-1, 1 - alpha/2})."""
+    from scipy import stats
+
+    z = np.sqrt(n / (n - 1)) * stats.t.ppf(1 - (1 - level) / 2, n - 1)
+    tail = 100 * float(stats.norm.cdf(-z))
+    return tail, 100 - tail
+
+
+def _interval(point: float, boot: np.ndarray, n: int, **extra) -> dict:
+    """{'mean', 'lo', 'hi', 'n', ...}; lo = hi = None with 'why' where no interval is honest."""
+    out = dict(mean=float(point), lo=None, hi=None, n=int(n), **extra)
+    if n < MIN_CI_SUBJECTS:
+        return dict(out, why=f"n={n}")
+    if np.ptp(boot) <= 1e-9:
+        return dict(out, why=f"all {n} subjects scored the same")
+    lo, hi = np.percentile(boot, interval_percentiles(n))
+    return dict(out, lo=float(lo), hi=float(hi))
+
+
 def mean_ci(per_subject: np.ndarray, idx: np.ndarray) -> dict:
-    """{'mean', 'lo', 'hi', 'n'}: mean over subjects and its 95% percentile bootstrap CI (lo = hi =
-    None with one subject: resampling one subject gives a zero-width interval that is no CI)."""
+    """{'mean', 'lo', 'hi', 'n'}: mean over subjects and its 95% expanded-percentile bootstrap CI
+    (lo = hi = None, with 'why', below MIN_CI_SUBJECTS subjects or when every subject scored the same)."""
     ok = ~np.isnan(per_subject)
     if not ok.any():
         return dict(mean=None, lo=None, hi=None, n=0)
     x = per_subject[ok]
-    if len(x) < 2:
-        return dict(mean=float(x.mean()), lo=None, hi=None, n=1)
-    sub = _restrict(idx, ok)
-    boot = x[sub].mean(axis=1)
-    lo, hi = np.percentile(boot, [2.5, 97.5])
-    return dict(mean=float(x.mean()), lo=float(lo), hi=float(hi), n=int(ok.sum()))
+    if len(x) < MIN_CI_SUBJECTS:
+        return _interval(x.mean(), x, len(x))
+    return _interval(x.mean(), x[_restrict(idx, ok)].mean(axis=1), len(x))
 
 
 def _restrict(idx: np.ndarray, ok: np.ndarray) -> np.ndarray:
@@ -148,9 +179,10 @@ def normalized_ci(row: np.ndarray, zero: np.ndarray, one: np.ndarray, idx: np.nd
     """(mean(row) - mean(zero)) / (mean(one) - mean(zero)) on subjects present in all three, with
     its paired 95% bootstrap CI. A resample whose denominator is ~0 is dropped (counted in 'dropped').
 
-    No CI (lo = hi = None) with one subject, or when the denominator's own 95% interval reaches 0
-    ('unbounded': True): ground truth is then not clearly above the 0 point, resampled ratios swing
-    through +-infinity, and their percentiles would print as an ordinary but meaningless interval.
+    No CI (lo = hi = None) below MIN_CI_SUBJECTS subjects, when every resample is the same, or when
+    the denominator's own 95% interval reaches 0 ('unbounded': True): ground truth is then not clearly
+    above the 0 point, resampled ratios swing through +-infinity, and their percentiles would print as
+    an ordinary but meaningless interval.
     """
     ok = ~(np.isnan(row) | np.isnan(zero) | np.isnan(one))
     if not ok.any():
@@ -158,18 +190,17 @@ def normalized_ci(row: np.ndarray, zero: np.ndarray, one: np.ndarray, idx: np.nd
     r, z, o = row[ok], zero[ok], one[ok]
     den = o.mean() - z.mean()
     point = (r.mean() - z.mean()) / den if abs(den) > 1e-9 else float("nan")
-    if len(r) < 2:
-        return dict(mean=float(point), lo=None, hi=None, n=1, dropped=0)
+    if len(r) < MIN_CI_SUBJECTS:
+        return _interval(point, r, len(r), dropped=0)
     sub = _restrict(idx, ok)
     bden = o[sub].mean(1) - z[sub].mean(1)
     good = np.abs(bden) > 1e-9
-    den_lo, den_hi = np.percentile(bden, [2.5, 97.5])
+    den_lo, den_hi = np.percentile(bden, interval_percentiles(len(r)))
     if den_lo <= 0 <= den_hi:
         return dict(mean=float(point), lo=None, hi=None, n=int(ok.sum()), dropped=int((~good).sum()),
-                    unbounded=True)
+                    unbounded=True, why="ground truth not clearly above text-only")
     boot = (r[sub].mean(1) - z[sub].mean(1))[good] / bden[good]
-    lo, hi = np.percentile(boot, [2.5, 97.5])
-    return dict(mean=float(point), lo=float(lo), hi=float(hi), n=int(ok.sum()), dropped=int((~good).sum()))
+    return _interval(point, boot, len(r), dropped=int((~good).sum()))
 
 
 def fmt_ci(stat: dict, digits: int = 3) -> str:
@@ -177,6 +208,7 @@ def fmt_ci(stat: dict, digits: int = 3) -> str:
     if not stat or stat.get("mean") is None or not np.isfinite(stat["mean"]):
         return "n/a"
     if stat.get("lo") is None:
-        why = "ground truth not clearly above text-only" if stat.get("unbounded") else f"n={stat.get('n')}"
+        why = stat.get("why") or ("ground truth not clearly above text-only" if stat.get("unbounded")
+                                  else f"n={stat.get('n')}")  # results.json written before 'why' existed
         return f"{stat['mean']:.{digits}f} [no CI: {why}]"
     return f"{stat['mean']:.{digits}f} [{stat['lo']:.{digits}f}, {stat['hi']:.{digits}f}]"

@@ -37,9 +37,10 @@ import numpy as np
 
 from jedi_jax.data import mini_world as mw
 from jedi_jax.eval import metrics as M
-from jedi_jax.eval.cli import cli_at_least, cli_choices, cli_model
+from jedi_jax.eval.cli import cli_at_least, cli_choices, cli_learning_rates, cli_model, cli_scales
 from jedi_jax.eval.minibench_report import plot, report, write_grid
-from jedi_jax.eval.protocol import MINIBENCH_SUBJECTS, Scorer, call_seed, generate, load_pipeline, make_case
+from jedi_jax.eval.protocol import (MINIBENCH_SUBJECTS, VALIDATION_FIRST_SUBJECT, Scorer, call_seed, generate,
+                                    load_pipeline, make_case)
 from jedi_jax.sampling.guidance import ORDERS
 
 @dataclasses.dataclass(frozen=True)
@@ -137,12 +138,26 @@ def _row_images(row: Row, case, pipes, settings: Settings, dreambooth, timing) -
 
 
 def run(model, out: str | Path, settings: Settings, *, evaluators: str | None = None, log=print) -> dict:
-    """Runs MiniBench on `model` (a folder or a JeDiPipeline); writes the outputs to `out`; returns results."""
+    """Runs MiniBench on `model` (a folder or a JeDiPipeline); writes the outputs to `out`; returns results.
+
+    The outputs are written to a hidden folder beside `out` that replaces `out` whole at the end (an
+    earlier MiniBench output, or an empty or new folder): a rerun leaves no stale grids, and a crash
+    leaves the previous run's folder as it was."""
+    from jedi_jax.convert.param_io import atomic_directory
+
+    out = Path(out)
+    with atomic_directory(out, overwrite=True, marker="results.json") as stage:
+        results = _run_into(stage, model, settings, evaluators=evaluators, log=log)
+    log(f"[minibench] wrote {out}/report.md, results.json, identity_vs_rows.png, grids/ "
+        f"({results['seconds_total']:.0f} s)")
+    return results
+
+
+def _run_into(out: Path, model, settings: Settings, *, evaluators: str | None, log) -> dict:
     from jedi_jax.eval.dreambooth import DreamBooth
     from jedi_jax.pipeline import JeDiPipeline
 
     start = time.time()
-    out = Path(out)
     (out / "grids").mkdir(parents=True, exist_ok=True)
     rows = [r for r in ROWS if r.name in settings.rows]
     pipe = load_pipeline(model)
@@ -195,8 +210,6 @@ def run(model, out: str | Path, settings: Settings, *, evaluators: str | None = 
     (out / "results.json").write_text(json.dumps(results, indent=1, default=_json_default) + "\n")
     plot(results, out / "identity_vs_rows.png")
     (out / "report.md").write_text(report(results))
-    log(f"[minibench] wrote {out}/report.md, results.json, identity_vs_rows.png, grids/ "
-        f"({time.time() - start:.0f} s)")
     return results
 
 
@@ -219,7 +232,38 @@ def summarize(records: list[dict], subjects: list[str], rows: list[Row]) -> dict
                                                            per_subject["ground_truth"][k], idx)
         table[r.name] = entry
     return dict(rows=table, row_info={r.name: dict(label=r.label, meaning=r.meaning) for r in rows},
-                subjects=subjects, ci="95% percentile bootstrap over subjects (2000 resamples, paired across rows)")
+                subjects=subjects, subset_comparisons=subset_comparisons(per_subject, subjects, idx),
+                ci=f"95% expanded-percentile bootstrap over subjects ({M.BOOTSTRAP_SAMPLES} resamples, paired "
+                   f"across rows; none below {M.MIN_CI_SUBJECTS} subjects)")
+
+
+def subset_comparisons(per_subject: dict, subjects: list[str], idx) -> dict:
+    """For every row run on part of the subjects (DreamBooth: the first --dreambooth-subjects), every
+    full row on THOSE subjects, and the paired per-subject difference (part row - full row):
+
+    {part_row: {"subjects": [...], "against": {full_row: {"enc_ref_normalized", "context_ok",
+    "enc_ref_difference", "context_ok_difference"}}}}. The table puts a part row next to full rows
+    scored on more subjects; this is the like-for-like comparison (normalized on the same subjects)."""
+    out = {}
+    full = [r for r in per_subject if not np.isnan(per_subject[r]["enc_ref"]).any()]
+    for part, scores in per_subject.items():
+        ok = ~np.isnan(scores["enc_ref"])
+        if ok.all() or not ok.any():
+            continue
+        against = {}
+        for r in full:
+            if r in ("ground_truth", "text_only"):
+                continue
+            on = {k: np.where(ok, v, np.nan) for k, v in per_subject[r].items()}  # (S,) NaN off the subset
+            entry = {"context_ok": M.mean_ci(on["context_ok"], idx),
+                     "enc_ref_difference": M.mean_ci(scores["enc_ref"] - on["enc_ref"], idx),
+                     "context_ok_difference": M.mean_ci(scores["context_ok"] - on["context_ok"], idx)}
+            if "ground_truth" in per_subject and "text_only" in per_subject:
+                entry["enc_ref_normalized"] = M.normalized_ci(on["enc_ref"], per_subject["text_only"]["enc_ref"],
+                                                              per_subject["ground_truth"]["enc_ref"], idx)
+            against[r] = entry
+        out[part] = {"subjects": [s for s, o in zip(subjects, ok) if o], "against": against}
+    return out
 
 
 def placement_by_pair(records: list[dict], rows: list[str]) -> dict:
@@ -335,7 +379,7 @@ def quick_identity(model, n_subjects: int = 8, *, steps: int = 20, k: int = 3, s
     recompile) or a model folder. unet_params: evaluate these UNet parameters instead of the
     pipeline's (e.g. the trainer's current EMA params; same structure), without reloading.
     Text-only generation (the 0 point) is rerun with the same parameters, since it moves with
-    training too; the ground truth (the 1 point) is cached.
+    training too; so is the ground truth (the 1 point), which does not (scoring it is cheap).
 
     Returns {'normalized': float, 'jedi': mean cos, 'text_only': ..., 'ground_truth': ...,
     'placement_acc', 'background_acc' (of the JeDi images), 'seconds'}.
@@ -406,7 +450,18 @@ def main(argv=None) -> int:
     cli_at_least(p, subjects=(args.subjects, 2), seeds=(args.seeds, 1), prompts=(args.prompts, 1),
                  steps=(args.steps, 1), dreambooth_steps=(args.dreambooth_steps, 1),
                  dreambooth_subjects=(args.dreambooth_subjects, 2))
+    cli_scales(p, guidance_scale=args.guidance_scale, image_guidance_scale=args.image_guidance_scale)
+    cli_learning_rates(p, "--dreambooth-lr", (args.dreambooth_lr,))
+    if args.subjects is not None and args.subjects > VALIDATION_FIRST_SUBJECT:
+        p.error(f"--subjects {args.subjects}: MiniBench's subjects would reach the validation subjects "
+                f"({VALIDATION_FIRST_SUBJECT} on) that chose the guidance scales; use at most {VALIDATION_FIRST_SUBJECT}")
 
+    from jedi_jax.convert.param_io import check_destination
+
+    try:  # a bad --out costs nothing: checked before the model loads
+        check_destination(args.out, overwrite=True, marker="results.json")
+    except FileExistsError as e:
+        p.error(f"--out {args.out}: {e}")
     model = cli_model(args.model)
     if model is None:
         return 2

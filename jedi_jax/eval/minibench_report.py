@@ -105,8 +105,21 @@ def report(results: dict) -> str:
         lines += ["", f"DreamBooth: {s['dreambooth_steps']} steps, lr {s['dreambooth_lr']}, batch = the 3 references; "
                   f"run on the first {db['finetune_subjects']} of {len(results['subjects'])} subjects "
                   f"(its CIs are over those); finetuning took {db['finetune_minutes_per_subject']:.2f} wall minutes "
-                  f"per subject (+ {db.get('finetune_compile', 0):.0f} s one-time compilation), vs JeDi's "
-                  f"{t.get('jedi_k3', {}).get('seconds_per_image', float('nan')):.2f} s per image."]
+                  f"per subject (+ {db.get('finetune_compile', 0):.0f} s one-time compilation)"
+                  + (f", vs JeDi's {t['jedi_k3']['seconds_per_image']:.2f} s per image."
+                     if t.get("jedi_k3", {}).get("seconds_per_image") is not None else ".")]
+    for part, comp in (results.get("subset_comparisons") or {}).items():
+        n = len(comp["subjects"])
+        lines += ["", f"### {info[part]['label']} against the full rows on its {n} subjects", "",
+                  f"Like for like: every row normalized on the same {n} subjects; differences are paired per "
+                  f"subject ({info[part]['label']} minus the row).", "",
+                  "| row | encoder identity, normalized | both | encoder cos difference | both difference |",
+                  "|---|---|---|---|---|",
+                  f"| {info[part]['label']} | {f(rows[part].get('enc_ref_normalized'), 2)} | "
+                  f"{f(rows[part].get('context_ok'), 2)} | - | - |"]
+        for r, e in comp["against"].items():
+            lines.append(f"| {info[r]['label']} | {f(e.get('enc_ref_normalized'), 2)} | {f(e['context_ok'], 2)} | "
+                         f"{f(e['enc_ref_difference'], 3)} | {f(e['context_ok_difference'], 2)} |")
     lines += ["", "## Metrics", "",
               "* **encoder identity**: mean cosine similarity between the identity-encoder embeddings of the "
               "image and of the subject's 3 reference renders (the same 3 for every row; the copy row is "

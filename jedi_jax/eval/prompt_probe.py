@@ -65,7 +65,8 @@ def probe_cases(template: str, pairs: str, samples: int, seed: int = 0) -> list[
 def run_probe(pipe, classifier, *, templates=("full", "4", "6", "7"), samples: int = 16, steps: int = 20,
               guidance_scale: float = 3.0, ground_truth: bool = False, seed: int = 0) -> list[dict]:
     """Rows {'template', 'pairs', 'background_acc', 'placement_acc', 'both_acc', 'n'}; background_acc
-    is None for a template that names no background (its both_acc is the placement accuracy)."""
+    is None for a template that names no background; both_acc counts the labels the template names
+    (background and/or placement), so for a template without a placement it is the background accuracy."""
     rows = []
     for template in templates:
         for pairs in PAIRS:
@@ -78,9 +79,11 @@ def run_probe(pipe, classifier, *, templates=("full", "4", "6", "7"), samples: i
                                    for c in cases])
             pred = classifier.predict(images)
             names_background = "{bg" in template_text(template)
+            names_place = "{place" in template_text(template)
             ok_b = np.asarray(pred["background"]) == np.array([c["background"] for c in cases])
             ok_p = np.asarray(pred["placement"]) == np.array([c["placement"] for c in cases])
-            both = (ok_b & ok_p) if names_background else ok_p
+            # "both": every label the prompt names is read back (a placement it never named is not asked)
+            both = (ok_b | (not names_background)) & (ok_p | (not names_place))  # (n,) bool
             rows.append(dict(template=template, wording=cases[0]["prompt"], pairs=pairs,
                              background_acc=float(ok_b.mean()) if names_background else None,
                              placement_acc=float(ok_p.mean()), both_acc=float(both.mean()), n=len(cases)))
@@ -177,7 +180,7 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=16, help="prompts per (template, pairs) cell")
     p.add_argument("--templates", default="full,4,6,7",
                    help="'full' (MiniBench's wording), 'place' (placement only) and/or indices into "
-                        "mini_world.TEMPLATES (4, 6, 7 name both background and placement; the others omit the placement)")
+                        "mini_world.TEMPLATES (4-7 name both background and placement; 0-3 omit the placement)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance-scale", type=float, default=3.0)
     p.add_argument("--ground-truth", action="store_true", help="score the world's renders (the ceiling)")
