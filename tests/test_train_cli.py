@@ -69,6 +69,26 @@ def test_unknown_config_key_is_an_error(tmp_path):
     assert out.returncode != 0 and "stepz" in out.stderr
 
 
+def test_a_resume_with_another_trajectory_stops_with_one_line(tmp_path):
+    """The checkpoint's config says train.lr=0.002, the command line's config 0.001: exit 2 before
+    anything is built, one `error:` line naming the key and the way out."""
+    import jax.numpy as jnp
+
+    from jedi_jax.train import checkpoint as ckpt_lib
+
+    saved = ckpt_lib.config_to_json(_cfg())
+    saved["train"]["lr"] = 2e-3
+    ck = ckpt_lib.Checkpointer(tmp_path / "checkpoints", async_save=False)
+    ck.save(2, {"w": jnp.zeros(())}, config=saved, data_state={})
+    ck.close()
+    out = subprocess.run([sys.executable, "-m", "jedi_jax.train", "--config", "configs/sd15.py:micro", "--workdir",
+                          str(tmp_path)], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-3000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "train.lr (0.002 -> 0.001)" in errors[0] and "--allow_config_change" in errors[0]
+    assert "Traceback" not in out.stderr
+
+
 def _cfg(arg="micro"):
     from configs import sd15
 
@@ -117,6 +137,22 @@ def test_config_validation_up_front():
             trainer.validate_config(c)
     with pytest.raises(ValueError, match="data.source"):
         trainer.validate_config(_cfg(""))  # the SD 1.5 default needs a data set
+
+
+def test_checkpoint_settings_are_validated():
+    """The checkpoints' metric is the training loss (lower is better), whatever it is called: a
+    'max' mode would keep the worst checkpoint as "best". keep=0 would silently mean 1."""
+    from jedi_jax.train import trainer
+
+    for key, value, part in (("best_metric", "fid", "best_metric='fid'"), ("best_mode", "max", "best_mode='max'"),
+                             ("keep", 0, "checkpoint.keep=0"), ("keep_best", -1, "keep_best=-1")):
+        c = _cfg()
+        c.checkpoint[key] = value
+        with pytest.raises(ValueError, match=part):
+            trainer.validate_config(c)
+    c = _cfg()
+    c.checkpoint.keep, c.checkpoint.keep_best = 1, 0
+    trainer.validate_config(c)
 
 
 def test_inconsistent_model_sizes_are_rejected():

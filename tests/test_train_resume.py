@@ -1,7 +1,7 @@
 """Fault tolerance of `python -m jedi_jax.train`: SIGKILL after a checkpoint + resume ends with the
-parameters of an uninterrupted run (same data order, same noise: keys are fold_in(key, step));
-SIGTERM mid-run leaves a complete checkpoint of the step reached and exits 0; a checkpoint written
-on one mesh restores onto another."""
+parameters of an uninterrupted run (same data order, same noise: keys are fold_in(key, step)) and
+logs every step once; SIGTERM mid-run leaves a complete checkpoint of the step reached and exits 0;
+a checkpoint written on one mesh restores onto another."""
 import json
 import os
 import signal
@@ -14,6 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import PartitionSpec as P
 
+from test_train_checkpoint_io import _purge_steps
 from test_train_sharding import FAST_XLA, REPO, run_script
 
 STEPS = 16
@@ -30,8 +31,11 @@ def _start(workdir: Path, cache_dir: Path, *extra: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "jedi_jax.train", "--config", "configs/sd15.py:micro", "--workdir", str(workdir),
            f"--config.train.steps={STEPS}", "--config.checkpoint.every=4", "--config.train.log_every=1", *extra]
     workdir.mkdir(parents=True, exist_ok=True)
-    log = open(workdir.parent / f"{workdir.name}.{time.time_ns()}.log", "w")
-    return subprocess.Popen(cmd, cwd=REPO, env=_env(cache_dir), stdout=log, stderr=subprocess.STDOUT, text=True)
+    log = workdir.parent / f"{workdir.name}.{time.time_ns()}.log"
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(cache_dir), stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            text=True)
+    proc.log_path = log
+    return proc
 
 
 def _wait_for(pred, proc: subprocess.Popen, timeout=400.0):
@@ -50,9 +54,22 @@ def _finalized_steps(workdir: Path) -> list[int]:
     return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
 
 
-def _logged_steps(workdir: Path) -> list[int]:
+def _logged_steps(workdir: Path, *, strict: bool = True) -> list[int]:
+    """The steps in metrics.jsonl; strict=False skips a line being written (a running trainer's)."""
     f = workdir / "metrics.jsonl"
-    return [json.loads(line)["step"] for line in f.read_text().splitlines() if line.strip()] if f.exists() else []
+    steps = []
+    for line in f.read_text().splitlines() if f.exists() else []:
+        try:
+            steps.append(json.loads(line)["step"])
+        except ValueError:
+            if strict:
+                raise
+    return steps
+
+
+def _logged_past_checkpoint(workdir: Path) -> bool:
+    done = _finalized_steps(workdir)
+    return bool(done) and max(_logged_steps(workdir, strict=False), default=0) > done[-1]
 
 
 def _state(workdir: Path, step: int) -> dict:
@@ -70,8 +87,9 @@ def test_sigkill_resume_and_sigterm_match_uninterrupted_run(tmp_path):
     a = None
     b = _start(b_dir, cache)
     try:
-        # 1. SIGKILL as soon as the first checkpoint is finalized (maybe mid-way through a later save).
-        _wait_for(lambda: len(_finalized_steps(b_dir)) > 0, b)
+        # 1. SIGKILL as soon as a checkpoint is finalized and a later step logged (maybe mid-way
+        #    through a later save): the resumed run logs those steps again.
+        _wait_for(lambda: _logged_past_checkpoint(b_dir), b)
         b.send_signal(signal.SIGKILL)
         assert b.wait(60) == -signal.SIGKILL, _logs(b_dir)
         killed_at = _finalized_steps(b_dir)[-1]
@@ -81,9 +99,8 @@ def test_sigkill_resume_and_sigterm_match_uninterrupted_run(tmp_path):
 
         # 2. Resume; SIGTERM once it has trained past the restored step: exit 0 with a checkpoint
         #    of exactly the step reached (also when that is no multiple of checkpoint.every).
-        n0 = len(_logged_steps(b_dir))  # the killed run logged beyond its checkpoint
         c = _start(b_dir, cache)
-        _wait_for(lambda: len(_logged_steps(b_dir)) >= n0 + 2, c)
+        _wait_for(lambda: f"step {killed_at + 2}/{STEPS} |" in c.log_path.read_text(), c)
         c.send_signal(signal.SIGTERM)
         assert c.wait(120) == 0, _logs(b_dir)
         assert f"resumed from {b_dir}/checkpoints/{killed_at}" in _logs(b_dir, tail=10**6)
@@ -108,7 +125,10 @@ def test_sigkill_resume_and_sigterm_match_uninterrupted_run(tmp_path):
     worst = max(float(np.max(np.abs(np.asarray(flat_w[k], np.float64) - np.asarray(flat_g[k], np.float64))))
                 for k in flat_w)
     assert worst <= 1e-6, f"resumed run differs from the uninterrupted one by {worst}"
-    # The logged losses of the steps both runs trained agree too (same data, same noise).
+    # Every step is logged once: the resume dropped the killed run's rows after its checkpoint, and
+    # TensorBoard purges its points from there on. The losses both runs logged agree (same data, noise).
+    assert _logged_steps(b_dir) == list(range(1, reached + 1))
+    assert killed_at + 1 in _purge_steps(b_dir / "tb")
     la = {r["step"]: r["loss"] for r in map(json.loads, (a_dir / "metrics.jsonl").read_text().splitlines())}
     lb = {r["step"]: r["loss"] for r in map(json.loads, (b_dir / "metrics.jsonl").read_text().splitlines())}
     assert all(abs(la[s] - lb[s]) < 1e-6 for s in range(1, reached + 1))

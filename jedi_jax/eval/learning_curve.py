@@ -22,7 +22,7 @@ from jedi_jax.eval.cli import cli_at_least, cli_list
 
 
 def checkpoint_unet(workdir: Path, step: int) -> dict:
-    """The EMA UNet params of checkpoint `step`, through the exporter (strict restore)."""
+    """The EMA UNet params of checkpoint `step`, through the exporter (strict, read-only restore)."""
     from jedi_jax.loading import load_component
     from jedi_jax.train.export import export_run
 
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
                  sampling_steps=(args.sampling_steps, 1))
     wanted = cli_list(p, "--steps", args.steps, int) if args.steps.strip() else ()
     workdir = Path(args.workdir)
-    if not (workdir / "checkpoints").is_dir():  # checked before the Checkpointer, which would create it
+    if not (workdir / "checkpoints").is_dir():  # a typo would otherwise read as "no checkpoints yet"
         p.error(f"--workdir {workdir}: no checkpoints/ folder there (a training run's --workdir)")
 
     from jedi_jax.eval.minibench import quick_identity
@@ -55,7 +55,8 @@ def main(argv=None) -> int:
     from jedi_jax.train.checkpoint import Checkpointer
     from jedi_jax.train.export import export_run
 
-    ck = Checkpointer(workdir / "checkpoints", async_save=False)
+    # read-only: the run may still be training, and a writer's manager would delete its in-flight save
+    ck = Checkpointer(workdir / "checkpoints", read_only=True)
     try:
         available = ck.all_steps()
     finally:

@@ -2,6 +2,9 @@
 
 Trains JeDi (see jedi_jax/train/trainer.py). Re-running the same command in the same workdir
 resumes from the latest checkpoint. SIGTERM: checkpoint at the next step boundary, exit 0.
+A resume whose config changes keys that change the trajectory (seed, model.*, schedule.*, train.lr,
+data.batch_size, ...; all but mesh.*, checkpoint.*, sample.*, train.log_every, data.num_workers and
+the like) stops with one `error:` line naming them, exit 2; --allow_config_change continues anyway.
 
 Multi-host: every process runs the same command. `jax.distributed.initialize` is called when
   * --coordinator=HOST:PORT --num_processes=P --process_id=I are given (any platform; on CPU the
@@ -25,6 +28,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "output folder (checkpoints, met
 _COORDINATOR = flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0 (multi-process runs)")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processes")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False, "resume even when the config changes keys that change the trajectory or the "
+    "state (seed, model, schedule, optimizer, batches) from the checkpoint's; without it such a resume stops")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", None, "call jax.distributed.initialize() with auto-detection "
                                  "(default: auto on multi-worker TPU VMs and multi-task SLURM steps)")
 
@@ -66,9 +72,13 @@ def main(argv) -> int:
 
     if jax.process_index() != 0:  # keep other processes' logs to warnings
         logging.getLogger().setLevel(logging.WARNING)
-    from jedi_jax.train.trainer import train
+    from jedi_jax.train.trainer import ConfigChangeError, train
 
-    summary = train(_CONFIG.value, _WORKDIR.value)
+    try:
+        summary = train(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+    except ConfigChangeError as e:  # a user's mistake, not a crash: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     logging.getLogger("jedi_jax.train").info("finished: %s", {k: summary[k] for k in ("status", "step") if k in summary})
     return 0
 

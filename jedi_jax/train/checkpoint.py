@@ -37,38 +37,57 @@ log = logging.getLogger(__name__)
 ITEMS = ("state", "config", "data")
 
 
+def _handlers() -> dict:
+    """The items' handlers, given up front (not inferred at the first save or restore) so that a
+    fresh manager can read a checkpoint's state metadata (dtypes) before restoring it."""
+    return {"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
+            "data": ocp.JsonCheckpointHandler()}
+
+
 class Checkpointer:
     """orbax CheckpointManager keeping the last `keep` checkpoints plus the `keep_best` best by a metric.
 
     Args:
-      directory: the checkpoint folder (created).
+      directory: the checkpoint folder (created, unless read_only).
       keep: number of most recent checkpoints kept.
       keep_best: number of best checkpoints (by `best_metric`) kept in addition (0 = none).
       best_metric / best_mode: the metrics key and 'min' | 'max'.
       async_save: background writes (orbax async checkpointing).
+      read_only: for readers (export, learning curves) of a run that may still be training: creates
+        nothing, saves and deletes nothing and leaves the `<step>.orbax-checkpoint-tmp` folders alone.
+        A writer's manager deletes those on start (left-overs of a killed run), which from a reader
+        would delete the training's in-flight async save and crash that run at its next save.
     """
 
     def __init__(self, directory: str | Path, *, keep: int = 3, keep_best: int = 1, best_metric: str = "loss",
-                 best_mode: str = "min", async_save: bool = True):
+                 best_mode: str = "min", async_save: bool = True, read_only: bool = False):
         if best_mode not in ("min", "max"):
             raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
         self.directory = Path(directory).absolute()
         self.best_metric = best_metric
-        policies: list = [ocm.LatestN(n=max(1, int(keep)))]
+        self.read_only = read_only
         get_metric = lambda m: float(m[best_metric])  # noqa: E731
-        if keep_best > 0:
-            # BestN sorts ascending and keeps the tail: reverse for 'min' so the lowest comes last.
-            policies.append(ocm.BestN(get_metric_fn=get_metric, reverse=best_mode == "min", n=int(keep_best),
-                                      keep_checkpoints_without_metrics=False))
-        options = ocp.CheckpointManagerOptions(
-            preservation_policy=ocm.AnyPreservationPolicy(policies),
-            best_fn=get_metric if keep_best > 0 else None,
-            best_mode=best_mode,
-            enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,
-            create=True,
-        )
-        self.manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=options)
+        best_fn = get_metric if keep_best > 0 else None
+        if read_only:  # orbax then also turns off create and the tmp-folder cleanup; both spelled out
+            options = ocp.CheckpointManagerOptions(read_only=True, create=False, cleanup_tmp_directories=False,
+                                                   enable_async_checkpointing=False, best_fn=best_fn,
+                                                   best_mode=best_mode)
+        else:
+            policies: list = [ocm.LatestN(n=max(1, int(keep)))]
+            if keep_best > 0:
+                # BestN sorts ascending and keeps the tail: reverse for 'min' so the lowest comes last.
+                policies.append(ocm.BestN(get_metric_fn=get_metric, reverse=best_mode == "min", n=int(keep_best),
+                                          keep_checkpoints_without_metrics=False))
+            options = ocp.CheckpointManagerOptions(
+                preservation_policy=ocm.AnyPreservationPolicy(policies),
+                best_fn=best_fn,
+                best_mode=best_mode,
+                enable_async_checkpointing=async_save,
+                cleanup_tmp_directories=True,
+                create=True,
+            )
+        self.manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, item_handlers=_handlers(),
+                                             options=options)
         self._closed = False
 
     # ---- queries -------------------------------------------------------------------------------
@@ -81,10 +100,23 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
+    def resolve_step(self, step: int | None) -> int:
+        """`step`, or the latest when None; FileNotFoundError naming the steps there when it is absent.
+        Readers resolve once and read everything of that step (a live run may add and delete steps
+        between two calls of latest_step)."""
+        steps = self.all_steps()
+        resolved = self.latest_step() if step is None else int(step)
+        if resolved is None or resolved not in steps:
+            raise FileNotFoundError(f"no checkpoint {'' if step is None else f'{step} '}in {self.directory} "
+                                    f"(has {steps})")
+        return resolved
+
     # ---- save / restore ------------------------------------------------------------------------
     def save(self, step: int, state: Any, *, config: Mapping, data_state: Mapping | None,
              metrics: Mapping[str, float] | None = None, force: bool = True) -> bool:
         """Starts saving `state` as checkpoint `step` (asynchronously). Returns whether it saves."""
+        if self.read_only:
+            raise ValueError(f"{self.directory} was opened read-only: it cannot save")
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             config=ocp.args.JsonSave(dict(config)),
@@ -100,10 +132,14 @@ class Checkpointer:
 
         target: the TrainState as ShapeDtypeStruct leaves carrying the TARGET shardings
         (`sharding.with_shardings(abstract_state, state_shardings)`), e.g. on a different mesh.
+        Strict: orbax refuses other shapes and tree structures, and `dtype_problems` other dtypes
+        (orbax would cast them silently).
         """
-        step = self.latest_step() if step is None else int(step)
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        step = self.resolve_step(step)
+        problems = dtype_problems(self.manager.item_metadata(step).state, target)
+        if problems:
+            raise ValueError(f"checkpoint {step} in {self.directory} does not fit the run's state: "
+                             + "; ".join(problems))
         out = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target),
             config=ocp.args.JsonRestore(),
@@ -111,33 +147,52 @@ class Checkpointer:
         ))
         return out.state, dict(out.config or {}), dict(out.data or {})
 
+    def read_json(self, item: str = "config", step: int | None = None) -> dict:
+        """The 'config' or 'data' JSON of checkpoint `step` (latest if None); no arrays are read."""
+        if item not in ("config", "data"):
+            raise ValueError(f"item must be 'config' or 'data', got {item!r}")
+        step = self.resolve_step(step)
+        out = self.manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))
+        return dict(out[item] or {})
+
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are written and finalized."""
         self.manager.wait_until_finished()
 
     def close(self) -> None:
-        """Waits for pending async saves, then closes; a second call does nothing."""
+        """Waits for pending async saves, then closes; a second call does nothing. A failed wait
+        (an async write that failed) raises and leaves it open, so a retry closes it."""
         if self._closed:
             return
-        self._closed = True
         self.manager.wait_until_finished()
         self.manager.close()
+        self._closed = True
+
+
+def dtype_problems(stored: Any, target: Any) -> list[str]:
+    """'leaf: stored as X, the run expects Y' for every leaf of both trees whose dtypes differ.
+    `stored` is orbax's state metadata; leaves only one tree has are left to orbax's own error."""
+    if stored is None:  # no metadata to compare with: orbax's restore is the check
+        return []
+    stored_flat = ocp.tree.to_flat_dict(stored)
+    problems = []
+    for key, want in ocp.tree.to_flat_dict(target).items():
+        have = stored_flat.get(key)
+        have_dtype, want_dtype = getattr(have, "dtype", None), getattr(want, "dtype", None)
+        if have_dtype is not None and want_dtype is not None and np.dtype(have_dtype) != np.dtype(want_dtype):
+            problems.append(f"{'/'.join(map(str, key))}: stored as {np.dtype(have_dtype)}, "
+                            f"the run expects {np.dtype(want_dtype)}")
+    return problems
 
 
 def read_json_item(directory: str | Path, item: str = "config", step: int | None = None) -> dict:
-    """The 'config' or 'data' JSON of a checkpoint (latest if step is None); no arrays are read."""
-    if item not in ("config", "data"):
-        raise ValueError(f"item must be 'config' or 'data', got {item!r}")
-    manager = ocp.CheckpointManager(Path(directory).absolute(), item_names=ITEMS,
-                                    options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+    """The 'config' or 'data' JSON of a checkpoint (latest if step is None); no arrays are read.
+    Read-only: safe to call on the folder of a run that is training (see Checkpointer.read_only)."""
+    reader = Checkpointer(directory, read_only=True)
     try:
-        step = manager.latest_step() if step is None else int(step)
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {directory}")
-        out = manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))
-        return dict(out[item])
+        return reader.read_json(item, step)
     finally:
-        manager.close()
+        reader.close()
 
 
 class PreemptionGuard:

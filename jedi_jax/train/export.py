@@ -45,23 +45,30 @@ def tokenizer_folder(model_cfg) -> Path:
 
 def export_run(workdir: str | Path, dst: str | Path, *, step: int | None = None, use_ema: bool = True,
                store_dtype=None, overwrite: bool = False, log=print) -> Path:
+    """Writes checkpoint `step` (None = latest) of the run in `workdir` as a model folder at `dst`.
+
+    Safe while the run is still training: the checkpoints are opened read-only (a writer-style
+    manager would delete the run's in-flight async save), and the step is resolved once, so the
+    config and the state come from the same checkpoint even when the run saves a newer one meanwhile.
+    """
     workdir = Path(workdir)
-    config = ml_collections.ConfigDict(ckpt_lib.read_json_item(workdir / "checkpoints", "config", step))
-    # one device, but the run's own axis names: its rules may name axes beyond data / fsdp
-    axes = tuple(config.mesh.get("axes", ("data", "fsdp")))
-    mesh = shd.make_mesh(axes, (1,) * len(axes), devices=jax.devices()[:1])
-    rules = tuple(tuple(r) for r in config.mesh.rules)
-    bundle = models_lib.build(config.model, mesh=mesh, rules=rules, seed=config.seed, load_unet=False)
-    models = bundle.models
-    tx, _ = state_lib.make_optimizer(config.train)
-    abstract = jax.eval_shape(lambda p: state_lib.create_state(p, tx, config.train.ema_decay > 0),
-                              models.unet.param_shapes())
-    checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", async_save=False)
+    reader = ckpt_lib.Checkpointer(workdir / "checkpoints", read_only=True)
     try:
+        step = reader.resolve_step(step)
+        config = ml_collections.ConfigDict(reader.read_json("config", step))
+        # one device, but the run's own axis names: its rules may name axes beyond data / fsdp
+        axes = tuple(config.mesh.get("axes", ("data", "fsdp")))
+        mesh = shd.make_mesh(axes, (1,) * len(axes), devices=jax.devices()[:1])
+        rules = tuple(tuple(r) for r in config.mesh.rules)
+        bundle = models_lib.build(config.model, mesh=mesh, rules=rules, seed=config.seed, load_unet=False)
+        models = bundle.models
+        tx, _ = state_lib.make_optimizer(config.train)
+        abstract = jax.eval_shape(lambda p: state_lib.create_state(p, tx, config.train.ema_decay > 0),
+                                  models.unet.param_shapes())
         shardings = state_lib.state_shardings_for(abstract, tx, mesh, rules)
-        state, _, _ = checkpointer.restore(step, shd.with_shardings(abstract, shardings))
+        state, _, _ = reader.restore(step, shd.with_shardings(abstract, shardings))
     finally:
-        checkpointer.close()
+        reader.close()
     used_ema = use_ema and state.ema_params is not None
     if use_ema and not used_ema:
         log(f"note: {workdir} kept no EMA (train.ema_decay=0): exporting its raw weights")

@@ -12,13 +12,26 @@ Outputs in WORKDIR:
 
 A run in a WORKDIR that holds a checkpoint resumes from the latest one: train state, data position
 and PRNG stream (keys are fold_in(base_key, step)) continue exactly, so an interrupted run ends with
-the parameters an uninterrupted one would have.
+the parameters an uninterrupted one would have. On resume, metrics.jsonl and samples/metrics.jsonl
+are cut back to the restored step and TensorBoard purges the later points, so steps a killed run
+logged after its last checkpoint are not logged twice.
+
+The config of a resumed run must be the checkpoint's, except for keys that only say how the run is
+executed, logged, checkpointed or sampled (OPERATIONAL_KEYS: mesh.*, checkpoint.*, sample.*,
+train.log_every, data.num_workers, ...; those differences are logged as warnings). Any other change
+(seed, model.*, schedule.*, train.* optimizer settings, data.* that change the batches) would
+silently continue a different run, or fail to restore a state of another structure, so it is
+refused before anything is restored, naming the keys: re-run with the checkpoint's values, or pass
+`allow_config_change=True` (`python -m jedi_jax.train ... --allow_config_change`) to continue with
+the new ones. train.steps may change while the lr schedule does not depend on it (constant decay,
+warmup within both lengths).
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -95,8 +108,13 @@ def validate_config(config) -> None:
         errors.append(str(e))
     if m.dcn_shape and len(m.dcn_shape) != len(m.axes):
         errors.append(f"mesh.dcn_shape={tuple(m.dcn_shape)} must have one entry per mesh axis")
-    if c.best_mode not in ("min", "max"):
-        errors.append(f"checkpoint.best_mode={c.best_mode!r}")
+    # the loop records only the training loss as the checkpoints' metric (lower is better)
+    if c.best_metric != "loss" or c.best_mode != "min":
+        errors.append(f"checkpoint.best_metric={c.best_metric!r} / best_mode={c.best_mode!r}: only 'loss' / 'min' "
+                      "are recorded (the training loss)")
+    if c.keep < 1 or c.keep_best < 0:
+        errors.append(f"checkpoint.keep={c.keep} must be >= 1 and checkpoint.keep_best={c.keep_best} >= 0 "
+                      "(0 = no best checkpoint kept)")
     if config.sample.every < 0:
         errors.append(f"sample.every={config.sample.every} must be >= 0 (0 = no sample grids)")
     if errors:
@@ -122,23 +140,118 @@ def validate_models(config, models: models_lib.Models, mesh) -> None:
         raise ValueError("invalid config:\n  " + "\n  ".join(errors))
 
 
+# Keys a resumed run may change: how the run is executed, logged, checkpointed or sampled, not what it
+# computes (the mesh and the attention kernel only reorder floating-point sums; the pool cache is
+# checked against the pool it stands for). A key ending in "." covers its section.
+OPERATIONAL_KEYS = ("mesh.", "checkpoint.", "sample.", "train.log_every", "train.peak_flops_per_chip",
+                    "data.num_workers", "data.prefetch", "data.pool_cache", "model.remat", "model.attention_kernel")
+_ABSENT = "<absent>"
+
+
+class ConfigChangeError(ValueError):
+    """A resumed run's config changes keys that change the trajectory or the state's structure."""
+
+
+def config_changes(saved: dict, current: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, checkpoint's value, current value) of every leaf that differs (_ABSENT: missing)."""
+    out = []
+    for k in sorted(set(saved) | set(current)):
+        a, b = saved.get(k, _ABSENT), current.get(k, _ABSENT)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_changes(a, b, prefix + k + ".")
+        elif a != b:
+            out.append((prefix + k, a, b))
+    return out
+
+
+def refused_changes(changes: list[tuple[str, Any, Any]], current: dict) -> list[tuple[str, Any, Any]]:
+    """The changes a resume refuses without allow_config_change: all but OPERATIONAL_KEYS, keys one
+    side lacks (a config written by another version of the code: warned about only) and a
+    train.steps the lr schedule does not depend on."""
+    def allowed(key, a, b):
+        if a == _ABSENT or b == _ABSENT or any(key == k or (k.endswith(".") and key.startswith(k))
+                                               for k in OPERATIONAL_KEYS):
+            return True
+        return key == "train.steps" and _steps_free_schedule(current["train"], int(a), int(b))
+
+    return [c for c in changes if not allowed(*c)]
+
+
+def _steps_free_schedule(train_cfg: dict, steps_a: int, steps_b: int) -> bool:
+    """Whether the lr schedule is the same function for both run lengths: constant after a warmup
+    that fits in both (state.learning_rate_schedule; the cosine horizon moves with train.steps)."""
+    accum = max(1, int(train_cfg["grad_accum"]))
+    return train_cfg["decay"] == "constant" and int(train_cfg["warmup_steps"]) <= min(steps_a, steps_b) // accum
+
+
+def check_config_changes(saved: dict, current: dict, step: int, *, allow: bool) -> list[str]:
+    """Compares the checkpoint's config with the run's (before anything is restored): logs every
+    difference, raises ConfigChangeError naming the refused ones unless `allow`. Returns the
+    changed keys (for a later restore error)."""
+    changes = config_changes(saved, current)
+    for key, a, b in changes:
+        log.warning("config differs from checkpoint %d's: %s: %r -> %r", step, key, a, b)
+    refused = refused_changes(changes, current)
+    if refused and not allow:
+        listed = ", ".join(f"{k} ({a!r} -> {b!r})" for k, a, b in refused)
+        raise ConfigChangeError(f"the config differs from checkpoint {step}'s in keys that change the training "
+                                f"trajectory or the state: {listed}; re-run with the checkpoint's values, or "
+                                "pass --allow_config_change to continue with the new ones")
+    if refused:
+        log.warning("allow_config_change: continuing checkpoint %d with changed %s", step,
+                    ", ".join(k for k, _, _ in refused))
+    return [k for k, _, _ in changes]
+
+
 # ----------------------------------------------------------------------------- metrics output
 
 
+def trim_jsonl(path: Path, last_step: int) -> int:
+    """Keeps the rows of a JSONL log with "step" <= last_step (and drops unreadable ones, such as a
+    line torn by a kill); returns how many were dropped. Atomic (temp file + os.replace): a kill
+    meanwhile leaves the old file or the new one. A resumed run re-logs the steps after its
+    checkpoint, so without this they would appear twice."""
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+            keep = int(row["step"]) <= last_step
+        except (ValueError, TypeError, KeyError):
+            keep = False
+        kept += [line] if keep else []
+        dropped += not keep
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+    return dropped
+
+
 class MetricsWriter:
-    """metrics.jsonl + TensorBoard (process 0 only; other processes write nothing)."""
+    """metrics.jsonl + TensorBoard (process 0 only; other processes write nothing).
 
-    def __init__(self, workdir: Path, enabled: bool):
+    `start_step`: the step training continues from. Rows a previous run logged after it are dropped
+    from metrics.jsonl and samples/metrics.jsonl (they are logged again), and TensorBoard purges its
+    points from start_step + 1 on (tensorboardX's purge_step)."""
+
+    def __init__(self, workdir: Path, enabled: bool, start_step: int = 0):
         self.enabled = enabled
-        self._jsonl = open(workdir / "metrics.jsonl", "a") if enabled else None
+        self._jsonl = None
         self._tb = None
-        if enabled:
-            try:
-                from tensorboardX import SummaryWriter
+        if not enabled:
+            return
+        for path in (workdir / "metrics.jsonl", workdir / "samples" / "metrics.jsonl"):
+            if trim_jsonl(path, start_step):
+                log.info("%s: dropped rows after step %d (they are logged again)", path, start_step)
+        self._jsonl = open(workdir / "metrics.jsonl", "a")
+        try:
+            from tensorboardX import SummaryWriter
 
-                self._tb = SummaryWriter(str(workdir / "tb"))
-            except ImportError:  # pragma: no cover
-                log.warning("tensorboardX is not installed: no TensorBoard logs")
+            self._tb = SummaryWriter(str(workdir / "tb"), purge_step=start_step + 1)
+        except ImportError:  # pragma: no cover
+            log.warning("tensorboardX is not installed: no TensorBoard logs")
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:
@@ -153,10 +266,12 @@ class MetricsWriter:
             self._tb.flush()
 
     def close(self) -> None:
-        if self._jsonl:
-            self._jsonl.close()
-        if self._tb is not None:
-            self._tb.close()
+        try:
+            if self._jsonl:
+                self._jsonl.close()
+        finally:
+            if self._tb is not None:
+                self._tb.close()
 
 
 def _fmt_time(seconds: float) -> str:
@@ -171,9 +286,12 @@ def _fmt_time(seconds: float) -> str:
 # ----------------------------------------------------------------------------- the loop
 
 
-def train(config, workdir: str | Path) -> dict[str, Any]:
+def train(config, workdir: str | Path, *, allow_config_change: bool = False) -> dict[str, Any]:
     """Trains `config` in `workdir` (resuming from its latest checkpoint). Returns a summary dict:
-    {'status': 'done' | 'preempted', 'step', 'loss', 'steps_per_s', 'sets_per_s', 'compile_s', ...}."""
+    {'status': 'done' | 'preempted', 'step', 'loss', 'steps_per_s', 'sets_per_s', 'compile_s', ...}.
+
+    allow_config_change: resume even when the config changes keys that change the trajectory or the
+    state (see the module docstring); otherwise that raises ConfigChangeError before any restore."""
     config.lock()  # unknown keys are errors from here on
     validate_config(config)
     updates = config.train.steps // config.train.grad_accum
@@ -183,7 +301,7 @@ def train(config, workdir: str | Path) -> dict[str, Any]:
     guard = ckpt_lib.PreemptionGuard(config.checkpoint.preemption_sync_every)  # SIGTERM from here on: flag
     opened: list = []  # closers of what _train opened; its loop's `finally` closes them on the way out
     try:
-        return _train(config, workdir, guard, opened)
+        return _train(config, workdir, guard, opened, allow_config_change)
     except BaseException:
         for close in reversed(opened):  # a failure before the loop (restore, first batch, compile)
             try:
@@ -195,7 +313,8 @@ def train(config, workdir: str | Path) -> dict[str, Any]:
         guard.restore_handlers()
 
 
-def _train(config, workdir, guard: ckpt_lib.PreemptionGuard, opened: list) -> dict[str, Any]:
+def _train(config, workdir, guard: ckpt_lib.PreemptionGuard, opened: list,
+           allow_config_change: bool) -> dict[str, Any]:
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
@@ -211,6 +330,11 @@ def _train(config, workdir, guard: ckpt_lib.PreemptionGuard, opened: list) -> di
                                          async_save=ck.async_save)
     opened.append(checkpointer.close)
     latest = checkpointer.latest_step()
+    resolved_config = ckpt_lib.config_to_json(config)
+    changed: list[str] = []
+    if latest is not None:  # before anything is built or restored: a refused change costs nothing
+        changed = check_config_changes(checkpointer.read_json("config", latest), resolved_config, latest,
+                                       allow=allow_config_change)
     bundle = models_lib.build(config.model, mesh=mesh, rules=rules, seed=config.seed, load_unet=latest is None)
     models = bundle.models
     validate_models(config, models, mesh)
@@ -231,17 +355,15 @@ def _train(config, workdir, guard: ckpt_lib.PreemptionGuard, opened: list) -> di
 
     loader = _make_loader(config, bundle)
     opened.append(lambda: _close(loader))
-    resolved_config = ckpt_lib.config_to_json(config)
     if latest is not None:
         t0 = time.perf_counter()
-        state, saved_config, data_state = checkpointer.restore(latest, shd.with_shardings(abstract, state_sh))
+        state, data_state = _restore(checkpointer, latest, shd.with_shardings(abstract, state_sh), changed)
         if data_state:
             loader.set_state(data_state)
         else:  # a checkpoint written without the loader's position: continue the order where it would be
             loader.set_state(loader.state_for_step(latest))
             log.warning("checkpoint %d has no data-iterator state: resuming the data order at step %d's batch",
                         latest, latest)
-        _log_config_changes(saved_config, resolved_config)
         log.info("resumed from %s/checkpoints/%d in %.1fs", workdir, latest, time.perf_counter() - t0)
     elif bundle.unet_params is not None:  # loaded (and widened) weights: optimizer state + EMA born sharded
         state = jax.jit(create, out_shardings=state_sh)(bundle.unet_params)
@@ -278,7 +400,7 @@ def _train(config, workdir, guard: ckpt_lib.PreemptionGuard, opened: list) -> di
 
     base_key = jax.device_put(jax.random.key_data(step_key), shd.replicated(mesh))
     frozen = bundle.frozen
-    writer = MetricsWriter(workdir, enabled=is_main)
+    writer = MetricsWriter(workdir, enabled=is_main, start_step=step)
     hook = sample_grid if config.sample.every > 0 else None
     sets_per_step = int(config.data.batch_size)
     images_per_step = sets_per_step * int(config.data.set_size)
@@ -330,7 +452,11 @@ def _train(config, workdir, guard: ckpt_lib.PreemptionGuard, opened: list) -> di
                 save(step, float(np.mean(window_losses)) if window_losses else None)
                 window_losses, last_saved = [], step
 
-            if hook is not None and step % config.sample.every == 0:
+            # Agreed across processes (every one evaluates step < total alike). Asked before the sample
+            # hook, whose grid (sampler compile + DDIM steps) would delay the pre-emption save past a
+            # short grace period; not asked after the last step, which is saved and done anyway.
+            stopping = step < total and guard.should_stop(step)
+            if hook is not None and step % config.sample.every == 0 and not stopping:
                 t_hook = time.perf_counter()
                 params = state.ema_params if (ema and config.sample.use_ema) else state.params
                 out = hook(step=step, workdir=workdir, config=config, models=models, unet_params=params,
@@ -339,7 +465,7 @@ def _train(config, workdir, guard: ckpt_lib.PreemptionGuard, opened: list) -> di
                 if out is not None and is_main:
                     log.info("step %d: samples -> %s (%.1fs)", step, out, time.perf_counter() - t_hook)
 
-            if guard.should_stop(step):
+            if stopping:
                 if last_saved != step:
                     save(step, None)
                     last_saved = step
@@ -348,16 +474,33 @@ def _train(config, workdir, guard: ckpt_lib.PreemptionGuard, opened: list) -> di
                 break
             if step < total:
                 batch_np = step_lib.select_batch(next(loader))
-    finally:
-        checkpointer.close()  # waits for pending async saves: checkpoints are complete or absent
-        writer.close()
-        _close(loader)
+    finally:  # each closer runs even when one before it raises (e.g. a failed final async write)
+        try:
+            checkpointer.close()  # waits for pending async saves: checkpoints are complete or absent
+        finally:
+            try:
+                writer.close()
+            finally:
+                _close(loader)
     elapsed = time.perf_counter() - t_start
     summary.update(step=step, wall_s=elapsed,
                    mean_steps_per_s=(step - step_start) / max(elapsed, 1e-9))
     if is_main:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def _restore(checkpointer: ckpt_lib.Checkpointer, step: int, target, changed: list[str]):
+    """(state, data state) of checkpoint `step`; a failure names the config keys that differ from
+    the checkpoint's (allowed by allow_config_change or operational), the likely cause."""
+    try:
+        state, _, data_state = checkpointer.restore(step, target)
+    except Exception as e:
+        if not changed:
+            raise
+        raise ValueError(f"cannot restore checkpoint {step} into the state this config builds (the config differs "
+                         f"from the checkpoint's in {', '.join(changed)}): {e}") from e
+    return state, data_state
 
 
 def _make_loader(config, bundle):
@@ -374,12 +517,3 @@ def _close(loader) -> None:
     close = getattr(loader, "close", None)
     if close:
         close()
-
-
-def _log_config_changes(saved: dict, current: dict, prefix: str = "") -> None:
-    for k in sorted(set(saved) | set(current)):
-        a, b = saved.get(k), current.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            _log_config_changes(a, b, prefix + k + ".")
-        elif a != b:
-            log.warning("config differs from the checkpoint's: %s%s: %r -> %r", prefix, k, a, b)
