@@ -17,6 +17,7 @@ from jedi_jax.models.clip_text import (CLIPTextConfig, CLIPTextModel, CLIPTextMo
                                        prompt_embeddings)
 from jedi_jax.models.functional import Functional
 from jedi_jax.models.tokenizer import CachedTokenize, load_tokenizer, tokenize, write_test_tokenizer
+from torch_reference import has_defaults, perturb_
 
 TOL = 1e-4
 VOCAB = 100
@@ -55,7 +56,8 @@ def _torch_model(kwargs, with_projection=False, seed=0):
     torch.manual_seed(seed)
     tcfg = transformers.CLIPTextConfig(**kwargs)
     cls = transformers.CLIPTextModelWithProjection if with_projection else transformers.CLIPTextModel
-    ref = cls(tcfg).eval()
+    ref = perturb_(cls(tcfg).eval(), seed)  # LayerNorms and the (zero-initialized) biases off their defaults
+    assert not has_defaults(ref)
     cfg = CLIPTextConfig.from_transformers(tcfg.to_dict())
     # transformers 5's CLIPTextModel state dict has no "text_model." prefix; checkpoint files do.
     fm, params = _convert(ref, CLIPTextModelWithProjection if with_projection else CLIPTextModel, cfg,

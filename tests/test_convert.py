@@ -23,6 +23,7 @@ from jedi_jax.convert.pipeline_folder import load_component_params
 from jedi_jax.convert.torch_naming import ConversionError
 from jedi_jax.loading import load_model
 from jedi_jax.models.tokenizer import write_test_tokenizer
+from torch_reference import perturb_
 
 WORDS = ["a", "photo", "of", "dog", "on", "the", "beach"]
 UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
@@ -40,13 +41,14 @@ def diffusers_dir(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("diffusers") / "sd"
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**UNET).eval()
-    vae = AutoencoderKL(**VAE).eval()
+    unet = perturb_(UNet2DConditionModel(**UNET).eval(), 1)  # norms and biases off their defaults (1, 0)
+    vae = perturb_(AutoencoderKL(**VAE).eval(), 2)
     vocab = write_test_tokenizer(root / "tokenizer", WORDS)
     text = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
                                         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16,
                                         eos_token_id=vocab["<|endoftext|>"], bos_token_id=vocab["<|startoftext|>"],
                                         pad_token_id=vocab["<|endoftext|>"])).eval()
+    perturb_(text, 3)
     unet.save_pretrained(root / "unet")
     vae.save_pretrained(root / "vae")
     text.save_pretrained(root / "text_encoder")

@@ -20,6 +20,7 @@ from diffusers import UNet2DConditionModel
 from jedi_jax.convert.torch_naming import flatten, torch_key, torch_to_params
 from jedi_jax.models.functional import Functional
 from jedi_jax.models.unet import UNet, UNetConfig
+from torch_reference import has_defaults, perturb_
 
 TOL = 1e-4
 
@@ -110,7 +111,8 @@ def _lean_device_put(tree):
 def _run_parity(name, kwargs, hw, T, seed=0):
     t0 = time.perf_counter()
     torch.manual_seed(seed)
-    ref_model = UNet2DConditionModel(**kwargs).eval()
+    ref_model = perturb_(UNet2DConditionModel(**kwargs).eval(), seed)  # norms and biases off (1, 0)
+    assert not has_defaults(ref_model)
     cfg = UNetConfig.from_diffusers(dict(ref_model.config))  # what the converter reads from config.json
     fm = Functional.abstract(lambda r: UNet(cfg, rngs=r))
 

@@ -16,6 +16,7 @@ from jedi_jax.convert.torch_naming import torch_to_params
 from jedi_jax.models.functional import Functional
 from jedi_jax.models.vae import (AutoencoderKL, VAEConfig, kl_divergence, sample_latent, scale_latents,
                                  unscale_latents)
+from torch_reference import has_defaults, perturb_
 
 TOL = 1e-4
 
@@ -46,7 +47,8 @@ def _nhwc(t: torch.Tensor) -> np.ndarray:
 def _build(name):
     kwargs, hw = CONFIGS[name]
     torch.manual_seed(0)
-    ref = TorchAutoencoderKL(**kwargs).eval()
+    ref = perturb_(TorchAutoencoderKL(**kwargs).eval())  # norms and biases off their defaults (1, 0)
+    assert not has_defaults(ref)
     cfg = VAEConfig.from_diffusers(dict(ref.config))
     fm = Functional.abstract(lambda r: AutoencoderKL(cfg, rngs=r))
     tensors = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
