@@ -586,3 +586,65 @@ def test_overwrite_refuses_the_working_folder_and_folders_that_are_not_earlier_o
         with param_io.atomic_directory(dst, overwrite=True, marker="grid.png") as tmp:
             (tmp / "grid.png").write_bytes(b"new")
         assert (dst / "grid.png").read_bytes() == b"new"
+
+
+def test_sets_of_one_sample_what_stable_diffusion_samples(diffusers_dir, tmp_path):
+    """N = 1 reproduces plain Stable Diffusion end to end: JeDi's pipeline with no references (one
+    target, 2-branch classifier-free guidance) on a converted folder whose conv_in was widened to 9
+    channels, against diffusers' StableDiffusionPipeline on the source folder, from the same x_T:
+    tokenization, the empty prompt, the guidance formula, the DDIM steps (with the folder's
+    clip_sample), latent scaling and the decode all have to agree."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from jedi_jax.pipeline import JeDiPipeline, seed_key
+
+    src = diffusers_dir[0]
+    dst = tmp_path / "jedi9"
+    assert convert_main(["--src", str(src), "--dst", str(dst), "--unet-in-channels", "9"]) == 0
+    # The source's DDIM config is outdated (steps_offset 0, clip_sample true): diffusers corrects it
+    # when it loads the folder into a StableDiffusionPipeline, and so does the converter.
+    assert json.loads((src / "scheduler" / "scheduler_config.json").read_text())["clip_sample"] is True
+    sched = json.loads((dst / "scheduler" / "scheduler_config.json").read_text())
+    assert (sched["steps_offset"], sched["clip_sample"], sched["beta_schedule"]) == (1, False, "scaled_linear")
+    ours = JeDiPipeline.from_pretrained(dst, max_references=0)
+    ref = StableDiffusionPipeline.from_pretrained(src, safety_checker=None, feature_extractor=None,
+                                                  requires_safety_checker=False)
+    assert isinstance(ref.scheduler, DDIMScheduler)
+    # the test tokenizer names no model_max_length; both pipelines pad to the text encoder's positions
+    ref.tokenizer.model_max_length = ref.text_encoder.config.max_position_embeddings
+    assert ours.max_length == ref.tokenizer.model_max_length
+    prompt, steps, scale, seed = "a photo of the dog on the beach", 4, 3.0, 7
+    out = ours([prompt], [], num_inference_steps=steps, guidance_scale=scale, seed=seed)
+    size = ours.resolution
+    latent = (1, 1, size // 2, size // 2, 4)  # (B, N, h, w, C): the pipeline's x_T, drawn as it draws it
+    x_T = np.asarray(jax.random.normal(jax.random.fold_in(seed_key(seed), 0), latent, jnp.float32))
+    with torch.no_grad():
+        theirs = ref(prompt, height=size, width=size, num_inference_steps=steps, guidance_scale=scale,
+                     latents=torch.from_numpy(x_T[0].transpose(0, 3, 1, 2)), output_type="np").images[0]
+    mine = np.asarray(out.images[0], np.float32)
+    err = np.abs(mine - theirs * 255.0)
+    print(f"\nN=1 vs StableDiffusionPipeline: max {err.max():.2f} mean {err.mean():.3f} levels")
+    assert err.max() <= 1.5 and theirs.std() > 0.02  # uint8 rounding; a non-constant image
+    # the control: another seed gives another image, far beyond that tolerance
+    other = np.asarray(ours([prompt], [], num_inference_steps=steps, guidance_scale=scale, seed=seed + 1).images[0],
+                       np.float32)
+    assert np.abs(other - theirs * 255.0).max() > 10
+
+
+def test_only_outdated_stable_diffusion_scheduler_configs_are_corrected(tmp_path):
+    from jedi_jax.convert.pipeline_folder import stable_diffusion_scheduler_fixes
+
+    def folder(cls, **sched):
+        root = tmp_path / f"{cls}{len(list(tmp_path.iterdir()))}"
+        (root / "scheduler").mkdir(parents=True)
+        (root / "model_index.json").write_text(json.dumps({"_class_name": cls}))
+        (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched))
+        return root
+
+    sd15 = {"_class_name": "PNDMScheduler", "steps_offset": 1, "clip_sample": False, "skip_prk_steps": True}
+    assert stable_diffusion_scheduler_fixes(folder("StableDiffusionPipeline", **sd15)) is None  # SD 1.5 as shipped
+    config, notes = stable_diffusion_scheduler_fixes(folder("StableDiffusionPipeline", _class_name="DDIMScheduler"))
+    assert (config["steps_offset"], config["clip_sample"]) == (1, False) and len(notes) == 2  # absent: DDIM defaults
+    config, notes = stable_diffusion_scheduler_fixes(folder("StableDiffusionPipeline", _class_name="PNDMScheduler"))
+    assert config["steps_offset"] == 1 and "clip_sample" not in config  # PNDM does not clip
+    assert stable_diffusion_scheduler_fixes(folder("StableDiffusionXLPipeline", _class_name="DDIMScheduler")) is None

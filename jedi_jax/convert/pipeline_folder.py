@@ -102,14 +102,18 @@ def write_component(folder: Path, kind: str, config, params) -> None:
 
 
 def write_model_folder(dst: str | Path, parts: dict, *, extra_folders: dict[str, Path] | None = None,
-                       overwrite: bool = False, source: str | None = None, sampling: dict | None = None) -> Path:
+                       overwrite: bool = False, source: str | None = None, sampling: dict | None = None,
+                       replaced_files: dict[str, dict] | None = None) -> Path:
     """Writes a jedi_jax model folder. parts: {name: (kind, config, params)}; sampling: the
-    jedi_model.json "sampling" entry (see read_sampling_defaults)."""
+    jedi_model.json "sampling" entry (see read_sampling_defaults); replaced_files: {path inside the
+    folder: JSON object} written over what extra_folders copied (a corrected scheduler config)."""
     with atomic_directory(dst, overwrite=overwrite) as tmp:
         for name, (kind, config, params) in parts.items():
             write_component(tmp / name, kind, config, params)
         for name, folder in (extra_folders or {}).items():
             shutil.copytree(folder, tmp / name)
+        for rel, obj in (replaced_files or {}).items():
+            (tmp / rel).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
         index = dict(FORMAT, components={n: k for n, (k, _, _) in parts.items()})
         if source:
             index["source"] = source
@@ -157,7 +161,48 @@ def convert_diffusers_folder(src: str | Path, dst: str | Path, *, unet_in_channe
         parts[sc.name] = (sc.kind, config, params)
         log(f"  {sc.name}: {sc.kind}, {sum(int(np.size(t)) for t in tensors.values()) / 1e6:.1f} M parameters")
     extra = {n: src / n for n in comp.COPIED_FOLDERS if (src / n).is_dir()}
-    return write_model_folder(dst, parts, extra_folders=extra, overwrite=overwrite, source=str(src))
+    replaced = {}
+    fixed = stable_diffusion_scheduler_fixes(src)
+    if fixed is not None:
+        config, notes = fixed
+        replaced["scheduler/scheduler_config.json"] = config
+        log(f"  scheduler: outdated for {comp.read_json_object(src / 'model_index.json').get('_class_name')}, "
+            f"corrected as diffusers does when it loads one: {', '.join(notes)}")
+    return write_model_folder(dst, parts, extra_folders=extra, overwrite=overwrite, source=str(src),
+                              replaced_files=replaced)
+
+
+def stable_diffusion_scheduler_fixes(src: Path) -> tuple[dict, list[str]] | None:
+    """(corrected scheduler config, what changed) for a Stable Diffusion 1.x / 2.x folder whose
+    scheduler config is outdated; None when nothing changes.
+
+    diffusers' StableDiffusionPipeline (and its img2img / inpaint siblings, not SDXL's) rewrites two
+    outdated scheduler settings whenever it loads a folder: steps_offset != 1 becomes 1 and
+    clip_sample = true becomes false (clipping latents to [-1, 1] is wrong for latent diffusion).
+    A converted folder must sample what that pipeline samples from the same folder, so the converter
+    makes the same corrections in the copied config, and says so.
+    """
+    index, config_path = src / "model_index.json", src / "scheduler" / "scheduler_config.json"
+    if not (index.exists() and config_path.exists()):
+        return None
+    cls = str(comp.read_json_object(index).get("_class_name", ""))
+    if not cls.startswith("StableDiffusion") or "XL" in cls:
+        return None
+    config = comp.read_json_object(config_path)
+    notes = []
+    # an absent key reads as the scheduler class's default: steps_offset 0 for all, clip_sample true
+    # for DDIM / DDPM (diffusers fills the defaults in before it checks)
+    if config.get("steps_offset", 0) != 1:
+        notes.append(f"steps_offset {config.get('steps_offset', '(absent: 0)')} -> 1")
+        config["steps_offset"] = 1
+    if config.get("clip_sample", config.get("_class_name") in CLIPPING_SCHEDULERS) is True:
+        notes.append(f"clip_sample {json.dumps(config['clip_sample']) if 'clip_sample' in config else '(absent: true)'}"
+                     " -> false")
+        config["clip_sample"] = False
+    return (config, notes) if notes else None
+
+
+CLIPPING_SCHEDULERS = ("DDIMScheduler", "DDPMScheduler")  # whose clip_sample defaults to true
 
 
 def load_component_params(model_dir: str | Path, name: str, kind: str, *, shardings=None, **model_kwargs):
