@@ -64,6 +64,14 @@ def test_convert_train_export_sample(tmp_path):
 
     model = load_model(exported)
     assert model.unet.config.in_channels == 9 and model.scheduler_config["beta_schedule"] == "scaled_linear"
+    # the frozen VAE and text encoder are the converted ones, through training and export bit for bit
+    # (a build that initialized them at random would train and export without complaint)
+    import jax
+
+    source = load_model(converted)
+    for name in ("vae", "text_encoder"):
+        ours, theirs = jax.tree.leaves(model.components[name].params), jax.tree.leaves(source.components[name].params)
+        assert len(ours) == len(theirs) and all(np.array_equal(a, b) for a, b in zip(ours, theirs)), name
     # the exported scheduler is the one trained: every key spelled out, so a diffusers reader does not
     # fill in DDIMScheduler's defaults (clip_sample=True, steps_offset=0, set_alpha_to_one=True)
     from configs import sd15
