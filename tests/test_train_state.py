@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from jedi_jax.schedulers.schedule import NoiseScheduleConfig, add_noise, make_schedule, v_target
@@ -249,6 +250,25 @@ def test_grad_accumulation_and_ema_update_only_on_optimizer_steps():
     np.testing.assert_array_equal(p3, p2)
     np.testing.assert_array_equal(e3, e2)  # no EMA drift between updates
     np.testing.assert_allclose(e4, 0.5 * e2 + 0.5 * p4, rtol=1e-6)
+    # The update used the MEAN of the two micro-gradients (not their sum, nor the last alone): Adam's
+    # first moment after one update is (1 - b1) * clip(mean(g1, g2)). The micro-steps differ in their
+    # timestep and noise (keys fold in the step), so g1 != g2 and the three readings disagree.
+    zero = {"pred": jnp.zeros((B, N, H, H, C))}
+
+    def grad_at(step):
+        k = jax.random.fold_in(jax.random.wrap_key_data(key), step)
+        return jax.grad(lambda p: step_lib.jedi_loss(EchoModels(), schedule, "epsilon", p, FROZEN, _batch(), k)[0])(
+            zero)["pred"]
+
+    g1, g2 = np.asarray(grad_at(0)), np.asarray(grad_at(1))
+    assert np.abs(g1 - g2).max() > 1e-3
+    assert np.linalg.norm(g1 + g2) < cfg.grad_clip  # the clip does not bite: mu is linear in what is accumulated
+    clipped = optax.clip_by_global_norm(cfg.grad_clip).update({"pred": (g1 + g2) / 2}, None)[0]["pred"]
+    fresh = state_lib.create_state(zero, tx, ema=True)
+    for i in range(2):
+        fresh, _ = step_fn(fresh, _batch(), FROZEN, key)
+    mu = fresh.opt_state.inner_opt_state[-1][0].mu["pred"]  # MultiSteps(chain(clip, adamw)): adam's state
+    np.testing.assert_allclose(np.asarray(mu), (1 - cfg.b1) * np.asarray(clipped), rtol=1e-5, atol=1e-9)
 
 
 def _write_t2i_folder(dst):
