@@ -38,9 +38,12 @@ def test_identity_encoder_ranks_own_subject_first(encoder):
     top1 = float(np.mean(np.argmax(sims, 1) == np.arange(len(sims))))
     assert top1 >= 0.6, top1
     assert np.mean(np.diag(sims)) > np.mean(sims[~np.eye(len(sims), dtype=bool)]) + 0.3
-    # shipped validation (320 test subjects, 32 candidates) is recorded and far above chance 1/32
-    val = encoder.meta["validation"]
-    assert val["random"] > 0.7 and val["same_category"] > 0.5
+    # measured, not read from the shipped .json: retrieval among 8 subjects that share a category (only
+    # identity tells them apart; chance 1/8), and among 8 random ones
+    from jedi_jax.eval.identity_encoder import validate
+
+    val = validate(encoder, per_category=8, candidates=8)
+    assert val["same_category"] > 0.5 and val["random"] > 0.7, val
 
 
 def test_context_classifier_reads_test_renders():
