@@ -64,13 +64,13 @@ def test_example_codec_roundtrip():
     back = set_source.parse_example(set_source.serialize_example(feats))
     assert back["images"] == feats["images"] and back["captions"] == feats["captions"]
     assert back["ints"] == feats["ints"] and back["floats"] == feats["floats"]
-    if importlib.util.find_spec("tensorflow_datasets") is not None:  # agrees with the real proto
-        from tensorflow_datasets.proto import tf_example_pb2
-        ex = tf_example_pb2.Example.FromString(set_source.serialize_example(feats))
-        assert list(ex.features.feature["captions"].bytes_list.value) == feats["captions"]
-        assert list(ex.features.feature["ints"].int64_list.value) == feats["ints"]
-        assert list(ex.features.feature["floats"].float_list.value) == feats["floats"]
-        assert set_source.parse_example(ex.SerializeToString())["ints"] == feats["ints"]
+    # ... and agrees with the real proto (tensorflow-datasets is a test requirement: setup.py [test])
+    from tensorflow_datasets.proto import tf_example_pb2
+    ex = tf_example_pb2.Example.FromString(set_source.serialize_example(feats))
+    assert list(ex.features.feature["captions"].bytes_list.value) == feats["captions"]
+    assert list(ex.features.feature["ints"].int64_list.value) == feats["ints"]
+    assert list(ex.features.feature["floats"].float_list.value) == feats["floats"]
+    assert set_source.parse_example(ex.SerializeToString())["ints"] == feats["ints"]
 
 
 def test_both_writers_keep_masks_of_any_dtype():
@@ -175,19 +175,12 @@ def _can_build_with_tfds():
 
 def test_tfds_build_and_read_without_tensorflow(tmp_path):
     sizes = {"train": 8, "test": 4}
-    if _can_build_with_tfds():
-        from jedi_jax.data import tfds_sets
-        builder = tfds_sets.build(str(tmp_path), "tiny")
-        path = os.fspath(builder.data_dir)
-        assert os.path.exists(os.path.join(path, "dataset_info.json"))
-        backends = ["tfds", "native"]
-    else:  # pragma: no cover - without the [data] extra: same example format, written directly
-        path = str(tmp_path / "mini_jedi_sets" / "tiny" / "1.0.0")
-        for split, n in sizes.items():
-            ref = MiniWorldSource(split, num_sets=n, set_size=4)
-            set_source.write_array_record(os.path.join(path, f"mini_jedi_sets-{split}.array_record-00000-of-00001"),
-                                          (ref[i] for i in range(n)), flip_safe=False)
-        backends = ["native"]
+    assert _can_build_with_tfds(), "the [test] extra installs tensorflow-datasets and importlib_resources"
+    from jedi_jax.data import tfds_sets
+    builder = tfds_sets.build(str(tmp_path), "tiny")
+    path = os.fspath(builder.data_dir)
+    assert os.path.exists(os.path.join(path, "dataset_info.json"))
+    backends = ["tfds", "native"]
     out = _read_without_tf(path, backends, sizes)
     assert out.pop("tensorflow_loaded") is False
     for key, (dtype, mask_shape, cap_type) in out.items():
