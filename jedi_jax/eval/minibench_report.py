@@ -81,8 +81,10 @@ def report(results: dict) -> str:
               "(normalized) | pixel identity, normalized | pixel identity (palette / texture) | subjects |",
               "|---|---|---|---|---|---|---|"]
     for r, e in rows.items():
-        lines.append(f"| {info[r]['label']} | {f(e.get('enc_ref_normalized'), 2)} | {f(e['enc_ref'])} | "
-                     f"{f(e.get('enc_gallery_normalized'), 2)} | {f(e.get('pix_normalized'), 2)} | {f(e['pix'])} "
+        # the normalization's own 1 and 0 points: exact by construction, no interval to give
+        g = (lambda stat, digits: _m(stat)) if r in ("ground_truth", "text_only") else f  # noqa: E731
+        lines.append(f"| {info[r]['label']} | {g(e.get('enc_ref_normalized'), 2)} | {f(e['enc_ref'])} | "
+                     f"{g(e.get('enc_gallery_normalized'), 2)} | {g(e.get('pix_normalized'), 2)} | {f(e['pix'])} "
                      f"({_m(e['palette'])} / {_m(e['texture'])}) | {e['enc_ref']['n']} |")
     lines += ["", "## Prompt fidelity (context classifier reads back the prompted labels)", "",
               "| row | background acc | placement acc | both | size acc | orientation acc | images | s / image |",
