@@ -67,6 +67,7 @@ def test_two_processes_train_and_single_process_restores(tmp_path):
     for pid in range(2):
         cmd = [sys.executable, "-m", "jedi_jax.train", "--config", "configs/sd15.py:micro", "--workdir", str(mp_dir),
                f"--config.train.steps={STEPS}", "--config.checkpoint.every=2", "--config.mesh.shape=(2,4)",
+               "--config.sample.every=2", "--config.sample.num_steps=2",  # the sample hook across processes
                f"--coordinator=localhost:{port}", "--num_processes=2", f"--process_id={pid}"]
         log = open(tmp_path / f"proc{pid}.log", "w")
         procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
@@ -79,6 +80,7 @@ def test_two_processes_train_and_single_process_restores(tmp_path):
     logs = "\n".join((tmp_path / f"proc{i}.log").read_text()[-4000:] for i in range(2))
     assert codes == [0, 0], logs
     assert "over 8 devices (2 processes)" in (tmp_path / "proc0.log").read_text()
+    assert (mp_dir / "samples" / f"step_{STEPS:06d}.png").exists()  # process 0's sets, broadcast to all
 
     script = COMPARE.replace("STEPS", str(STEPS)).replace("REF_DIR", repr(str(ref_dir))).replace("MP_DIR", repr(str(mp_dir)))
     out = run_script(script, devices=1)

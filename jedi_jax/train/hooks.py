@@ -72,14 +72,22 @@ def sample_grid(*, step, workdir, config, models, unet_params, frozen, batch, to
     process's numpy batch (its references and captions are personalized from); `unet_params` are the
     EMA params when `sample.use_ema`."""
     k = min(int(config.sample.num_sets), batch["member_mask"].shape[0])
-    images = jnp.asarray(batch["images"][:k]) if "images" in batch else None
-    latents = jnp.asarray(batch["latents"][:k]) if images is None else None
-    member_mask = jnp.asarray(batch["member_mask"][:k])
-    ref_mask = jnp.asarray(batch["ref_mask"][:k])
+    keys = ("images" if "images" in batch else "latents", "input_ids", "member_mask", "ref_mask")
+    sets = {name: np.asarray(batch[name][:k]) for name in keys}
+    if jax.process_count() > 1:
+        # The program takes these as replicated values next to the globally sharded params: every
+        # process must pass the same ones, and each loaded its own slice of the batch. Process 0's.
+        from jax.experimental import multihost_utils
+
+        sets = multihost_utils.broadcast_one_to_all(sets)
+    images = jnp.asarray(sets["images"]) if "images" in sets else None
+    latents = jnp.asarray(sets["latents"]) if images is None else None
+    member_mask = jnp.asarray(sets["member_mask"])
+    ref_mask = jnp.asarray(sets["ref_mask"])
     schedule_cfg = NoiseScheduleConfig.from_train_config(config.schedule.to_dict())
     empty_ids = jnp.asarray(tokenizer([""]))  # (1, T)
     real, out = _program(models, schedule_cfg, int(config.sample.num_steps))(
-                    unet_params, frozen, images, latents, jnp.asarray(batch["input_ids"][:k]), empty_ids, member_mask, ref_mask,
+                    unet_params, frozen, images, latents, jnp.asarray(sets["input_ids"]), empty_ids, member_mask, ref_mask,
                     jnp.float32(config.sample.get("image_guidance_scale", 2.0)),
                     jnp.float32(config.sample.guidance_scale), jax.random.fold_in(jax.random.key(config.seed), step))
     out, real = np.asarray(out), np.asarray(real)
