@@ -21,6 +21,7 @@ setup(
         "safetensors>=0.5",
         "array_record>=0.8",
         "numpy",
+        "scipy",  # t and normal quantiles of MiniBench's bootstrap CIs (also a jax requirement)
         "pillow",
         "tqdm",
         "matplotlib",

@@ -648,3 +648,16 @@ def test_only_outdated_stable_diffusion_scheduler_configs_are_corrected(tmp_path
     config, notes = stable_diffusion_scheduler_fixes(folder("StableDiffusionPipeline", _class_name="PNDMScheduler"))
     assert config["steps_offset"] == 1 and "clip_sample" not in config  # PNDM does not clip
     assert stable_diffusion_scheduler_fixes(folder("StableDiffusionXLPipeline", _class_name="DDIMScheduler")) is None
+
+
+def test_overwrite_replaces_only_an_earlier_model_folder(diffusers_dir, converted, tmp_path, capsys):
+    # `--dst runs --overwrite` must not take a folder of runs with it: only an earlier output goes
+    runs = tmp_path / "runs"
+    (runs / "a_run").mkdir(parents=True)
+    err = _cli_error(capsys, ["--src", str(diffusers_dir[0]), "--dst", str(runs), "--overwrite"])
+    assert "has no jedi_model.json" in err and (runs / "a_run").is_dir()
+    err = _cli_error(capsys, ["--export-diffusers", "--src", str(converted), "--dst", str(runs), "--overwrite"])
+    assert "has no model_index.json" in err and (runs / "a_run").is_dir()
+    again = tmp_path / "again"
+    shutil.copytree(converted, again)  # an earlier conversion: replaced
+    assert convert_main(["--src", str(diffusers_dir[0]), "--dst", str(again), "--overwrite"]) == 0

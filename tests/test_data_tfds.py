@@ -143,7 +143,14 @@ def test_array_record_files_carry_whether_they_may_be_mirrored(tmp_path):
     assert set_source.path_flip_safe(str(folder))
     (folder / "dataset_info.json").write_text(json.dumps({"name": set_source.MINI_WORLD_DATASETS[0]}))
     assert not set_source.path_flip_safe(str(folder))
-    assert ArrayRecordSetSource(str(folder), "train", backend="native").flip_safe is False
+    shards = ArrayRecordSetSource(str(folder), "train", backend="native")
+    assert shards.flip_safe is False
+    # a shard's own sidecar marks the folder too, and is not read as a shard
+    (folder / "dataset_info.json").unlink()
+    set_source.write_array_record(str(folder / "sets-train.array_record-00000-of-00001"), (ref[i] for i in range(2)),
+                                  flip_safe=False)
+    shards = ArrayRecordSetSource(str(folder), "train", backend="native")
+    assert shards.flip_safe is False and len(shards.files) == 1 and len(shards) == 2
 
 
 def test_truncated_or_foreign_records_fail_naming_the_record(tmp_path):

@@ -40,6 +40,11 @@ def test_demo_writes_the_grid_replaces_an_old_run_and_fills_the_compile_cache(tm
     out, cache = tmp_path / "demo", tmp_path / "xla_cache"
     out.mkdir()
     (out / "stale_from_an_older_run.png").write_text("old")
+    # a folder that is not an earlier demo output (no grid.png) is refused whole, one line, untouched
+    refused = _demo("--out", out, "--steps", "2", "--num-prompts", "1", cache=cache, cwd=tmp_path)
+    assert refused.returncode == 2 and "has no grid.png" in refused.stderr, refused.stderr[-2000:]
+    assert [p.name for p in out.iterdir()] == ["stale_from_an_older_run.png"]
+    (out / "grid.png").write_text("old")  # an earlier demo output: replaced whole
     res = _demo("--out", out, "--steps", "2", "--num-prompts", "1", cache=cache, cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     assert f"grid at {out.resolve() / 'grid.png'}" in res.stdout.splitlines()[-1]

@@ -107,7 +107,8 @@ def write_model_folder(dst: str | Path, parts: dict, *, extra_folders: dict[str,
     """Writes a jedi_jax model folder. parts: {name: (kind, config, params)}; sampling: the
     jedi_model.json "sampling" entry (see read_sampling_defaults); replaced_files: {path inside the
     folder: JSON object} written over what extra_folders copied (a corrected scheduler config)."""
-    with atomic_directory(dst, overwrite=overwrite) as tmp:
+    # --overwrite replaces an earlier model folder (it has jedi_model.json), never a folder of other things
+    with atomic_directory(dst, overwrite=overwrite, marker=MODEL_FILE) as tmp:
         for name, (kind, config, params) in parts.items():
             write_component(tmp / name, kind, config, params)
         for name, folder in (extra_folders or {}).items():
@@ -139,7 +140,7 @@ def convert_diffusers_folder(src: str | Path, dst: str | Path, *, unet_in_channe
                                          or unet_in_channels < 1):
         raise ConversionError(f"unet_in_channels (--unet-in-channels) must be a positive number of channels, "
                               f"got {unet_in_channels!r}")
-    check_destination(dst, overwrite=overwrite)  # before the slow part; checked again at the end
+    check_destination(dst, overwrite=overwrite, marker=MODEL_FILE)  # before the slow part; checked again at the end
     sources = comp.list_source_components(src)
     if unet_in_channels is not None and not any(sc.kind == "unet" for sc in sources):
         raise ConversionError(f"unet_in_channels (--unet-in-channels) given, but {src} has no UNet")
@@ -224,9 +225,9 @@ def export_diffusers_folder(src: str | Path, dst: str | Path, *, overwrite: bool
 
     src = Path(src)
     kinds = read_model_index(src)
-    check_destination(dst, overwrite=overwrite)  # before the slow part; checked again at the end
+    check_destination(dst, overwrite=overwrite, marker="model_index.json")  # before the slow part; and at the end
     model_index = diffusers_model_index(src, kinds)
-    with atomic_directory(dst, overwrite=overwrite) as tmp:
+    with atomic_directory(dst, overwrite=overwrite, marker="model_index.json") as tmp:
         for name, kind in kinds.items():
             config, _, params = load_component_params(src, name, kind)
             out = tmp / name

@@ -202,6 +202,22 @@ def k_differences(rows: list[dict], idx: np.ndarray) -> list[dict]:
     return out
 
 
+def setting_label(row: dict, rows: list[dict]) -> str:
+    """'sT=3 sI=2', plus every other Cell field (but k) that differs between the grid's rows, so that
+    rows of a sweep over, e.g., intervals can be told apart."""
+    def value(r, field):
+        v = r.get(field, Cell._field_defaults.get(field))
+        return tuple(v) if isinstance(v, list) else v
+
+    fields = ["sT", "sI"] + [f for f in Cell._fields if f not in ("sT", "sI", "k")
+                             and len({value(r, f) for r in rows}) > 1]
+    parts = []
+    for field in fields:
+        v = value(row, field)
+        parts.append(f"{field}={':'.join(f'{x:g}' for x in v) if isinstance(v, tuple) else f'{v:g}' if isinstance(v, float) else v}")
+    return " ".join(parts)
+
+
 def report(results: dict) -> str:
     f = M.fmt_ci
     gt = results["ground_truth"]
@@ -233,19 +249,19 @@ def report(results: dict) -> str:
                   "((mean - text-only) / (ground truth - text-only)). A category holds few subjects: its CI "
                   f"(results.json) is wide, and below {M.MIN_CI_SUBJECTS} subjects there is none; read differences "
                   "between categories with that in mind.", "",
-                  "| sT | sI | k | " + " | ".join(f"{c} ({counts[c]})" for c in cats) + f" | all ({n}) |",
-                  "|---|---|---|" + "---|" * (len(cats) + 1)]
+                  "| setting | k | " + " | ".join(f"{c} ({counts[c]})" for c in cats) + f" | all ({n}) |",
+                  "|---|---|" + "---|" * (len(cats) + 1)]
         for r in results["rows"]:
             per = r["enc_ref_normalized_by_category"]
             cells = [f"{per[c]['mean']:.2f}" if per[c]["mean"] is not None and np.isfinite(per[c]["mean"]) else "n/a"
                      for c in cats]
-            lines.append(f"| {r['sT']:g} | {r['sI']:g} | {r['k']} | " + " | ".join(cells) +
+            lines.append(f"| {setting_label(r, results['rows'])} | {r['k']} | " + " | ".join(cells) +
                          f" | {r['enc_ref_normalized']['mean']:.2f} |")
     if results.get("k_differences"):
         lines += ["", "Paired difference of encoder cosine (raw, not normalized) between consecutive k, same "
                   "subjects and noise, 95% bootstrap CI over subjects:", ""]
         for d in results["k_differences"]:
-            lines.append(f"- sT={d['sT']:g} sI={d['sI']:g}: k={d['k_to']} - k={d['k_from']}: "
+            lines.append(f"- {setting_label(d, results['rows'])}: k={d['k_to']} - k={d['k_from']}: "
                          f"{f(d['enc_ref_difference'], 3)}")
     lines += ["", f"{results['seconds_total']:.0f} s in all."]
     return "\n".join(lines) + "\n"

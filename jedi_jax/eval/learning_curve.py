@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jedi_jax.eval.cli import cli_at_least, cli_list
+from jedi_jax.eval.cli import cli_at_least, cli_list, cli_scales
 
 
 def checkpoint_unet(workdir: Path, step: int) -> dict:
@@ -45,6 +45,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     cli_at_least(p, subjects=(args.subjects, 1), first_subject=(args.first_subject, 0),
                  sampling_steps=(args.sampling_steps, 1))
+    cli_scales(p, guidance_scale=args.guidance_scale, image_guidance_scale=args.image_guidance_scale)
     wanted = cli_list(p, "--steps", args.steps, int) if args.steps.strip() else ()
     workdir = Path(args.workdir)
     if not (workdir / "checkpoints").is_dir():  # a typo would otherwise read as "no checkpoints yet"

@@ -33,7 +33,7 @@ computed on each resample's subject means, so ground truth is 1 and text-only 0 
 The interval is the EXPANDED percentile interval (Hesterberg 2015, "What teachers should know about
 the bootstrap", sec. 5): the plain 2.5/97.5 percentiles of a bootstrap over n subjects are too
 narrow at the n MiniBench uses (their coverage, simulated on normal subject means: 0.80 at n=4,
-0.83 at 6, 0.91 at 12), because the bootstrap variance carries a (n-1)/n factor and a z quantile
+0.83-0.86 at 6, 0.91 at 12), because the bootstrap variance carries a (n-1)/n factor and a z quantile
 stands where a t quantile belongs. The expanded interval takes the percentiles at
 Phi(-sqrt(n/(n-1)) t_{n-1, 0.975}) and its complement instead (coverage 0.93 at n=5..8, 0.95 at 12
 and 40; tests/test_eval_minibench.py simulates it). Below MIN_CI_SUBJECTS subjects even that

@@ -190,7 +190,8 @@ def _placement_by_pair_table(by_pair: dict, info: dict) -> list[str]:
 
 
 def _m(stat: dict) -> str:
-    return "n/a" if not stat or stat.get("mean") is None else f"{stat['mean']:.2f}"
+    mean = None if not stat else stat.get("mean")
+    return "n/a" if mean is None or not np.isfinite(mean) else f"{mean:.2f}"
 
 
 def _round(x, digits: int = 3):

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from jedi_jax.data import mini_world as mw
-from jedi_jax.eval.cli import cli_at_least, cli_model
+from jedi_jax.eval.cli import cli_at_least, cli_model, cli_scales
 
 PAIRS = {"seen": mw.TRAIN_COMBOS, "held-out": mw.HELDOUT_COMBO_IDS}
 
@@ -187,6 +187,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="write probe.md and probe.json here")
     args = p.parse_args(argv)
     cli_at_least(p, samples=(args.samples, 1), steps=(args.steps, 1))
+    cli_scales(p, guidance_scale=args.guidance_scale)
     templates = [t.strip() for t in args.templates.split(",") if t.strip()]
     if not templates:
         p.error("--templates is empty")
