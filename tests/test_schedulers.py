@@ -212,13 +212,21 @@ def test_ddim_matches_diffusers(cfg, pred, eta):
         x_ref = ref.step(torch.from_numpy(outs[i]), t, x_ref, eta=eta, variance_noise=noise).prev_sample
         x_ours = _ddim_jit(s, jnp.asarray(outs[i]), jnp.int32(ts[i]), jnp.int32(prev[i]), x_ours, k,
                            prediction_type=pred, eta=eta, clip=cfg.clip_range)
-        diff = float(np.abs(np.asarray(x_ours) - x_ref.numpy()).max())
-        # eta = 1 where abar_999 ~ 0 (zero terminal SNR; cosine 2.4e-9): the direction's radicand is
-        # ~0 at t = 999, and both sides take the square root of float32 rounding residue (up to ~6e-8
-        # -> 2.4e-4; ours clamps below 0, where the whole sample would be NaN)
+        assert np.isfinite(np.asarray(x_ours)).all(), (i, int(t))
+        # eta = 1 where abar_999 ~ 0 (zero terminal SNR; cosine 2.4e-9): the direction's radicand
+        # 1 - abar_prev - sigma^2 is 0 at t = 999 up to float32 rounding, whose sign depends on the
+        # CPU's arithmetic (FMA or not). Positive residue (up to ~6e-8 -> 2.4e-4 after the sqrt): both
+        # agree within the wider tolerance. Negative: diffusers takes sqrt(< 0) and its whole sample
+        # is NaN, where ours clamps to 0; the reference then continues from our sample.
         near_zero_snr = float(s.alphas_cumprod[-1]) < 1e-6 and eta == 1.0
+        if near_zero_snr and i == 0 and bool(torch.isnan(x_ref).all()):
+            radicand = 1.0 - float(ref.alphas_cumprod[int(prev[i])]) - float(ref._get_variance(t, int(prev[i])))
+            assert -1e-6 < radicand <= 0.0, radicand  # diffusers' own float32 terms: rounding residue only
+            x_ref = torch.from_numpy(np.array(x_ours))
+            continue
+        diff = float(np.abs(np.asarray(x_ours) - x_ref.numpy()).max())
         tol = _tol(x_ref.numpy()) * (50 if near_zero_snr else 1)
-        assert np.isfinite(np.asarray(x_ours)).all() and diff <= tol, (i, int(t), diff)
+        assert diff <= tol, (i, int(t), diff)
         worst = max(worst, diff / max(1.0, float(x_ref.abs().max())))
     print(f"ddim {pred} eta={eta}: max rel-ish diff {worst:.2e}")
 
