@@ -167,10 +167,13 @@ def convert_diffusers_folder(src: str | Path, dst: str | Path, *, unet_in_channe
     if fixed is not None:
         config, notes = fixed
         replaced["scheduler/scheduler_config.json"] = config
-        log(f"  scheduler: outdated for {comp.read_json_object(src / 'model_index.json').get('_class_name')}, "
-            f"corrected as diffusers does when it loads one: {', '.join(notes)}")
+        log(f"  scheduler: outdated for Stable Diffusion, corrected as diffusers does when it loads one: "
+            f"{', '.join(notes)}")
     return write_model_folder(dst, parts, extra_folders=extra, overwrite=overwrite, source=str(src),
                               replaced_files=replaced)
+
+
+CLIPPING_SCHEDULERS = ("DDIMScheduler", "DDPMScheduler")  # whose clip_sample defaults to true
 
 
 def stable_diffusion_scheduler_fixes(src: Path) -> tuple[dict, list[str]] | None:
@@ -201,9 +204,6 @@ def stable_diffusion_scheduler_fixes(src: Path) -> tuple[dict, list[str]] | None
                      " -> false")
         config["clip_sample"] = False
     return (config, notes) if notes else None
-
-
-CLIPPING_SCHEDULERS = ("DDIMScheduler", "DDPMScheduler")  # whose clip_sample defaults to true
 
 
 def load_component_params(model_dir: str | Path, name: str, kind: str, *, shardings=None, **model_kwargs):

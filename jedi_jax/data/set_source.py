@@ -255,7 +255,7 @@ def path_flip_safe(path: str | Sequence[str]) -> bool:
             with open(info) as f:
                 if json.load(f).get("name") in MINI_WORLD_DATASETS:
                     return False
-        files = [f for f in glob.glob(os.path.join(os.fspath(path), "*.array_record-*")) if not f.endswith(SIDECAR_SUFFIX)]
+        files = _shards(os.path.join(os.fspath(path), "*.array_record-*"))
     else:
         files = [os.fspath(path)] if isinstance(path, (str, os.PathLike)) else [os.fspath(p) for p in path]
     for file in files:
@@ -266,10 +266,14 @@ def path_flip_safe(path: str | Sequence[str]) -> bool:
     return True
 
 
+def _shards(pattern: str) -> list[str]:
+    """The files matching `pattern`, sorted, without flip_safe sidecars (they match it too)."""
+    return sorted(f for f in glob.glob(pattern) if not f.endswith(SIDECAR_SUFFIX))
+
+
 def split_files(dataset_dir: str, split: str) -> list[str]:
     """The array_record shards of ``split`` in a TFDS dataset version folder."""
-    files = sorted(f for f in glob.glob(os.path.join(dataset_dir, f"*-{split}.array_record-*"))
-                   if not f.endswith(SIDECAR_SUFFIX))  # a flip_safe sidecar is not a shard
+    files = _shards(os.path.join(dataset_dir, f"*-{split}.array_record-*"))
     if not files:
         raise FileNotFoundError(f"no {split!r} array_record files in {dataset_dir}")
     return files

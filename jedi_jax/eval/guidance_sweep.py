@@ -155,9 +155,10 @@ def sweep(model, *, first_subject: int = 100, subjects: int = 24, text_scales=(3
         for key in ("enc_ref", "pix"):
             row[f"{key}_normalized"] = M.normalized_ci(means(recs, key), means(text_only[cell.sT], key),
                                                        means(gt, key), idx)
-        row["enc_ref_by_subject"] = [None if x != x else float(x) for x in means(recs, "enc_ref")]  # NaN -> None
-        row["enc_ref_normalized_by_category"] = by_category(
-            means(recs, "enc_ref"), means(text_only[cell.sT], "enc_ref"), means(gt, "enc_ref"), categories)
+        enc = means(recs, "enc_ref")  # (S,)
+        row["enc_ref_by_subject"] = [None if x != x else float(x) for x in enc]  # NaN -> None (JSON)
+        row["enc_ref_normalized_by_category"] = by_category(enc, means(text_only[cell.sT], "enc_ref"),
+                                                            means(gt, "enc_ref"), categories)
         rows.append(row)
         log(f"[guidance_sweep] {cell.describe()}: identity {M.fmt_ci(row['enc_ref_normalized'], 2)}, "
             f"background {row['background_ok']['mean']:.2f}, placement {row['placement_ok']['mean']:.2f}, "
@@ -185,37 +186,39 @@ def k_differences(rows: list[dict], idx: np.ndarray) -> list[dict]:
     """Paired differences of encoder cosine between rows that differ only in k, consecutive k
     (k=2 - k=1, k=3 - k=2): the same subjects, prompts and noise, so the difference is resampled
     per subject (does one more reference add identity?)."""
-    def setting(r):
-        return tuple((f, tuple(v) if isinstance(v, list) else v) for f, v in r.items() if f in Cell._fields and f != "k")
-
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault(setting(r), []).append(r)
+        groups.setdefault(tuple(_settings(r).items()), []).append(r)
     out = []
     for same in groups.values():
         same = sorted(same, key=lambda r: r["k"])
-        for a, b in zip(same, same[1:]):
-            x = np.array([np.nan if v is None else v for v in b["enc_ref_by_subject"]]) - \
-                np.array([np.nan if v is None else v for v in a["enc_ref_by_subject"]])
-            out.append(dict({f: v for f, v in b.items() if f in Cell._fields and f != "k"}, k_from=a["k"],
-                            k_to=b["k"], enc_ref_difference=M.mean_ci(x, idx)))
+        for a, b in zip(same, same[1:]):  # None (a subject the row lacks) -> NaN
+            x = np.array(b["enc_ref_by_subject"], float) - np.array(a["enc_ref_by_subject"], float)
+            out.append(dict(_settings(b), k_from=a["k"], k_to=b["k"], enc_ref_difference=M.mean_ci(x, idx)))
+    return out
+
+
+def _settings(row: dict) -> dict:
+    """A row's Cell fields but k (JSON lists as tuples; fields an older results.json lacks at their default)."""
+    out = {}
+    for field in Cell._fields:
+        if field != "k":
+            v = row.get(field, Cell._field_defaults.get(field))
+            out[field] = tuple(v) if isinstance(v, list) else v
     return out
 
 
 def setting_label(row: dict, rows: list[dict]) -> str:
     """'sT=3 sI=2', plus every other Cell field (but k) that differs between the grid's rows, so that
     rows of a sweep over, e.g., intervals can be told apart."""
-    def value(r, field):
-        v = r.get(field, Cell._field_defaults.get(field))
-        return tuple(v) if isinstance(v, list) else v
+    every = [_settings(r) for r in rows]
+    mine = _settings(row)
+    fields = ["sT", "sI"] + [f for f in mine if f not in ("sT", "sI") and len({s[f] for s in every}) > 1]
 
-    fields = ["sT", "sI"] + [f for f in Cell._fields if f not in ("sT", "sI", "k")
-                             and len({value(r, f) for r in rows}) > 1]
-    parts = []
-    for field in fields:
-        v = value(row, field)
-        parts.append(f"{field}={':'.join(f'{x:g}' for x in v) if isinstance(v, tuple) else f'{v:g}' if isinstance(v, float) else v}")
-    return " ".join(parts)
+    def fmt(v):
+        return ":".join(f"{x:g}" for x in v) if isinstance(v, tuple) else f"{v:g}" if isinstance(v, float) else str(v)
+
+    return " ".join(f"{f}={fmt(mine[f])}" for f in fields)
 
 
 def report(results: dict) -> str:

@@ -178,10 +178,16 @@ def refused_changes(changes: list[tuple[str, Any, Any]], current: dict) -> list[
 
 
 def _steps_free_schedule(train_cfg: dict, steps_a: int, steps_b: int) -> bool:
-    """Whether the lr schedule is the same function for both run lengths: constant after a warmup
-    that fits in both (state.learning_rate_schedule; the cosine horizon moves with train.steps)."""
+    """Whether the lr schedule (state.learning_rate_schedule) applies the same lr at every update of
+    the longer run for both run lengths: true for a constant decay after a warmup that fits in both,
+    false when the cosine horizon moves with train.steps."""
+    import ml_collections
+
     accum = max(1, int(train_cfg["grad_accum"]))
-    return train_cfg["decay"] == "constant" and int(train_cfg["warmup_steps"]) <= min(steps_a, steps_b) // accum
+    updates = np.arange(max(steps_a, steps_b) // accum)
+    a, b = (np.asarray(state_lib.learning_rate_schedule(ml_collections.ConfigDict(dict(train_cfg, steps=n)))(updates))
+            for n in (steps_a, steps_b))
+    return bool(np.array_equal(a, b))
 
 
 def check_config_changes(saved: dict, current: dict, step: int, *, allow: bool) -> list[str]:
