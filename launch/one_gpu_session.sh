@@ -17,7 +17,7 @@
 # Afterwards, on any machine: mkdir -p runs/mini_gpu && cat OUT_DIR/ckpt.tar.part-* | tar -x -C runs/mini_gpu,
 #   then python -m jedi_jax.train.export --workdir runs/mini_gpu --dst runs/jedi_mini_gpu
 # Env overrides (the CPU dry run in tests/test_launch_scripts.py uses them): PYTHON, BENCH_CONFIG,
-# BENCH_SETS, BENCH_ARGS, MINI_CONFIG, MINI_ARGS, CURVE_SUBJECTS, CURVE_SECONDS, RUN_DIR.
+# BENCH_SETS, BENCH_ARGS, MINI_CONFIG, MINI_ARGS, CURVE_SUBJECTS, CURVE_SECONDS, CURVE_ARGS, RUN_DIR.
 # It runs from the repo root whatever the caller's directory (config and asset paths are repo-
 # relative; OUT_DIR, RUN_DIR and a PYTHON path stay relative to the caller's directory). Exit status:
 # 0 when training ended by itself or by the planned SIGTERM, and the bench and the curve exited 0;
@@ -53,7 +53,7 @@ wait "$bench_pid"; bench_rc=$?
 tail -n 3 "$out/train.log" "$out/bench.log"
 
 timeout "${CURVE_SECONDS:-100}" "$py" -m jedi_jax.eval.learning_curve --workdir "$run" \
-    --subjects "${CURVE_SUBJECTS:-16}" >"$out/curve.log" 2>&1
+    --subjects "${CURVE_SUBJECTS:-16}" ${CURVE_ARGS:-} >"$out/curve.log" 2>&1
 curve_rc=$?
 echo "curve exit $curve_rc" >>"$out/curve.log"
 tail -n 4 "$out/curve.log"

@@ -13,8 +13,11 @@ second or two each: exit statuses, the arguments the trainer receives, which pyt
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -40,6 +43,7 @@ def test_launch_script_without_arguments_prints_usage_and_exits_2(script, words)
         assert res.returncode == 2
 
 
+@pytest.mark.slow
 def test_one_gpu_session_dry_run_on_cpu(tmp_path):
     out, run = tmp_path / "out", tmp_path / "run"
     env = dict(os.environ, PYTHON=sys.executable, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), RUN_DIR=str(run),
@@ -50,19 +54,35 @@ def test_one_gpu_session_dry_run_on_cpu(tmp_path):
                           f"--config.data.pool_cache={tmp_path / 'pool.npz'}"),
                BENCH_CONFIG="configs/sd15.py:tiny", BENCH_SETS="2",
                BENCH_ARGS="--config.data.set_size=3 --config.data.image_size=16",
-               CURVE_SUBJECTS="2", CURVE_SECONDS="240")
-    # A 150 s time box: start-up (pool render + encode, compiling beside the bench) took ~32 s on idle
-    # cores and ~90 s with the rest of the suite on the other core (a 75 s box then sent SIGTERM during
-    # start-up: no step, no checkpoint); the first checkpoint comes 3 steps later.
-    res = subprocess.run(["bash", str(LAUNCH / "one_gpu_session.sh"), str(out), "150"], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=900)
+               CURVE_SUBJECTS="2", CURVE_SECONDS="240", CURVE_ARGS="--sampling-steps 4")
+    # The time box ends early: start-up (pool render + encode, compiling beside the bench) takes ~32 s
+    # on idle cores and ~90 s beside the rest of the suite, so a fixed box long enough for the first
+    # checkpoint under load (150 s) mostly waited. Once a checkpoint of step >= 3 is written, the test
+    # sends the box's `timeout` SIGALRM, its own expiry signal: timeout then does exactly what it does
+    # when the time is up (SIGTERM to the trainer, exit 124), the path a GPU session takes. The 600 s
+    # box stays as the backstop.
+    proc = subprocess.Popen(["bash", str(LAUNCH / "one_gpu_session.sh"), str(out), "600"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        expired = _expire_time_box_after_checkpoint(proc, run, step=3, limit_s=600)
+        stdout, _ = proc.communicate(timeout=900)
+    finally:  # on any failure above, nothing of the session (trainer, bench, curve) outlives the test
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    res = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, "")
     logs = {p.name: p.read_text() for p in out.glob("*.log")}
     why = res.stdout[-2000:] + "".join(f"\n--- {k}\n{v[-2000:]}" for k, v in logs.items())
     assert res.returncode == 0, why
+    assert expired, "no checkpoint of step >= 3 within the box: " + why
+    assert "train exit 124" in logs["train.log"], why  # the box's SIGTERM ended training, not the step count
 
     # 1. Training ran until the time box's SIGTERM and saved the step it reached.
     steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
     assert steps and steps[-1] >= 3, why
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "preempted" and summary["step"] == steps[-1], why
+    assert f"pre-empted: checkpoint of step {steps[-1]} written" in logs["train.log"], why
     # 2. The benchmark timed its steps only after training was done, and wrote its figures.
     assert "bench exit 0" in logs["bench.log"] and "waiting for" in logs["bench.log"], why
     bench = json.loads((out / "bench_sd15.json").read_text())
@@ -71,6 +91,7 @@ def test_one_gpu_session_dry_run_on_cpu(tmp_path):
     assert "curve exit 0" in logs["curve.log"], why
     curve = json.loads((run / "identity_curve.json").read_text())
     assert [c["step"] for c in curve] == steps and all(np.isfinite(c["normalized"]) for c in curve)
+    assert all(c["steps"] == 4 for c in curve), curve  # CURVE_ARGS reached it
     # 4. The packed checkpoint, reassembled as the script's header says, exports a model that loads.
     parts = sorted(out.glob("ckpt.tar.part-*"))
     assert parts and (out / "run_logs.tgz").exists()
@@ -93,6 +114,30 @@ def test_one_gpu_session_dry_run_on_cpu(tmp_path):
     assert res.returncode == 0 and "changed True" in res.stdout, res.stdout[-2000:] + res.stderr[-3000:]
 
 
+def _expire_time_box_after_checkpoint(proc, run, *, step, limit_s):
+    """Waits for a finished checkpoint of `step` or later under `run`, then sends SIGALRM to the
+    `timeout --foreground` process that boxes the trainer (found by its command line: that flag and
+    the run folder). True when it was sent; False when the script ended or limit_s passed first."""
+    deadline = time.time() + limit_s
+    while time.time() < deadline and proc.poll() is None:
+        ckpts = run / "checkpoints"
+        done = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()] if ckpts.is_dir() else []
+        if done and max(done) >= step:
+            for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+                try:
+                    argv = cmdline.read_bytes().split(b"\0")
+                except OSError:  # the process ended while we looked
+                    continue
+                if argv[0].endswith(b"timeout") and b"--foreground" in argv and str(run).encode() in argv:
+                    try:
+                        os.kill(int(cmdline.parent.name), signal.SIGALRM)
+                    except ProcessLookupError:  # it ended between the read and the kill
+                        continue
+                    return True
+        time.sleep(1)
+    return False
+
+
 # --- The scripts against stubs: fast, no jax. ------------------------------------------------------
 
 def _stub(path, body):
@@ -104,7 +149,7 @@ def _stub(path, body):
 
 def _clean_env(**extra):
     drop = {"PYTHON", "REPO", "RUN_DIR", "PROJECT", "REPO_URL", "SPOT", "MINI_CONFIG", "MINI_ARGS", "BENCH_CONFIG",
-            "BENCH_SETS", "BENCH_ARGS", "CURVE_SUBJECTS", "CURVE_SECONDS", "CDPATH"}
+            "BENCH_SETS", "BENCH_ARGS", "CURVE_SUBJECTS", "CURVE_SECONDS", "CURVE_ARGS", "CDPATH"}
     env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("SLURM_")}
     env.update(extra)
     return env
