@@ -6,6 +6,24 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import pytest  # noqa: E402
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "slow: a minute or more on 2 CPU cores (trainers, the shipped model's sampler, full-size "
+                   "parity); run first, one at a time per worker. -m 'not slow' skips them.")
+    # xdist's default scheduler hands each worker a first block of consecutive tests (about an eighth
+    # of the suite each with 2 workers) and never takes work back: with the slow tests first, every
+    # one of them would land in worker 0's block. One test at a time makes slow-first list
+    # scheduling: the slow tests spread over the workers, the quick ones fill in behind them.
+    if getattr(config.option, "numprocesses", None) and config.getoption("maxschedchunk", None) is None:
+        config.option.maxschedchunk = 1
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first (a stable sort: the order is otherwise kept), so none of them starts while the
+    other worker has nothing left to do."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _own_compilation_cache(tmp_path_factory):
     """`python -m jedi_jax.sample` caches compiled programs in ~/.cache unless JEDI_JAX_CACHE says
@@ -13,6 +31,32 @@ def _own_compilation_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("JEDI_JAX_CACHE", str(tmp_path_factory.mktemp("xla")))
         yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_compilation_cache(request, tmp_path_factory):
+    """One JAX persistent compilation cache for this test run: its xdist workers, and the trainers
+    and CLIs they start as subprocesses (JAX_COMPILATION_CACHE_DIR), share the programs they compile,
+    where before every test that built the shipped model's sampler or a :micro / :tiny trainer
+    compiled it again (10-90 s each on 2 CPU cores). The folder is new for each run, so no test reads
+    a program compiled by an earlier version of the code; only programs that took over a second are
+    kept (JAX's default). A CLI subprocess that chooses its own cache (JEDI_JAX_CACHE above, or
+    JAX_COMPILATION_CACHE_DIR in its own env, as test_train_resume's trainers) uses that one."""
+    import jax
+    from jax._src import compilation_cache
+
+    # an xdist worker's basetemp is popen-gwN inside the run's folder: share that folder
+    base = tmp_path_factory.getbasetemp()
+    folder = (base.parent if hasattr(request.config, "workerinput") else base) / "xla_shared"
+    folder.mkdir(exist_ok=True)
+    previous = jax.config.jax_compilation_cache_dir
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JAX_COMPILATION_CACHE_DIR", str(folder))
+        jax.config.update("jax_compilation_cache_dir", str(folder))
+        compilation_cache.reset_cache()  # JAX fixes its cache's folder at the first compile
+        yield folder
+    jax.config.update("jax_compilation_cache_dir", previous)
+    compilation_cache.reset_cache()
 
 
 @pytest.fixture(scope="session")

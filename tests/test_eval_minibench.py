@@ -154,6 +154,7 @@ def test_pixel_identity_prefers_own_subject():
     assert own > other + 0.2, (own, other)
 
 
+@pytest.mark.slow
 def test_quick_minibench_end_to_end(tiny64_pipeline, tmp_path):
     from jedi_jax.eval.minibench import ROW_NAMES, Settings, quick_identity, run
 
@@ -348,6 +349,7 @@ def test_dreambooth_curve_end_to_end_and_reach(tiny64_pipeline, tmp_path):
     assert got[1e-3]["reached_at_steps"] is None and got[1e-3]["time_ratio"] is None
 
 
+@pytest.mark.slow
 def test_guidance_sweep_uses_subjects_minibench_does_not(tiny64_pipeline):
     from jedi_jax.eval import guidance_sweep as GS
     from jedi_jax.eval.protocol import generate, make_case

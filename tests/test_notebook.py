@@ -4,10 +4,12 @@ from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
+import pytest
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "jedi_jax_demo.ipynb"
 
 
+@pytest.mark.slow
 def test_notebook_executes(tmp_path, monkeypatch, tiny_model_dir):
     monkeypatch.setenv("JEDI_NOTEBOOK_STEPS", "3")
     # the converted-checkpoint cell runs too: on the tiny random-weight JeDi folder (same code path as

@@ -137,23 +137,11 @@ def _cfg(**overrides):
     return c
 
 
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-    """Every train() call builds the :micro models again, and XLA takes ~25 s on 2 CPU cores to
-    compile their inits: the first call of this module compiles them, the others load them."""
-    from jax._src import compilation_cache
-
-    previous = jax.config.jax_compilation_cache_dir
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
-    compilation_cache.reset_cache()
-    yield
-    jax.config.update("jax_compilation_cache_dir", previous)
-    compilation_cache.reset_cache()
-
-
 @pytest.fixture
-def fast_steps(monkeypatch, compile_cache):
-    """Replaces the AOT-compiled train step; `on_step[step]()` runs inside the step that reaches it."""
+def fast_steps(monkeypatch):
+    """Replaces the AOT-compiled train step; `on_step[step]()` runs inside the step that reaches it.
+    Every train() call builds the :micro models again; XLA compiles their inits (~25 s on 2 CPU
+    cores) once per test run, and the run's shared compilation cache (conftest.py) serves the rest."""
     from jedi_jax.train import step as step_lib
 
     on_step = {}
@@ -195,6 +183,7 @@ def _purge_steps(tb: Path) -> list[int]:
     return out
 
 
+@pytest.mark.slow
 def test_resume_refuses_trajectory_changes_before_restoring(tmp_path, fast_steps, monkeypatch):
     from jedi_jax.train import trainer
 

@@ -37,6 +37,7 @@ def _env():
                 XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {FAST_XLA}")
 
 
+@pytest.mark.slow
 def test_tiny_cli_end_to_end_with_sample_hook(tmp_path):
     wd = tmp_path / "run"
     args = ["--config", "configs/sd15.py:tiny", "--workdir", str(wd), "--config.train.steps=3",

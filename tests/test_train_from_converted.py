@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 from jedi_jax.convert.__main__ import main as convert_main
@@ -33,6 +34,7 @@ def _diffusers_folder(root):
     return root
 
 
+@pytest.mark.slow
 def test_convert_train_export_sample(tmp_path):
     src = _diffusers_folder(tmp_path / "sd_tiny")
     converted = tmp_path / "sd_tiny_jax"

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from test_train_sharding import FAST_XLA, REPO, run_script
 
@@ -58,6 +59,7 @@ print("RESULT", json.dumps({"diff": float(d.max()), "mean_diff": float(d.mean())
 """
 
 
+@pytest.mark.slow
 def test_two_processes_train_and_single_process_restores(tmp_path):
     port = _free_port()
     mp_dir, ref_dir = tmp_path / "multi", tmp_path / "single"

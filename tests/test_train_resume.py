@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 from jax.sharding import PartitionSpec as P
 
 from test_train_checkpoint_io import _purge_steps
@@ -81,6 +82,7 @@ def _logs(workdir: Path, tail: int = 3000) -> str:
     return "\n".join(p.read_text()[-tail:] for p in sorted(workdir.parent.glob(f"{workdir.name}.*.log")))
 
 
+@pytest.mark.slow
 def test_sigkill_resume_and_sigterm_match_uninterrupted_run(tmp_path):
     cache = tmp_path / "xla_cache"
     a_dir, b_dir = tmp_path / "uninterrupted", tmp_path / "interrupted"

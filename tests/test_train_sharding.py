@@ -139,6 +139,7 @@ print("RESULT", json.dumps({"loss8": a["loss"], "loss1": b["loss"], "param_diff"
 """
 
 
+@pytest.mark.slow
 def test_sharded_step_equals_single_device_step():
     out = run_script(STEP_SCRIPT, devices=8)
     res = json.loads(out.stdout.split("RESULT ", 1)[1])

@@ -164,6 +164,7 @@ def test_unet_parity_tiny(name):
     assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
 
 
+@pytest.mark.slow
 def test_unet_parity_sd15_exact():
     """The exact SD 1.5 UNet architecture (random weights, ~860M params), 16x16 latent, batch 1."""
     cfg = _run_parity("sd15_exact", SD15, (16, 16), 77)
