@@ -39,9 +39,12 @@ def _shared_compilation_cache(request, tmp_path_factory):
     and CLIs they start as subprocesses (JAX_COMPILATION_CACHE_DIR), share the programs they compile,
     where before every test that built the shipped model's sampler or a :micro / :tiny trainer
     compiled it again (10-90 s each on 2 CPU cores). The folder is new for each run, so no test reads
-    a program compiled by an earlier version of the code; only programs that took over a second are
-    kept (JAX's default). A CLI subprocess that chooses its own cache (JEDI_JAX_CACHE above, or
-    JAX_COMPILATION_CACHE_DIR in its own env, as test_train_resume's trainers) uses that one."""
+    a program compiled by an earlier version of the code. Every program is kept, not only those that
+    took over a second (JAX's default): a random init runs its initializers op by op, one compile of
+    ~0.4 s per parameter shape (the tiny model folder: ~40 s, the same again in the other worker and
+    in every subprocess that builds a model of those shapes); a cached one loads in milliseconds. A
+    CLI subprocess that chooses its own cache (JEDI_JAX_CACHE above, or JAX_COMPILATION_CACHE_DIR in
+    its own env, as test_train_resume's trainers) uses that one."""
     import jax
     from jax._src import compilation_cache
 
@@ -49,13 +52,16 @@ def _shared_compilation_cache(request, tmp_path_factory):
     base = tmp_path_factory.getbasetemp()
     folder = (base.parent if hasattr(request.config, "workerinput") else base) / "xla_shared"
     folder.mkdir(exist_ok=True)
-    previous = jax.config.jax_compilation_cache_dir
+    settings = {"jax_compilation_cache_dir": str(folder), "jax_persistent_cache_min_compile_time_secs": 0}
+    previous = {name: getattr(jax.config, name) for name in settings}
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("JAX_COMPILATION_CACHE_DIR", str(folder))
-        jax.config.update("jax_compilation_cache_dir", str(folder))
+        for name, value in settings.items():
+            mp.setenv(name.upper(), str(value))  # the subprocesses' JAX reads these at import
+            jax.config.update(name, value)
         compilation_cache.reset_cache()  # JAX fixes its cache's folder at the first compile
         yield folder
-    jax.config.update("jax_compilation_cache_dir", previous)
+    for name, value in previous.items():
+        jax.config.update(name, value)
     compilation_cache.reset_cache()
 
 
