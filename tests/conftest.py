@@ -42,9 +42,8 @@ def _shared_compilation_cache(request, tmp_path_factory):
     a program compiled by an earlier version of the code. Every program is kept, not only those that
     took over a second (JAX's default): a random init runs its initializers op by op, one compile of
     ~0.4 s per parameter shape (the tiny model folder: ~40 s, the same again in the other worker and
-    in every subprocess that builds a model of those shapes); a cached one loads in milliseconds. A
-    CLI subprocess that chooses its own cache (JEDI_JAX_CACHE above, or JAX_COMPILATION_CACHE_DIR in
-    its own env, as test_train_resume's trainers) uses that one."""
+    in every subprocess that builds a model of those shapes); a cached one loads in milliseconds.
+    `python -m jedi_jax.sample` keeps its own cache (JEDI_JAX_CACHE above)."""
     import jax
     from jax._src import compilation_cache
 

@@ -21,19 +21,19 @@ from test_train_sharding import FAST_XLA, REPO, run_script
 STEPS = 16
 
 
-def _env(cache_dir: Path) -> dict:
+def _env() -> dict:
+    # the run's shared compilation cache comes with os.environ (conftest.py): the trainers after the
+    # first load its programs
     return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
-                XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {FAST_XLA}",
-                JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+                XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {FAST_XLA}")
 
 
-def _start(workdir: Path, cache_dir: Path, *extra: str) -> subprocess.Popen:
+def _start(workdir: Path, *extra: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "jedi_jax.train", "--config", "configs/sd15.py:micro", "--workdir", str(workdir),
            f"--config.train.steps={STEPS}", "--config.checkpoint.every=4", "--config.train.log_every=1", *extra]
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir.parent / f"{workdir.name}.{time.time_ns()}.log"
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(cache_dir), stdout=open(log, "w"), stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=open(log, "w"), stderr=subprocess.STDOUT,
                             text=True)
     proc.log_path = log
     return proc
@@ -84,10 +84,9 @@ def _logs(workdir: Path, tail: int = 3000) -> str:
 
 @pytest.mark.slow
 def test_sigkill_resume_and_sigterm_match_uninterrupted_run(tmp_path):
-    cache = tmp_path / "xla_cache"
     a_dir, b_dir = tmp_path / "uninterrupted", tmp_path / "interrupted"
     a = None
-    b = _start(b_dir, cache)
+    b = _start(b_dir)
     try:
         # 1. SIGKILL as soon as a checkpoint is finalized and a later step logged (maybe mid-way
         #    through a later save): the resumed run logs those steps again.
@@ -97,11 +96,11 @@ def test_sigkill_resume_and_sigterm_match_uninterrupted_run(tmp_path):
         killed_at = _finalized_steps(b_dir)[-1]
         assert killed_at < STEPS, "the run finished before it could be killed"
         # The uninterrupted reference, checkpointing every step (its programs are in the cache now).
-        a = _start(a_dir, cache, "--config.checkpoint.every=1", f"--config.checkpoint.keep={STEPS}")
+        a = _start(a_dir, "--config.checkpoint.every=1", f"--config.checkpoint.keep={STEPS}")
 
         # 2. Resume; SIGTERM once it has trained past the restored step: exit 0 with a checkpoint
         #    of exactly the step reached (also when that is no multiple of checkpoint.every).
-        c = _start(b_dir, cache)
+        c = _start(b_dir)
         _wait_for(lambda: f"step {killed_at + 2}/{STEPS} |" in c.log_path.read_text(), c)
         c.send_signal(signal.SIGTERM)
         assert c.wait(120) == 0, _logs(b_dir)
