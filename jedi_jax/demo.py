@@ -68,19 +68,28 @@ def main(argv=None) -> int:
         print(f"error: {why}", file=sys.stderr)
         return 2
     start = time.time()
-    from jedi_jax.pipeline import JeDiPipeline
+    from jedi_jax.convert.torch_naming import ConversionError
+    from jedi_jax.pipeline import JeDiPipeline, PipelineInputError
     from jedi_jax.sample import use_compilation_cache
-    from jedi_jax.sampling.images import labeled_grid
+    from jedi_jax.sampling.images import ImageInputError, labeled_grid
 
     use_compilation_cache()  # a second `make demo` skips XLA's compile (no progress bar: see sample.py)
-    pipe = JeDiPipeline.from_pretrained(model, max_references=3)
+    try:
+        pipe = JeDiPipeline.from_pretrained(model, max_references=3)
+    except (ConversionError, PipelineInputError) as e:  # a broken or unfit --model folder: one line
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
     print(f"loaded {model} in {time.time() - start:.1f} s")
     rows, labels, files = [], [], {}
     for example in load_examples():
         prompts = example["prompts"][: args.num_prompts]
-        result = pipe([q["prompt"] for q in prompts], example["reference_files"],
-                      reference_prompts=[r["caption"] for r in example["references"]],
-                      num_inference_steps=args.steps, seed=args.seed)
+        try:
+            result = pipe([q["prompt"] for q in prompts], example["reference_files"],
+                          reference_prompts=[r["caption"] for r in example["references"]],
+                          num_inference_steps=args.steps, seed=args.seed)
+        except (PipelineInputError, ImageInputError) as e:  # e.g. --steps beyond the model's schedule
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         print(f"{example['subject']}: compiled in {result.seconds['compile']:.1f} s (0: reused in this process), "
               f"sampled {len(prompts)} images in {result.seconds['run']:.1f} s")
         refs = [np.asarray(r) for r in result.references]

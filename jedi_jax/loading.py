@@ -69,7 +69,11 @@ def load_tokenizer(model_dir: str | Path, name: str = "tokenizer"):
     folder = Path(model_dir) / name
     if not folder.is_dir():
         raise ConversionError(f"{model_dir} has no {name}/ folder")
-    return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+    try:
+        return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - a corrupt vocab.json reaches here as the tokenizers library's bare Exception
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConversionError(f"{folder}: not a loadable CLIP tokenizer: {reason}") from None
 
 
 def load_model(model_dir: str | Path, *, dtype=jnp.float32, attention_kernel: str = "xla",

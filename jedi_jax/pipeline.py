@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from jedi_jax.assets import DEFAULT_MODEL_DIR
 from jedi_jax.loading import Model, load_model
-from jedi_jax.models.clip_text import encode_prompts
+from jedi_jax.models.clip_text import TEXT_LAYERS, encode_prompts
 from jedi_jax.models.vae import scale_latents, unscale_latents
 from jedi_jax.sampling import guidance
 from jedi_jax.sampling.images import from_model_range, labeled_grid, load_reference, to_model_range
@@ -133,9 +133,48 @@ def seed_key(seed: int) -> jax.Array:
     return key if seed < 2**32 else jax.random.fold_in(key, seed >> 32)
 
 
+def _one_item(value) -> bool:
+    """One path or image (a reference, or a reference mask) rather than a sequence of them: list()
+    would split a path string into characters; a (k, H, W, 3) array is k of them."""
+    return isinstance(value, (str, Path, Image.Image)) or (isinstance(value, np.ndarray) and value.ndim <= 3)
+
+
 def default_model_dir() -> Path:
     """The embedded JeDi-mini shipped with the package."""
     return DEFAULT_MODEL_DIR
+
+
+def check_components(model: Model, text_layer: str | int) -> None:
+    """Do the folder's parts fit JeDi's set inpainting? One PipelineInputError naming the mismatch,
+    where the first call would otherwise fail deep inside the UNet's trace.
+
+    The UNet reads [noisy latents | known-member mask | reference latents] (models/jedi_inputs.py):
+    in_channels = 2C + 1 for a VAE of C latent channels, and predicts C channels; its
+    cross-attention reads the text encoder's width; an SDXL UNet (addition_embed_type) needs pooled
+    text and time ids this pipeline does not make."""
+    folder, unet, vae, text = model.folder, model.unet.config, model.vae.config, model.text_encoder.config
+    c = vae.latent_channels
+    if unet.in_channels != 2 * c + 1:
+        hint = (f"; a plain SD folder: convert it with --unet-in-channels {2 * c + 1} and train it as JeDi"
+                if unet.in_channels == c else "")
+        raise PipelineInputError(f"model folder {folder}: its UNet takes in_channels={unet.in_channels}, JeDi needs "
+                                 f"2*{c}+1={2 * c + 1} (noisy latents, known-member mask, reference latents){hint}")
+    if unet.out_channels != c:
+        raise PipelineInputError(f"model folder {folder}: its UNet predicts out_channels={unet.out_channels}, "
+                                 f"its VAE has {c} latent channels")
+    widths = sorted(set(unet.cross_attention_dim))
+    if widths != [text.hidden_size]:
+        raise PipelineInputError(f"model folder {folder}: its UNet's cross-attention reads width {widths}, its "
+                                 f"text encoder gives {text.hidden_size}")
+    if unet.addition_embed_type is not None:
+        raise PipelineInputError(f"model folder {folder}: an SDXL-style UNet (addition_embed_type="
+                                 f"{unet.addition_embed_type!r}) needs pooled text and time ids; this pipeline "
+                                 f"runs SD 1.x/2.x-layout UNets")
+    layers = text.num_hidden_layers
+    if isinstance(text_layer, bool) or not (text_layer in TEXT_LAYERS or (
+            isinstance(text_layer, int) and -(layers + 1) <= text_layer <= layers)):
+        raise PipelineInputError(f"text_layer={text_layer!r} (model folder {folder}): choose one of "
+                                 f"{', '.join(TEXT_LAYERS)} or a hidden-state index in [{-(layers + 1)}, {layers}]")
 
 
 class JeDiPipeline:
@@ -152,14 +191,17 @@ class JeDiPipeline:
             raise PipelineInputError(f"model folder {model.folder} needs tokenizer/ and scheduler/ folders")
         self.model = model
         self.max_references = max_references
-        self.text_layer = (getattr(model, "sampling", None) or {}).get("text_layer", "last") \
+        # read-only (properties below): the compiled programs read them at trace time, and their
+        # cache is keyed by argument shapes and sampler settings only
+        self._text_layer = (getattr(model, "sampling", None) or {}).get("text_layer", "last") \
             if text_layer is None else text_layer
-        self.coupled_attention = coupled_attention
+        self._coupled_attention = bool(coupled_attention)
+        check_components(model, self._text_layer)
         try:
             self.schedule_config = NoiseScheduleConfig.from_diffusers(model.scheduler_config)
         except (ValueError, TypeError) as e:
             raise PipelineInputError(f"model folder {model.folder}: scheduler/scheduler_config.json: {e}") from None
-        self.schedule = make_schedule(self.schedule_config)
+        self._schedule = make_schedule(self.schedule_config)
         vae_cfg = model.vae.config
         self.latent_channels = vae_cfg.latent_channels
         self.resolution = vae_cfg.sample_size
@@ -167,6 +209,18 @@ class JeDiPipeline:
         self._jitted = jax.jit(self._generate, static_argnames=("config", "eta", "progress"))
         self._programs: dict = {}  # (argument shapes, config, eta, progress) -> AOT-compiled program
         self._bar = None  # tqdm bar of the running call, advanced by the sampler's host callback
+
+    @property
+    def text_layer(self) -> str | int:
+        return self._text_layer
+
+    @property
+    def coupled_attention(self) -> bool:
+        return self._coupled_attention
+
+    @property
+    def schedule(self):
+        return self._schedule
 
     def _on_step(self, i) -> None:
         if self._bar is not None:
@@ -314,21 +368,19 @@ class JeDiPipeline:
             timesteps = inference_timesteps(self.schedule_config, num_inference_steps, sampler)  # (S,)
         except ValueError as e:
             raise PipelineInputError(f"steps={num_inference_steps}: {e}") from None
-        # one path or image is one reference (list() would split a path string into characters;
-        # a (k, H, W, 3) array is k references)
-        one = isinstance(references, (str, Path, Image.Image)) or (isinstance(references, np.ndarray)
-                                                                   and references.ndim <= 3)
-        references = [references] if one else list(references)
+        references = [references] if _one_item(references) else list(references)
         k, m = len(references), len(prompts)
         if k == 0:  # no references: every step is already text-only (and one program serves it)
             references_on = None
         if k > self.max_references:
             raise PipelineInputError(f"{k} references given but the set holds at most {self.max_references} "
                                      "(raise max_references)")
-        masks = list(reference_masks) if reference_masks is not None else [None] * k
+        masks = [None] * k if reference_masks is None else [reference_masks] if _one_item(reference_masks) \
+            else list(reference_masks)
         if len(masks) != k:
             raise PipelineInputError(f"{len(masks)} reference masks for {k} references")
-        ref_prompts = list(reference_prompts) if reference_prompts is not None else [DEFAULT_REFERENCE_PROMPT] * k
+        ref_prompts = [DEFAULT_REFERENCE_PROMPT] * k if reference_prompts is None else [reference_prompts] \
+            if isinstance(reference_prompts, str) else list(reference_prompts)
         if len(ref_prompts) != k:
             raise PipelineInputError(f"{len(ref_prompts)} reference prompts for {k} references")
 

@@ -1,5 +1,5 @@
-"""`python -m jedi_jax.demo` (what `make demo` runs): bad input is one line and exit 2 before any model
-loads; a run writes the grid and the images, replaces a previous run's folder whole, and fills JAX's
+"""`python -m jedi_jax.demo` (what `make demo` runs): bad input is one line and exit 2, before any model
+loads where the arguments alone show it; a run writes the grid and the images, replaces a previous run's folder whole, and fills JAX's
 persistent compilation cache so the next `make demo` skips XLA's compile."""
 import os
 import subprocess
@@ -24,9 +24,13 @@ def _demo(*args, cache=None, cwd=None):
     (["--seed", "-3"], "--seed -3 must be in [0, 2**64)"),
     (["--model", "{tmp}/nowhere"], "is not a jedi_jax model folder"),
     (["--out", "{tmp}/a_file"], "exists and is not a folder"),
+    (["--model", "{tmp}/broken"], "jedi_model.json: unsupported format"),  # found, but not loadable
+    (["--steps", "1001"], "steps=1001: num_steps=1001 cannot exceed num_train_timesteps=1000"),  # after loading
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     (tmp_path / "a_file").write_text("x")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "jedi_model.json").write_text("{}")
     args = [a.format(tmp=tmp_path) for a in args]
     res = _demo(*args, *([] if "--out" in args else ["--out", tmp_path / "out"]))
     err = [line for line in res.stderr.splitlines() if line.strip()]

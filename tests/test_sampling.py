@@ -161,6 +161,57 @@ def test_bad_pipeline_input(tiny_pipeline):
         tiny_pipeline([PROMPT], image_guidance_interval=(0.1, 0.5, 0.9))
 
 
+def test_unfit_model_folders_are_one_error_naming_the_mismatch(tiny_pipeline):
+    """A folder whose parts do not fit JeDi's set inpainting (a plain 4-channel SD UNet, a width
+    mismatch, an SDXL UNet, a text layer the encoder does not have) fails at construction with one
+    PipelineInputError, not deep inside the UNet's trace at the first call."""
+    import dataclasses
+
+    from jedi_jax.pipeline import JeDiPipeline, PipelineInputError
+
+    model = tiny_pipeline.model
+
+    def changed(name, **fields):
+        component = model.components[name]
+        new = dataclasses.replace(component, config=dataclasses.replace(component.config, **fields))
+        return dataclasses.replace(model, components={**model.components, name: new})
+
+    c = model.vae.config.latent_channels
+    cases = [(changed("unet", in_channels=c), rf"in_channels={c}, JeDi needs 2\*{c}\+1={2 * c + 1} .*--unet-in-channels {2 * c + 1}"),
+             (changed("unet", out_channels=2 * c), f"out_channels={2 * c}, its VAE has {c} latent channels"),
+             (changed("text_encoder", hidden_size=48, num_attention_heads=2), r"cross-attention reads width \[32\], its text encoder gives 48"),
+             (changed("unet", addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=8),
+              "SDXL-style UNet")]
+    for bad, message in cases:
+        with pytest.raises(PipelineInputError, match=message):
+            JeDiPipeline(bad)
+    layers = model.text_encoder.config.num_hidden_layers
+    for layer in (layers + 1, -(layers + 2), "penultimat", True):
+        with pytest.raises(PipelineInputError, match=f"text_layer={layer!r}"):
+            JeDiPipeline(model, text_layer=layer)
+    JeDiPipeline(model, text_layer=-(layers + 1))  # hidden_states[0], the embeddings: in range
+    # what the compiled programs read at trace time cannot change under them
+    for name in ("text_layer", "coupled_attention", "schedule"):
+        with pytest.raises(AttributeError):
+            setattr(tiny_pipeline, name, getattr(tiny_pipeline, name))
+
+
+def test_one_reference_prompt_or_mask_given_alone_is_one_item(tiny_pipeline, tmp_path):
+    """A single string is one reference prompt (list() would make it one caption per character)."""
+    from PIL import Image
+
+    from jedi_jax.pipeline import PipelineInputError
+
+    out = tiny_pipeline([PROMPT], _refs(0, 1)[0], reference_prompts="a red toy", num_inference_steps=2)
+    assert out.settings["reference_prompts"] == ["a red toy"]
+    mask = tmp_path / "mask.png"
+    Image.fromarray(np.full((40, 32), 255, np.uint8)).save(mask)  # the references' shape
+    out = tiny_pipeline([PROMPT], _refs(0, 1), reference_masks=str(mask), num_inference_steps=2)
+    assert out.settings["reference_masks"] == [str(mask)]
+    with pytest.raises(PipelineInputError, match="1 reference prompts for 2 references"):
+        tiny_pipeline([PROMPT], _refs(0, 2), reference_prompts="ab")  # not the captions "a" and "b"
+
+
 def test_model_folder_recommends_guidance_scales(tiny_model_dir, tmp_path):
     """jedi_model.json "sampling" fills the scales a caller leaves out; explicit values win; the
     recorded settings say what ran; a bad recommendation is a strict load error naming it."""
