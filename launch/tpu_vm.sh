@@ -3,8 +3,9 @@
 # run the same command on all workers (jax.distributed auto-detects the slice). See launch/README.md.
 #
 #   launch/tpu_vm.sh NAME ZONE ACCELERATOR CONFIG WORKDIR [extra flags for jedi_jax.train ...]
-#   launch/tpu_vm.sh jedi-v5e us-west4-a v5litepod-64 configs/sd15.py:v5e-64 gs://BUCKET/runs/sd15 \
-#       --config.model.pretrained=gs://BUCKET/sd15-jax --config.data.source=array_record:/data/jedi_sets/1.0.0
+#   launch/tpu_vm.sh jedi-v5e us-west4-a v5litepod-64 configs/sd15.py:v5e-64 /gcs/BUCKET/runs/sd15 \
+#       --config.model.pretrained=/gcs/BUCKET/sd15-jax --config.data.source=array_record:/gcs/BUCKET/jedi_sets/1.0.0
+#   (paths every worker sees, e.g. a bucket mounted with gcsfuse; the trainer refuses gs:// URLs)
 #
 # Environment: PROJECT (gcloud project; default: gcloud's), RUNTIME (TPU software version; default
 # v2-alpha-tpuv5-lite), REPO_URL (git URL of this repo; default: copy the local checkout with scp),

@@ -140,6 +140,25 @@ def test_config_validation_up_front():
         trainer.validate_config(_cfg(""))  # the SD 1.5 default needs a data set
 
 
+def test_urls_are_refused_before_anything_is_written(tmp_path, monkeypatch):
+    """pathlib would turn gs://b/x into a local folder ./gs:/b/x on every host: no shared checkpoint,
+    nothing in the bucket. Every path setting and --workdir refuses a URL, naming it."""
+    from jedi_jax.train import trainer
+
+    c = _cfg("tiny")
+    c.model.pretrained, c.data.latent_vae = "gs://b/sd15-jax", "s3://b/vae"
+    c.data.source = "array_record:gs://b/sets/1.0.0"
+    with pytest.raises(trainer.ConfigError) as e:
+        trainer.validate_config(c)
+    for part in ("model.pretrained='gs://b/sd15-jax'", "data.latent_vae='s3://b/vae'",
+                 "data.source='gs://b/sets/1.0.0'", "mount the bucket"):
+        assert part in str(e.value), (part, str(e.value))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(trainer.ConfigError, match="--workdir='gs://b/runs/x': jedi_jax reads and writes local"):
+        trainer.train(_cfg("tiny"), "gs://b/runs/x")
+    assert not any(tmp_path.iterdir())  # no ./gs:/b/runs/x
+
+
 def test_checkpoint_settings_are_validated():
     """The checkpoints' metric is the training loss (lower is better), whatever it is called: a
     'max' mode would keep the worst checkpoint as "best". keep=0 would silently mean 1."""

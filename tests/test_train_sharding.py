@@ -62,7 +62,13 @@ def test_rules_map_divisible_dims_and_fall_back_to_replication():
     assert shd.spec_for(("embed", "mlp"), (8, 8), FAKE_MESH, both) == P("fsdp")
     assert shd.spec_for(("batch",), (16,), FAKE_MESH, shd.DEFAULT_RULES) == P(("data", "fsdp"))
     with pytest.raises(ValueError, match="no axis"):
-        shd.check_rules((("embed", "model"),), ("data", "fsdp"))
+        shd.check_rules((("batch", "data"), ("embed", "model")), ("data", "fsdp"))
+    shd.check_rules(shd.DEFAULT_RULES, ("data", "fsdp"))
+    # a misspelled logical name would leave every linear kernel replicated; no batch rule, the batch
+    with pytest.raises(ValueError, match=r"unknown logical axes \['embd'\]"):
+        shd.check_rules((("batch", "data"), ("embd", "fsdp")), ("data", "fsdp"))
+    with pytest.raises(ValueError, match="no 'batch' rule"):
+        shd.check_rules((("embed", "fsdp"),), ("data", "fsdp"))
 
 
 STEP_SCRIPT = r"""

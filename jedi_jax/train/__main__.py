@@ -72,11 +72,11 @@ def main(argv) -> int:
 
     if jax.process_index() != 0:  # keep other processes' logs to warnings
         logging.getLogger().setLevel(logging.WARNING)
-    from jedi_jax.train.trainer import ConfigChangeError, train
+    from jedi_jax.train.trainer import ConfigChangeError, ConfigError, train
 
     try:
         summary = train(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
-    except ConfigChangeError as e:  # a user's mistake, not a crash: one line, no traceback
+    except (ConfigChangeError, ConfigError) as e:  # a user's mistake, not a crash: no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     logging.getLogger("jedi_jax.train").info("finished: %s", {k: summary[k] for k in ("status", "step") if k in summary})

@@ -124,9 +124,22 @@ def normalize_rules(rules: Rules) -> dict[str, tuple[str, ...]]:
     return out
 
 
+LOGICAL_NAMES = frozenset(name for name, _ in DEFAULT_RULES)  # every name logical_axes() and the batch use
+
+
 def check_rules(rules: Rules, mesh_axes: Sequence[str]) -> None:
-    """Every mesh axis a rule names must exist in the mesh (catches config typos up front)."""
-    for name, axes in normalize_rules(rules).items():
+    """Catches config typos up front: every rule names a logical axis the code uses (a misspelled
+    one would leave its parameters silently replicated), the batch has a rule (without one every
+    device would compute the whole global batch), and every mesh axis a rule names exists."""
+    table = normalize_rules(rules)
+    unknown_names = sorted(set(table) - LOGICAL_NAMES)
+    if unknown_names:
+        raise ValueError(f"sharding rules name unknown logical axes {unknown_names}; the logical axes are "
+                         f"{sorted(LOGICAL_NAMES)}")
+    if "batch" not in table:
+        raise ValueError("sharding rules have no 'batch' rule: the batch would be replicated, every device "
+                         "computing the whole global batch; add e.g. ('batch', ('data', 'fsdp'))")
+    for name, axes in table.items():
         unknown = [a for a in axes if a not in mesh_axes]
         if unknown:
             raise ValueError(f"sharding rule {name!r} -> {axes}: mesh has no axis {unknown} (axes {tuple(mesh_axes)})")

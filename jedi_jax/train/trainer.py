@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -53,10 +54,32 @@ log = logging.getLogger("jedi_jax.train")
 # ----------------------------------------------------------------------------- config checks
 
 
+class ConfigError(ValueError):
+    """A config (or --workdir) that cannot run: the CLI prints it without a traceback."""
+
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def url_error(name: str, value) -> str | None:
+    """Every path the trainer reads or writes goes through pathlib, which would turn gs://b/x into a
+    local folder ./gs:/b/x on each host (no shared checkpoint, nothing in the bucket): refuse URLs."""
+    if _URL.match(str(value)):
+        return (f"{name}={value!r}: jedi_jax reads and writes local paths only, not URLs; mount the bucket on "
+                f"every host (e.g. gcsfuse, launch/README.md) and give the mounted path")
+    return None
+
+
 def validate_config(config) -> None:
-    """Checks that do not need the models (run before anything is built). Raises ValueError."""
+    """Checks that do not need the models (run before anything is built). Raises ConfigError."""
     t, d, m, c = config.train, config.data, config.mesh, config.checkpoint
     errors = []
+    source = str(d.source)
+    for name, value in (("model.pretrained", config.model.pretrained), ("model.tokenizer", config.model.get("tokenizer", "")),
+                        ("data.latent_vae", d.get("latent_vae", "")), ("data.pool_cache", d.get("pool_cache", "")),
+                        ("data.source", source.split(":", 1)[1] if source.startswith("array_record:") else "")):
+        if error := url_error(name, value):
+            errors.append(error)
     if t.steps < 1:
         errors.append(f"train.steps={t.steps} must be >= 1")
     if t.grad_accum < 1:
@@ -118,7 +141,7 @@ def validate_config(config) -> None:
     if config.sample.every < 0:
         errors.append(f"sample.every={config.sample.every} must be >= 0 (0 = no sample grids)")
     if errors:
-        raise ValueError("invalid config:\n  " + "\n  ".join(errors))
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 
 
 def validate_models(config, models: models_lib.Models, mesh) -> None:
@@ -137,7 +160,7 @@ def validate_models(config, models: models_lib.Models, mesh) -> None:
     if d.batch_size % div:
         errors.append(f"data.batch_size={d.batch_size} must be divisible by the {div} devices of the batch axes")
     if errors:
-        raise ValueError("invalid config:\n  " + "\n  ".join(errors))
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 
 
 # Keys a resumed run may change: how the run is executed, logged, checkpointed or sampled, not what it
@@ -321,6 +344,8 @@ def train(config, workdir: str | Path, *, allow_config_change: bool = False) -> 
 
 def _train(config, workdir, guard: ckpt_lib.PreemptionGuard, opened: list,
            allow_config_change: bool) -> dict[str, Any]:
+    if error := url_error("--workdir", workdir):
+        raise ConfigError(error)
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
