@@ -20,7 +20,8 @@
 # BENCH_SETS, BENCH_ARGS, MINI_CONFIG, MINI_ARGS, CURVE_SUBJECTS, CURVE_SECONDS, CURVE_ARGS, RUN_DIR.
 # It runs from the repo root whatever the caller's directory (config and asset paths are repo-
 # relative; OUT_DIR, RUN_DIR and a PYTHON path stay relative to the caller's directory). Exit status:
-# 0 when training ended by itself or by the planned SIGTERM, and the bench and the curve exited 0;
+# 0 when training exited 0 (ended by itself, or saved after the planned SIGTERM), and the bench and
+# the curve exited 0;
 # otherwise 1, after packing whatever exists, with a last line naming the parts that failed.
 set -uo pipefail
 out=${1:?usage: one_gpu_session.sh OUT_DIR [TRAIN_SECONDS]}
@@ -37,8 +38,10 @@ flags=$(mktemp -d)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
 "$py" -c "import jax, flax, orbax.checkpoint as o; print('jax', jax.__version__, 'flax', flax.__version__, 'orbax', o.__version__, jax.devices())"
 
-# timeout exits 124 when it sent the planned SIGTERM (the trainer then saves and exits): that is OK.
-( timeout --foreground -s TERM "$secs" "$py" -m jedi_jax.train --config "${MINI_CONFIG:-configs/mini.py:gpu}" --workdir "$run" \
+# At the planned SIGTERM the trainer saves the step reached and exits 0. --preserve-status: the
+# trainer's own exit status, not timeout's 124, so a failed pre-emption save is a failure; -k: a
+# trainer still running 120 s after the SIGTERM is killed (SIGKILL, exit 137) instead of holding the GPU.
+( timeout --foreground --preserve-status -k 120 -s TERM "$secs" "$py" -m jedi_jax.train --config "${MINI_CONFIG:-configs/mini.py:gpu}" --workdir "$run" \
     --config.model.pretrained=jedi_jax/assets/jedi_mini --config.data.latent_vae=jedi_jax/assets/jedi_mini \
     ${MINI_ARGS:-} >"$out/train.log" 2>&1
   rc=$?; echo "train exit $rc" >>"$out/train.log"; touch "$flags/train.done"; exit $rc ) &
@@ -65,7 +68,7 @@ tar -C "$run" -czf "$out/run_logs.tgz" --ignore-failed-read metrics.jsonl summar
 ls -la "$out"
 
 failed=()
-[[ $train_rc == 0 || $train_rc == 124 ]] || failed+=("train (exit $train_rc)")
+[[ $train_rc == 0 ]] || failed+=("train (exit $train_rc)")
 [[ $bench_rc == 0 ]] || failed+=("bench (exit $bench_rc)")
 [[ $curve_rc == 0 ]] || failed+=("curve (exit $curve_rc)")
 if ((${#failed[@]})); then

@@ -75,7 +75,7 @@ def test_one_gpu_session_dry_run_on_cpu(tmp_path):
     why = res.stdout[-2000:] + "".join(f"\n--- {k}\n{v[-2000:]}" for k, v in logs.items())
     assert res.returncode == 0, why
     assert expired, "no checkpoint of step >= 3 within the box: " + why
-    assert "train exit 124" in logs["train.log"], why  # the box's SIGTERM ended training, not the step count
+    assert "train exit 0" in logs["train.log"], why  # the trainer's own status (timeout --preserve-status)
 
     # 1. Training ran until the time box's SIGTERM and saved the step it reached.
     steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
@@ -156,8 +156,8 @@ def _clean_env(**extra):
 
 
 # A stand-in for python as one_gpu_session.sh calls it: it logs each part's working directory, the
-# "trainer" writes a checkpoint and then fails (STUB_TRAIN=fail), exits (=done) or waits for the
-# time box's SIGTERM and exits 0 the way the real trainer does (default); bench and curve exit
+# "trainer" writes a checkpoint and then fails (STUB_TRAIN=fail), exits (=done), fails on the time
+# box's SIGTERM (=save_fails) or waits for it and exits 0 the way the real trainer does (default); bench and curve exit
 # STUB_BENCH_RC / STUB_CURVE_RC.
 SESSION_PYTHON = r"""
 case "$1 $2" in
@@ -165,7 +165,9 @@ case "$1 $2" in
     echo "train $PWD" >>"$STUB_LOG"
     while [ $# -gt 0 ]; do [ "$1" = --workdir ] && wd=$2; shift; done
     mkdir -p "$wd/checkpoints/3" && echo weights >"$wd/checkpoints/3/state" && echo '{"step": 3}' >"$wd/metrics.jsonl"
-    case "${STUB_TRAIN:-sigterm}" in fail) exit 1;; done) exit 0;; esac
+    case "${STUB_TRAIN:-sigterm}" in fail) exit 1;; done) exit 0;;
+      save_fails) trap 'kill $! 2>/dev/null; echo "the save on SIGTERM failed"; exit 3' TERM; sleep 30 & wait; exit 0;;
+    esac
     trap 'kill $! 2>/dev/null; echo "saved on SIGTERM"; exit 0' TERM
     sleep 30 & wait; exit 0;;
   "-m jedi_jax.train.bench") echo "bench $PWD" >>"$STUB_LOG"; exit "${STUB_BENCH_RC:-0}";;
@@ -202,7 +204,7 @@ def test_one_gpu_session_runs_from_the_repo_root_and_accepts_the_planned_sigterm
     why = res.stdout[-2000:] + res.stderr[-2000:]
     assert res.returncode == 0, why
     out = tmp_path / "out"
-    assert "train exit 124" in (out / "train.log").read_text() and "saved on SIGTERM" in (out / "train.log").read_text()
+    assert "train exit 0" in (out / "train.log").read_text() and "saved on SIGTERM" in (out / "train.log").read_text()
     # Every part ran in the repo root (the default config / asset paths are repo-relative) ...
     ran = sorted((tmp_path / "stub.log").read_text().splitlines())  # train and bench run side by side
     assert ran == [f"{part} {REPO}" for part in ("bench", "curve", "train")], ran
@@ -212,6 +214,7 @@ def test_one_gpu_session_runs_from_the_repo_root_and_accepts_the_planned_sigterm
 
 
 @pytest.mark.parametrize("part, env, code", [("train", {"STUB_TRAIN": "fail"}, "1"),
+                                             ("train", {"STUB_TRAIN": "save_fails"}, "3"),  # after the box's SIGTERM
                                              ("bench", {"STUB_BENCH_RC": "3"}, "3"),
                                              ("curve", {"STUB_CURVE_RC": "2"}, "2")])
 def test_one_gpu_session_exits_nonzero_naming_the_failed_part_after_packing(tmp_path, part, env, code):
