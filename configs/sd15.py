@@ -38,7 +38,8 @@ Variants (`get_config(arg)`):
     tokens, now padded to 80) and a chunked-attention retry did not finish init + compile in 270 s.
 
   :v5e-64    a v5e-64 TPU slice (16 hosts x 4 chips, 16 GB HBM each): FSDP over all 64 chips,
-      2 sets per chip, remat on. Launch on every worker with launch/tpu_vm.sh.
+      2 sets per chip, remat on, chunked attention (as the default). Launch on every worker with
+      launch/tpu_vm.sh.
 """
 import os
 import sys
@@ -59,12 +60,18 @@ def get_config(arg: str | None = None):
     c.train.warmup_steps = 1000
     c.train.steps = 100_000
     c.mesh.shape = (1, -1)
+    # The coupled self-attention of the top UNet level spans the set: N x 64 x 64 = 16,384 tokens at
+    # 512 px, N=4. "xla" materialises the (B, 8, 16384, 16384) float32 scores: 8 GiB per set and
+    # call, more than a v5e chip's 16 GB at 2 sets. "chunked" (a scan over key chunks, rematerialised)
+    # never does, on any backend; "cudnn" (GPUs) is the fast choice where it runs.
+    c.model.attention_kernel = "chunked"
 
     arg = arg or ""
     if arg == "":
         pass
     elif arg == "tiny":
         common.tiny_model(c)
+        c.model.attention_kernel = "xla"  # 32 px: 4 x 16 x 16 tokens, the scores are small
         c.data.source = "mini_world"
         c.data.num_sets = 10_000
         c.data.hflip = 0.0  # mini-world renders must not be mirrored (SetLoader refuses)
@@ -81,6 +88,7 @@ def get_config(arg: str | None = None):
         c.checkpoint.async_save = True
     elif arg == "micro":  # CI tests of the training machinery (tests/test_train_*.py)
         common.micro_model(c)
+        c.model.attention_kernel = "xla"
         c.data.source = "mini_world"
         c.data.num_sets = 1000
         c.data.hflip = 0.0  # mini-world renders must not be mirrored (SetLoader refuses)
