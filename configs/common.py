@@ -79,7 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
         text_encoder=sd15_text(),
         tokenizer="",  # CLIP tokenizer folder; "" = the pretrained folder's, else the packaged mini-world one
         max_text_len=77,
-        text_layer="last",  # prompt_embeddings layer: "last" (SD 1.x), "penultimate", "embeddings", or an int
+        text_layer="last",  # clip_text.encode_prompts layer: "last" (SD 1.x), "penultimate", "embeddings", "tokens" (JeDi-mini), or an int
         dtype="bfloat16",  # compute dtype of UNet and text encoder (params stay float32)
         vae_dtype="float32",  # SD's VAE is force_upcast
         attention_kernel="xla",  # "xla" | "cudnn" | "chunked"
