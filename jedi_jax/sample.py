@@ -63,7 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-references", type=int, default=3, help="references the compiled set can hold")
     p.add_argument("--free-known", action="store_true",
-                   help="do not re-noise references each step (for models trained without it)")
+                   help="experiment: do not re-noise references each step; they are denoised with the targets "
+                        "(sampling/joint.py JointSamplerConfig.replace_known)")
     p.add_argument("--model", default=None, help="jedi_jax model folder (default: the embedded JeDi-mini)")
     p.add_argument("--out", required=True, help="output folder (must not exist)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])

@@ -2,7 +2,9 @@
 
 Every kernel must equal the "xla" reference (with and without key masks); coupled attention must
 equal a hand-written per-set reference; padded members must not influence valid ones. The real
-cuDNN numeric check runs only where a GPU is present.
+cuDNN numeric checks run only where JAX sees a GPU: `make test` and conftest pin JAX to the CPU, so
+on a GPU machine run them as `JAX_PLATFORMS=cuda python -m pytest tests/test_attention.py -k gpu`
+(they skip, and say so, everywhere else: the 5 skips of a CPU run).
 """
 import functools
 import math

@@ -2,7 +2,9 @@
 checked for learning, export round trip and the latent scaling factor."""
 import json
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -102,9 +104,15 @@ def test_config_is_locked_and_variants_exist():
         c = mini_vae.get_config(arg)
         vt.validate_config(c)
         assert len(c.model.block_out_channels) == 3  # 64 -> 16: 16x16x4 latents
-    c = mini_vae.get_config("cpu")
-    c.lock()
-    with pytest.raises(AttributeError):
-        c.train.stepz = 10
     with pytest.raises(ValueError):
         mini_vae.get_config("tpu")
+
+
+def test_cli_refuses_an_unknown_config_key_before_training(tmp_path):
+    """The CLI locks the config: a misspelled override is an error naming it, and nothing is trained."""
+    repo = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "-m", "jedi_jax.train.vae_trainer", "--config", "configs/mini_vae.py:tiny",
+                          "--workdir", str(tmp_path / "run"), "--config.train.stepz=10"], cwd=repo,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "stepz" in res.stderr, res.stderr[-2000:]
+    assert not (tmp_path / "run").exists()

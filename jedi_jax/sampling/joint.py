@@ -33,6 +33,10 @@ class JointSamplerConfig:
 
     sampler: str = struct.field(pytree_node=False, default="ddim")
     prediction_type: str = struct.field(pytree_node=False, default="epsilon")
+    # True (JeDi's inference): the known members' noisy channel is their clean latents re-noised to
+    # each step's level. False (an experiment, not the paper's): they are denoised like the targets,
+    # along the guided output, whose no-reference branches computed their rows with the references
+    # themselves masked out; nothing trained the model for those rows.
     replace_known: bool = struct.field(pytree_node=False, default=True)
     # False: plain classifier-free text guidance in 2 branches (for sets without references).
     image_guidance: bool = struct.field(pytree_node=False, default=True)
