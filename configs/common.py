@@ -160,6 +160,10 @@ def base_config() -> ml_collections.ConfigDict:
         image_guidance_scale=2.0,  # reference-image guidance (JeDi Sec. 3.4)
         use_ema=True,
     ))
+    # Locked: a config file (or a caller) can set these keys but not add one, so a misspelled
+    # `c.train.warmup = 50` is an error where it is written, not a setting nothing reads. Whole
+    # sub-dicts (the random-init architectures, model.unet/vae/text_encoder) may still be replaced.
+    c.lock()
     return c
 
 

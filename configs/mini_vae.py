@@ -87,6 +87,7 @@ def base_config() -> ml_collections.ConfigDict:
         png_images=8,  # test renders shown in reconstructions.png
         png_zoom=3,
     ))
+    c.lock()  # variants set keys, never add one (a misspelled key is an error where it is written)
     return c
 
 

@@ -104,6 +104,7 @@ def test_config_is_locked_and_variants_exist():
         c = mini_vae.get_config(arg)
         vt.validate_config(c)
         assert len(c.model.block_out_channels) == 3  # 64 -> 16: 16x16x4 latents
+        assert c.is_locked  # a variant's misspelled key fails where it is written
     with pytest.raises(ValueError):
         mini_vae.get_config("tpu")
 
