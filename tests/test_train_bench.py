@@ -80,6 +80,7 @@ def test_peak_flops_table_matches_the_most_specific_name():
 
     assert peak("NVIDIA L40S") == 362e12 and peak("NVIDIA L40") == 181e12 and peak("NVIDIA L4") == 121e12
     assert peak("NVIDIA H100 PCIe") == 756e12 and peak("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak("NVIDIA H100 NVL") == 835e12
     assert peak("NVIDIA H200") == 989e12 and peak("TPU v5 lite") == 197e12 and peak("TPU v5p") == 459e12
     assert peak("Some new accelerator") is None and peak("cpu", platform="cpu") is None
 

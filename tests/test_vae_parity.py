@@ -150,6 +150,28 @@ def test_vae_bfloat16_compute_runs_close():
     assert np.abs(np.asarray(out, np.float32) - ref).max() < 0.05 * np.abs(ref).max()
 
 
+def test_loading_keeps_a_force_upcast_vae_in_float32(tiny_model_dir, tmp_path):
+    """load_component(dtype=bfloat16) decodes in float32 when the VAE's config sets force_upcast (SD's
+    VAE, diffusers' rule), and in bf16 when it does not; the UNet follows the dtype asked for."""
+    import json
+    import shutil
+
+    from jedi_jax.loading import load_component
+
+    def decoded_dtype(folder):
+        vae = load_component(folder, "vae", dtype=jnp.bfloat16)
+        z = jnp.zeros((1, 4, 4, vae.config.latent_channels))
+        return jax.jit(lambda p, z: vae.functional.bind(p).decode(z))(vae.params, z).dtype
+
+    assert json.loads((tiny_model_dir / "vae" / "config.json").read_text())["force_upcast"] is True
+    assert decoded_dtype(tiny_model_dir) == jnp.float32
+    folder = tmp_path / "no_upcast"
+    shutil.copytree(tiny_model_dir, folder)
+    cfg = json.loads((folder / "vae" / "config.json").read_text())
+    (folder / "vae" / "config.json").write_text(json.dumps(dict(cfg, force_upcast=False)))
+    assert decoded_dtype(folder) == jnp.bfloat16
+
+
 def test_vae_config_from_lists_is_hashable_and_equal_to_tuples():
     kw = dict(block_out_channels=[64, 128], down_block_types=["DownEncoderBlock2D"] * 2,
               up_block_types=["UpDecoderBlock2D"] * 2)

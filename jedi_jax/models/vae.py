@@ -20,7 +20,8 @@ Latent scaling (diffusers pipelines, not part of the module): the diffusion mode
 SDXL: 0.13025) and the decoder gets `unscale_latents(z) = z / scaling_factor + shift_factor`.
 
 `force_upcast` is metadata for pipelines (diffusers runs such a VAE in float32 even when the
-rest is half precision): pass `dtype=jnp.float32` when it is set.
+rest is half precision): `jedi_jax.loading.load_component` does the same; a caller building the
+module itself passes `dtype=jnp.float32` when it is set.
 """
 from __future__ import annotations
 

@@ -71,6 +71,7 @@ BATCH_KEYS = ("images", "latents", "input_ids", "member_mask", "ref_mask", "mask
 PEAK_FLOPS = (
     ("H200", 989e12),
     ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
     ("H100", 989e12),  # SXM
     ("A100", 312e12),
     ("L40S", 362e12),

@@ -472,10 +472,12 @@ def _train(config, workdir, guard: ckpt_lib.PreemptionGuard, opened: list,
                 eta = (total - step) / max(sps, 1e-9)
                 if is_main:
                     mfu = "n/a" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
+                    # the FLOPs are those XLA executes: under remat the recomputed forward counts too,
+                    # a hardware-FLOPs utilisation (HFU) above the model-FLOPs one (the "mfu" key holds it)
                     log.info("step %d/%d | loss %.4f | lr %.2e | gnorm %.3f | %.2f steps/s | %.1f sets/s | "
-                             "%.1f img/s/chip | MFU %s | ETA %s", step, total, row["loss"], row["lr"],
-                             row["grad_norm"], sps, row["sets_per_s"], row["images_per_s_per_chip"], mfu,
-                             _fmt_time(eta))
+                             "%.1f img/s/chip | %s %s | ETA %s", step, total, row["loss"], row["lr"],
+                             row["grad_norm"], sps, row["sets_per_s"], row["images_per_s_per_chip"],
+                             "HFU" if config.model.remat else "MFU", mfu, _fmt_time(eta))
                 summary.update(loss=row["loss"], steps_per_s=sps, sets_per_s=row["sets_per_s"],
                                images_per_s_per_chip=row["images_per_s_per_chip"], mfu=row["mfu"])
 
