@@ -194,6 +194,34 @@ def test_mini_world_source():
     assert "masks" not in MiniWorldSource("test", 2, with_masks=False)[0]
 
 
+def test_pool_cache_writers_sharing_a_path_leave_one_whole_file(tmp_path):
+    """Every process of a multi-process run writes the same pool cache to the same shared path: each
+    through its own temporary file, so the file left is whole and no temporary file stays behind."""
+    import threading
+
+    from jedi_jax.data.pool import write_cache
+
+    cache = str(tmp_path / "pool.npz")
+    big = np.arange(2_000_000, dtype=np.float32)  # 8 MB: the writes overlap
+    errors = []
+
+    def write():
+        try:
+            write_cache(cache, latents=big, vae="fp")
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=write) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    with np.load(cache) as data:
+        np.testing.assert_array_equal(data["latents"], big)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pool.npz"]
+
+
 def test_render_pool_wordings_and_cache(tmp_path):
     """pool wording "world+prompt" re-words captions only: same renders, every caption still names
     its image's labels, MiniBench's wording appears; a cache of another wording is refused."""

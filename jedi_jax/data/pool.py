@@ -15,6 +15,7 @@ import hashlib
 import multiprocessing as mp
 import os
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +70,20 @@ def _render_chunk(args):
                              for ctx in s["contexts"]])
         subjects.append(s["subject"])
     return images, masks, captions, subjects
+
+
+def write_cache(cache: str, **arrays) -> None:
+    """np.savez to `cache` atomically. Every process of a multi-process run builds the same pool and
+    may write it to the same shared path: each writes its own temporary file and renames it into
+    place (the contents are equal; the last rename wins), so no reader sees a torn file and no
+    writer renames another's half-written one."""
+    tmp = f"{cache}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}.npz"
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, cache)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 class RenderPool:
@@ -127,10 +142,8 @@ class RenderPool:
         log(f"pool: rendered {num_sets} sets of {set_size} in {time.time() - start:.1f} s on {processes} processes "
             f"({self.images.nbytes / 2**30:.2f} GiB)")
         if cache:
-            tmp = f"{cache}.tmp.npz"
-            np.savez(tmp, images=self.images, masks=self.masks, captions=self.captions, subjects=self.subjects, split=split,
-                     wording=wording, first_set=first_set, num_subjects=int(num_subjects or -1))
-            os.replace(tmp, cache)
+            write_cache(cache, images=self.images, masks=self.masks, captions=self.captions, subjects=self.subjects,
+                        split=split, wording=wording, first_set=first_set, num_subjects=int(num_subjects or -1))
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -202,9 +215,7 @@ class LatentPool:
         self.latents = latents.reshape(renders.images.shape[:2] + latents.shape[1:])  # (S, R, h, w, C)
         log(f"pool: encoded {flat.shape[0]} renders with {vae_folder} in {time.time() - start:.1f} s")
         if cache:
-            tmp = f"{cache}.tmp.npz"
-            np.savez(tmp, latents=self.latents, vae=fingerprint, renders=images_fp)
-            os.replace(tmp, cache)
+            write_cache(cache, latents=self.latents, vae=fingerprint, renders=images_fp)
 
     def __len__(self) -> int:
         return int(self.latents.shape[0])
