@@ -258,6 +258,34 @@ def test_sigterm_on_a_sample_step_saves_without_sampling(tmp_path, fast_steps, m
     assert ckpt_lib.Checkpointer(tmp_path / "run" / "checkpoints", read_only=True).all_steps() == [2]
 
 
+def test_sighup_saves_and_stops_like_sigterm(tmp_path, fast_steps):
+    """A run started over SSH (launch/tpu_vm.sh) gets SIGHUP when the connection drops: it saves the
+    step reached and stops, as on a pre-emption, instead of dying unsaved."""
+    from jedi_jax.train import trainer
+
+    before = signal.getsignal(signal.SIGHUP)
+    fast_steps[2] = lambda: os.kill(os.getpid(), signal.SIGHUP)
+    out = trainer.train(_cfg(**{"train.steps": 4, "checkpoint.every": 4}), tmp_path / "run")
+    assert out["status"] == "preempted" and out["step"] == 2
+    assert ckpt_lib.Checkpointer(tmp_path / "run" / "checkpoints", read_only=True).all_steps() == [2]
+    assert signal.getsignal(signal.SIGHUP) == before  # the run's handler is gone
+
+
+def test_multiprocess_stop_flag_is_gathered_on_sync_steps_and_when_asked(monkeypatch):
+    """With several processes a local SIGTERM counts only through the all-gather: every sync_every
+    steps, or at any step the loop asks with sync=True (the trainer does before a sample grid)."""
+    from jax.experimental import multihost_utils
+
+    gathered = []
+    monkeypatch.setattr(ckpt_lib.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: gathered.append(int(x)) or np.stack([x, 0 * x]))
+    guard = ckpt_lib.PreemptionGuard(sync_every=10, signals=())
+    guard.request_stop()
+    assert not guard.should_stop(3) and gathered == []  # not a sync step: no collective, no stop yet
+    assert guard.should_stop(3, sync=True) and gathered == [1]
+    assert guard.should_stop(10) and gathered == [1, 1]
+
+
 def test_sigterm_in_the_last_step_reports_a_finished_run(tmp_path, fast_steps):
     from jedi_jax.train import trainer
 

@@ -196,14 +196,16 @@ def read_json_item(directory: str | Path, item: str = "config", step: int | None
 
 
 class PreemptionGuard:
-    """SIGTERM (the usual pre-emption / `scancel` / `kill` signal) -> a flag the loop polls.
+    """SIGTERM (the usual pre-emption / `scancel` / `kill` signal) -> a flag the loop polls. SIGHUP
+    too: a run started over SSH (launch/tpu_vm.sh) whose connection drops saves the step reached and
+    exits instead of dying with everything since the last checkpoint.
 
     `should_stop(step)` is True once any process got the signal. With several processes the flags
     are combined by an all-gather every `sync_every` steps (all processes call it at the same
     steps, so they stop at the same step boundary); a single process checks every step.
     """
 
-    def __init__(self, sync_every: int = 10, signals=(signal.SIGTERM,)):
+    def __init__(self, sync_every: int = 10, signals=(signal.SIGTERM, signal.SIGHUP)):
         self._flag = threading.Event()
         self.sync_every = max(1, int(sync_every))
         self._previous = {}

@@ -488,8 +488,11 @@ def _train(config, workdir, guard: ckpt_lib.PreemptionGuard, opened: list,
             # Agreed across processes (every one evaluates step < total alike). Asked before the sample
             # hook, whose grid (sampler compile + DDIM steps) would delay the pre-emption save past a
             # short grace period; not asked after the last step, which is saved and done anyway.
-            stopping = step < total and guard.should_stop(step)
-            if hook is not None and step % config.sample.every == 0 and not stopping:
+            # On a sample step every process asks (a collective), whatever preemption_sync_every says:
+            # a flag seen only at the next sync step would come after the grid.
+            sample_now = hook is not None and step % config.sample.every == 0
+            stopping = step < total and guard.should_stop(step, sync=sample_now)
+            if sample_now and not stopping:
                 t_hook = time.perf_counter()
                 params = state.ema_params if (ema and config.sample.use_ema) else state.params
                 out = hook(step=step, workdir=workdir, config=config, models=models, unet_params=params,
