@@ -192,6 +192,22 @@ def test_config_diffusers_roundtrip():
 # ----------------------------------------------------------------------------- step-by-step parity
 
 
+def _ddim_step_float64(ref, out, t, prev, x, noise, pred):
+    """One DDPM-ancestral (eta = 1) DDIM step (Song et al. 2021, eq. 12) in float64 on diffusers'
+    alphas, the direction's radicand clamped at 0: the reference where diffusers' float32 gives NaN."""
+    abar = ref.alphas_cumprod.double().numpy()
+    a_t, a_prev = abar[t], (abar[prev] if prev >= 0 else float(ref.final_alpha_cumprod))
+    x, out = x.astype(np.float64), out.astype(np.float64)
+    if pred == "epsilon":
+        eps = out
+        x0 = (x - np.sqrt(1 - a_t) * eps) / np.sqrt(a_t)
+    else:  # v_prediction
+        x0 = np.sqrt(a_t) * x - np.sqrt(1 - a_t) * out
+        eps = np.sqrt(a_t) * out + np.sqrt(1 - a_t) * x
+    sigma = np.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
+    return np.sqrt(a_prev) * x0 + np.sqrt(max(1 - a_prev - sigma ** 2, 0.0)) * eps + sigma * noise
+
+
 @pytest.mark.parametrize("eta", [0.0, 0.7, 1.0])
 @pytest.mark.parametrize("cfg,pred", CASES + [(dataclasses.replace(TRAILING, clip_sample=True, clip_sample_range=1.5),
                                                "epsilon")], ids=CASE_IDS + ["trailing-eps-clip"])
@@ -218,14 +234,22 @@ def test_ddim_matches_diffusers(cfg, pred, eta):
         # CPU's arithmetic (FMA or not). Positive residue (up to ~6e-8 -> 2.4e-4 after the sqrt): both
         # agree within the wider tolerance. Negative: diffusers takes sqrt(< 0) and its whole sample
         # is NaN, where ours clamps to 0; the reference then continues from our sample.
+        # Only that first step gets the wider tolerance; the reference then continues from our sample,
+        # so every later step is compared on its own at the usual one.
         near_zero_snr = float(s.alphas_cumprod[-1]) < 1e-6 and eta == 1.0
-        if near_zero_snr and i == 0 and bool(torch.isnan(x_ref).all()):
-            radicand = 1.0 - float(ref.alphas_cumprod[int(prev[i])]) - float(ref._get_variance(t, int(prev[i])))
-            assert -1e-6 < radicand <= 0.0, radicand  # diffusers' own float32 terms: rounding residue only
+        if near_zero_snr and i == 0:
+            if bool(torch.isnan(x_ref).all()):
+                radicand = 1.0 - float(ref.alphas_cumprod[int(prev[i])]) - float(ref._get_variance(t, int(prev[i])))
+                assert -1e-6 < radicand <= 0.0, radicand  # diffusers' own float32 terms: rounding residue only
+                expect = _ddim_step_float64(ref, outs[i], int(t), int(prev[i]), x, noise.numpy(), pred)
+            else:
+                expect = x_ref.numpy()
+            diff = float(np.abs(np.asarray(x_ours) - expect).max())
+            assert diff <= 50 * _tol(expect), (i, int(t), diff)
             x_ref = torch.from_numpy(np.array(x_ours))
             continue
         diff = float(np.abs(np.asarray(x_ours) - x_ref.numpy()).max())
-        tol = _tol(x_ref.numpy()) * (50 if near_zero_snr else 1)
+        tol = _tol(x_ref.numpy())
         assert diff <= tol, (i, int(t), diff)
         worst = max(worst, diff / max(1.0, float(x_ref.abs().max())))
     print(f"ddim {pred} eta={eta}: max rel-ish diff {worst:.2e}")
