@@ -623,3 +623,13 @@ def test_rows_run_on_part_of_the_subjects_are_compared_on_those_subjects():
     text = report(results)
     assert "### DreamBooth k=3 against the full rows on its 6 subjects" in text and "| JeDi k=3 |" in text
     assert "nan" not in text  # no JeDi k=3 timing: the DreamBooth sentence says nothing of it
+    # Run on every subject, DreamBooth still gets its paired differences (issue 5's claim is paired).
+    records += [dict({k: 1.0 for k in keys}, row="dreambooth", subject=s, context_ok=1.0, enc_ref=0.6 + 0.1 * i / 12)
+                for i, s in enumerate(subjects) if i >= 6]
+    res = MB.summarize(records, subjects, rows)
+    full = res["subset_comparisons"]["dreambooth"]
+    assert full["subjects"] == subjects and "dreambooth" not in full["against"]
+    per_db = M.subject_means([x for x in records if x["row"] == "dreambooth"], "enc_ref", subjects)
+    assert full["against"]["jedi_k3"]["enc_ref_difference"]["mean"] == pytest.approx((per_db - per["jedi_k3"]).mean())
+    assert full["against"]["jedi_k3"]["enc_ref_difference"]["hi"] < 0
+    assert "### DreamBooth k=3 against the full rows on every one of the 12 subjects" in report(dict(results, **res))

@@ -237,6 +237,11 @@ def summarize(records: list[dict], subjects: list[str], rows: list[Row]) -> dict
                    f"across rows; none below {M.MIN_CI_SUBJECTS} subjects)")
 
 
+# Baselines whose paired differences against every row are reported even when they ran on every
+# subject: issue 5's JeDi-vs-DreamBooth claim is a paired comparison, not two overlapping intervals.
+ALWAYS_PAIRED = ("dreambooth",)
+
+
 def subset_comparisons(per_subject: dict, subjects: list[str], idx) -> dict:
     """For every row run on part of the subjects (DreamBooth: the first --dreambooth-subjects), every
     full row on THOSE subjects, and the paired per-subject difference (part row - full row):
@@ -248,11 +253,11 @@ def subset_comparisons(per_subject: dict, subjects: list[str], idx) -> dict:
     full = [r for r in per_subject if not np.isnan(per_subject[r]["enc_ref"]).any()]
     for part, scores in per_subject.items():
         ok = ~np.isnan(scores["enc_ref"])
-        if ok.all() or not ok.any():
+        if not ok.any() or (ok.all() and part not in ALWAYS_PAIRED):
             continue
         against = {}
         for r in full:
-            if r in ("ground_truth", "text_only"):
+            if r in ("ground_truth", "text_only", part):
                 continue
             on = {k: np.where(ok, v, np.nan) for k, v in per_subject[r].items()}  # (S,) NaN off the subset
             entry = {"context_ok": M.mean_ci(on["context_ok"], idx),

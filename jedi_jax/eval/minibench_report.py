@@ -112,7 +112,8 @@ def report(results: dict) -> str:
                      if t.get("jedi_k3", {}).get("seconds_per_image") is not None else ".")]
     for part, comp in (results.get("subset_comparisons") or {}).items():
         n = len(comp["subjects"])
-        lines += ["", f"### {info[part]['label']} against the full rows on its {n} subjects", "",
+        on = "every one of the" if n == len(results.get("subjects") or []) else "its"
+        lines += ["", f"### {info[part]['label']} against the full rows on {on} {n} subjects", "",
                   f"Like for like: every row normalized on the same {n} subjects; differences are paired per "
                   f"subject ({info[part]['label']} minus the row).", "",
                   "| row | encoder identity, normalized | both | encoder cos difference | both difference |",
