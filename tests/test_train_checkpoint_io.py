@@ -212,6 +212,43 @@ def test_resume_refuses_trajectory_changes_before_restoring(tmp_path, fast_steps
                       allow_config_change=True)
 
 
+def test_frozen_weights_are_pinned_by_the_checkpoints(tmp_path, fast_steps, monkeypatch):
+    """The frozen VAE / text encoder are rebuilt at each start, never saved: each checkpoint records
+    their fingerprints, and a resume or an export whose rebuild differs (another library's
+    initializers for configs/mini.py's random CLIP, a re-exported pretrained folder) is refused."""
+    from jedi_jax.train import models as models_lib, trainer
+    from jedi_jax.train.export import ExportError, export_run
+
+    wd = tmp_path / "run"
+    trainer.train(_cfg(), wd)
+    stored = ckpt_lib.read_json_item(wd / "checkpoints", "config", 2)[models_lib.FROZEN_KEY]
+    assert sorted(stored) == ["text_encoder", "vae"] and all(len(v) == 64 for v in stored.values())  # sha256
+    assert trainer.train(_cfg(**{"train.steps": 4}), wd)["step"] == 4  # the same rebuild resumes
+    original = models_lib.build
+
+    def other_text_encoder(*args, **kwargs):
+        bundle = original(*args, **kwargs)
+        bundle.frozen["text_encoder"] = jax.tree.map(lambda x: x + 1e-3, bundle.frozen["text_encoder"])
+        return bundle
+
+    monkeypatch.setattr(models_lib, "build", other_text_encoder)
+    with pytest.raises(trainer.ConfigChangeError, match=r"other frozen weights than this start rebuilds: text_encoder \("):
+        trainer.train(_cfg(**{"train.steps": 6}), wd)
+    with pytest.raises(ExportError, match="rebuilding the frozen text_encoder"):
+        export_run(wd, tmp_path / "model", log=lambda *_: None)
+    assert not (tmp_path / "model").exists()
+    out = trainer.train(_cfg(**{"train.steps": 6}), wd, allow_config_change=True)
+    assert out["step"] == 6
+    now = ckpt_lib.read_json_item(wd / "checkpoints", "config", 6)[models_lib.FROZEN_KEY]
+    assert now["vae"] == stored["vae"] and now["text_encoder"] != stored["text_encoder"]
+    monkeypatch.setattr(models_lib, "build", original)
+    # data.latent_vae must be the model's VAE (here: a random VAE against the shipped model's)
+    from jedi_jax.assets import DEFAULT_MODEL_DIR
+
+    with pytest.raises(trainer.ConfigError, match="is not the model's VAE"):
+        trainer.train(_cfg(**{"data.latent_vae": str(DEFAULT_MODEL_DIR)}), tmp_path / "other")
+
+
 def test_which_config_changes_a_resume_refuses():
     from jedi_jax.train import trainer
 

@@ -43,6 +43,10 @@ def tokenizer_folder(model_cfg) -> Path:
     return Path(PACKAGED_DIR)
 
 
+class ExportError(ValueError):
+    """A run that cannot be exported as it was trained (one error line from the CLI)."""
+
+
 def export_run(workdir: str | Path, dst: str | Path, *, step: int | None = None, use_ema: bool = True,
                store_dtype=None, overwrite: bool = False, log=print) -> Path:
     """Writes checkpoint `step` (None = latest) of the run in `workdir` as a model folder at `dst`.
@@ -55,13 +59,21 @@ def export_run(workdir: str | Path, dst: str | Path, *, step: int | None = None,
     reader = ckpt_lib.Checkpointer(workdir / "checkpoints", read_only=True)
     try:
         step = reader.resolve_step(step)
-        config = ml_collections.ConfigDict(reader.read_json("config", step))
+        stored = reader.read_json("config", step)
+        stored_frozen = stored.pop(models_lib.FROZEN_KEY, None)
+        config = ml_collections.ConfigDict(stored)
         # one device, but the run's own axis names: its rules may name axes beyond data / fsdp
         axes = tuple(config.mesh.get("axes", ("data", "fsdp")))
         mesh = shd.make_mesh(axes, (1,) * len(axes), devices=jax.devices()[:1])
         rules = tuple(tuple(r) for r in config.mesh.rules)
         bundle = models_lib.build(config.model, mesh=mesh, rules=rules, seed=config.seed, load_unet=False)
         models = bundle.models
+        rebuilt = models_lib.frozen_fingerprints(bundle.frozen)
+        differ = sorted(n for n in (stored_frozen or {}) if rebuilt and rebuilt.get(n) != stored_frozen[n])
+        if differ:  # the folder would ship a component the UNet was never trained with
+            raise ExportError(f"{workdir} step {step}: rebuilding the frozen {', '.join(differ)} (model.pretrained="
+                             f"{config.model.pretrained!r}, seed {config.seed}) does not give the weights the run "
+                             "trained with; restore that folder or library version before exporting")
         tx, _ = state_lib.make_optimizer(config.train)
         abstract = jax.eval_shape(lambda p: state_lib.create_state(p, tx, config.train.ema_decay > 0),
                                   models.unet.param_shapes())
@@ -114,7 +126,7 @@ def main(argv=None) -> int:
     try:
         export_run(args.workdir, args.dst, step=args.step, use_ema=not args.no_ema,
                    store_dtype=getattr(jnp, args.store_dtype) if args.store_dtype else None, overwrite=args.overwrite)
-    except (FileNotFoundError, FileExistsError) as e:
+    except (FileNotFoundError, FileExistsError, ExportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -139,6 +139,18 @@ def check_compatible(unet_config, vae_config, text_config) -> None:
 
 
 COMPONENTS = ("unet", "vae", "text_encoder")
+# The checkpoints' config JSON holds, under this key, frozen_fingerprints() of the run's frozen weights.
+FROZEN_KEY = "frozen_fingerprints"
+
+
+def frozen_fingerprints(frozen: dict) -> dict[str, str] | None:
+    """{component: params_fingerprint} of the frozen VAE and text encoder, or None where this process
+    does not hold all of their bytes (several hosts)."""
+    from jedi_jax.convert.param_io import params_fingerprint
+
+    if not all(getattr(x, "is_fully_addressable", True) for x in jax.tree.leaves(frozen)):
+        return None
+    return {name: params_fingerprint(frozen[name]) for name in sorted(frozen)}
 _KINDS = {"unet": "unet", "vae": "vae", "text_encoder": "clip_text"}
 
 

@@ -24,7 +24,9 @@ silently continue a different run, or fail to restore a state of another structu
 refused before anything is restored, naming the keys: re-run with the checkpoint's values, or pass
 `allow_config_change=True` (`python -m jedi_jax.train ... --allow_config_change`) to continue with
 the new ones. train.steps may change while the lr schedule does not depend on it (constant decay,
-warmup within both lengths).
+warmup within both lengths). The frozen VAE and text encoder are not checkpointed but rebuilt at
+each start; each checkpoint's config JSON holds their fingerprints, and a rebuild that differs is
+refused the same way (check_frozen), as is an export (train/export.py).
 """
 from __future__ import annotations
 
@@ -161,6 +163,36 @@ def validate_models(config, models: models_lib.Models, mesh) -> None:
         errors.append(f"data.batch_size={d.batch_size} must be divisible by the {div} devices of the batch axes")
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def check_frozen(config, frozen_fp: dict | None, stored_fp: dict | None, latest: int | None, *,
+                 allow: bool) -> None:
+    """The frozen VAE and text encoder are rebuilt at every start (from model.pretrained, or from the
+    seed: configs/mini.py's random CLIP), never checkpointed. A resume whose rebuild differs from the
+    weights the checkpoint's UNet was trained with (another library's initializers, a re-exported
+    pretrained folder) is refused like a config change. data.latent_vae must be the model's own VAE:
+    the UNet learns latents that its samples and its export decode with model.pretrained's VAE."""
+    if frozen_fp is None:  # several processes: the frozen weights are not all on this host
+        return
+    if latest is not None and stored_fp:
+        differ = sorted(n for n in frozen_fp if stored_fp.get(n) not in (None, frozen_fp[n]))
+        if differ:
+            msg = (f"checkpoint {latest} was trained with other frozen weights than this start rebuilds: "
+                   f"{', '.join(differ)} (model.pretrained={config.model.pretrained!r}, seed={config.seed}); "
+                   "pass --allow_config_change to continue with the new ones")
+            if not allow:
+                raise ConfigChangeError(msg)
+            log.warning("%s: continuing (--allow_config_change)", msg.split("; pass")[0])
+    latent_vae = str(config.data.get("latent_vae", "") or "")
+    if latent_vae:
+        from jedi_jax.convert.param_io import params_fingerprint
+        from jedi_jax.loading import load_component
+
+        encoder = params_fingerprint(load_component(latent_vae, "vae").params)
+        if encoder != frozen_fp["vae"]:
+            raise ConfigError(f"data.latent_vae={latent_vae!r} is not the model's VAE (model.pretrained="
+                              f"{config.model.pretrained!r}): the UNet would learn latents that its samples and "
+                              "export decode with another VAE; give both the same folder")
 
 
 # Keys a resumed run may change: how the run is executed, logged, checkpointed or sampled, not what it
@@ -363,12 +395,18 @@ def _train(config, workdir, guard: ckpt_lib.PreemptionGuard, opened: list,
     latest = checkpointer.latest_step()
     resolved_config = ckpt_lib.config_to_json(config)
     changed: list[str] = []
+    stored_frozen = None
     if latest is not None:  # before anything is built or restored: a refused change costs nothing
-        changed = check_config_changes(checkpointer.read_json("config", latest), resolved_config, latest,
-                                       allow=allow_config_change)
+        stored = checkpointer.read_json("config", latest)
+        stored_frozen = stored.pop(models_lib.FROZEN_KEY, None)
+        changed = check_config_changes(stored, resolved_config, latest, allow=allow_config_change)
     bundle = models_lib.build(config.model, mesh=mesh, rules=rules, seed=config.seed, load_unet=latest is None)
     models = bundle.models
     validate_models(config, models, mesh)
+    frozen_fp = models_lib.frozen_fingerprints(bundle.frozen)
+    check_frozen(config, frozen_fp, stored_frozen, latest, allow=allow_config_change)
+    if frozen_fp is not None:  # every checkpoint names the frozen weights its UNet was trained with
+        resolved_config[models_lib.FROZEN_KEY] = frozen_fp
     from jedi_jax.schedulers.schedule import NoiseScheduleConfig, make_schedule
 
     schedule = make_schedule(NoiseScheduleConfig.from_train_config(config.schedule.to_dict()))
