@@ -109,6 +109,42 @@ def test_config_is_locked_and_variants_exist():
         mini_vae.get_config("tpu")
 
 
+def test_sigterm_saves_and_a_rerun_resumes_refusing_trajectory_changes(tmp_path):
+    """SIGTERM mid-run saves the step reached and returns without exporting; re-running finishes and
+    exports; a resume that changes the trajectory (train.lr) is refused naming the key, one that only
+    lengthens a constant-lr run or changes its logging is not."""
+    import signal
+
+    from jedi_jax.train.trainer import ConfigChangeError
+
+    def cfg(**train):
+        c = _tiny_config()
+        c.train.steps, c.train.warmup_steps, c.train.decay, c.train.log_every = 4, 0, "constant", 1
+        c.checkpoint.every = 100  # only the pre-emption save and the last step's
+        for k, v in train.items():
+            c.train[k] = v
+        return c
+
+    def term_at_step_2(line):
+        if line.startswith("step      2/"):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    wd = tmp_path / "run"
+    before = signal.getsignal(signal.SIGTERM)
+    out = vt.train(cfg(), wd, log_fn=term_at_step_2)
+    assert out == {"status": "preempted", "step": 2}
+    assert signal.getsignal(signal.SIGTERM) == before and not (wd / "vae_export").exists()
+    assert sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit()) == [2]
+    lines = []
+    out = vt.train(cfg(), wd, log_fn=lines.append)
+    assert out["step"] == 4 and (wd / "vae_export").exists()
+    assert any("step 2" in line and "resumed" in line for line in lines), lines
+    with pytest.raises(ConfigChangeError, match=r"train\.lr \(0\.003 -> 0\.001\)"):
+        vt.train(cfg(steps=6, lr=1e-3), wd, log_fn=lambda s: None)
+    out = vt.train(cfg(steps=6, log_every=3), wd, log_fn=lambda s: None)  # longer, constant lr: the same run
+    assert out["step"] == 6
+
+
 def test_cli_refuses_an_unknown_config_key_before_training(tmp_path):
     """The CLI locks the config: a misspelled override is an error naming it, and nothing is trained."""
     repo = Path(__file__).resolve().parents[1]

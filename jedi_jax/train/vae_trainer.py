@@ -20,7 +20,10 @@ What it does (see configs/mini_vae.py for the keys):
 * Progress line every `train.log_every` steps (step, loss, train PSNR, steps/s, ETA) and
   WORKDIR/metrics.jsonl (one JSON object per log / eval).
 * Orbax checkpoints of {step, params, opt_state, ema} every `checkpoint.every` steps in
-  WORKDIR/checkpoints/; a re-run resumes from the latest (finished runs only re-export).
+  WORKDIR/checkpoints/; a re-run resumes from the latest (finished runs only re-export), refusing
+  config changes that would change the trajectory (WORKDIR/config.json is the run's; see
+  OPERATIONAL_KEYS; --allow_config_change overrides). SIGTERM or SIGHUP saves the step reached and
+  stops without exporting.
 * At the end: the latent scaling factor 1/std(latents) over `data.scale_renders` train renders
   (posterior samples, as LDM's `scale_by_std`), stored in `VAEConfig.scaling_factor`; test PSNR
   (mean of per-image PSNR over `data.eval_renders` test renders, posterior mean, [0, 1] scale);
@@ -44,12 +47,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import ml_collections
 import optax
 import orbax.checkpoint as ocp
 
 from jedi_jax.data import mini_world
 from jedi_jax.models.functional import Functional, count_params
 from jedi_jax.models.vae import AutoencoderKL, VAEConfig, kl_divergence, sample_latent
+from jedi_jax.train.checkpoint import PreemptionGuard
 
 log = logging.getLogger("jedi_jax.train.vae")
 
@@ -323,12 +328,56 @@ def _checkpoint_manager(directory: Path, keep: int) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(directory, options=options)
 
 
-def train(config, workdir: str | Path, *, log_fn=None) -> dict[str, Any]:
+# Keys a resumed run may change: they say how it is logged, evaluated, checkpointed or exported, not
+# which batches or updates it makes (the final test PSNR and scaling factor are computed afresh).
+OPERATIONAL_KEYS = ("checkpoint.", "export.", "train.log_every", "data.pool_workers", "data.eval_every",
+                    "data.eval_quick", "data.eval_batch", "data.eval_renders", "data.scale_renders")
+
+
+def check_resume_config(workdir: Path, config, latest: int | None, *, allow: bool, say) -> None:
+    """WORKDIR/config.json holds the config the run started with; a resume that changes a key outside
+    OPERATIONAL_KEYS (train.steps too, unless the lr schedule does not depend on it) would continue
+    another trajectory: ConfigChangeError naming the keys, unless `allow`."""
+    from jedi_jax.train.checkpoint import config_to_json
+    from jedi_jax.train.trainer import ConfigChangeError, config_changes
+
+    current, path = config_to_json(config), workdir / "config.json"
+    if latest is None or not path.exists():
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(current, indent=2))
+        tmp.replace(path)
+        return
+
+    def refused(key, a, b):
+        if any(key == k or (k.endswith(".") and key.startswith(k)) for k in OPERATIONAL_KEYS):
+            return False
+        if key == "train.steps":  # the same lr at every step of the longer run: a longer (or shorter) run
+            longer = np.arange(max(int(a), int(b)))
+            lrs = [np.asarray(learning_rate_schedule(ml_collections.ConfigDict(dict(current["train"], steps=int(n))))(longer))
+                   for n in (a, b)]
+            return not np.array_equal(*lrs)
+        return True
+
+    changes = config_changes(json.loads(path.read_text()), current)
+    bad = [c for c in changes if refused(*c)]
+    for key, a, b in changes:
+        say(f"config differs from the run's start: {key}: {a!r} -> {b!r}")
+    if bad and not allow:
+        listed = ", ".join(f"{k} ({a!r} -> {b!r})" for k, a, b in bad)
+        raise ConfigChangeError(f"the config differs from the one checkpoint {latest}'s run started with in keys "
+                                f"that change its trajectory: {listed}; re-run with those values, or pass "
+                                "--allow_config_change")
+    if bad:  # continuing on purpose: the new values are the run's from here on
+        path.write_text(json.dumps(current, indent=2))
+
+
+def train(config, workdir: str | Path, *, log_fn=None, allow_config_change: bool = False) -> dict[str, Any]:
     """Trains (or resumes) the mini-world VAE in `workdir`, then evaluates and exports it.
 
     Returns the summary (as written to WORKDIR/summary.json: step, test_psnr, scaling_factor,
     steps_per_s, train_s, export_dir, png, ...) with `params` (the exported float32 params) and
-    `vae_config` (the exported VAEConfig) added.
+    `vae_config` (the exported VAEConfig) added; after a SIGTERM or SIGHUP, the step reached is
+    saved and it returns {"status": "preempted", "step": ...} without exporting (re-run to go on).
     """
     if hasattr(config, "lock"):
         config.lock()
@@ -362,6 +411,7 @@ def train(config, workdir: str | Path, *, log_fn=None) -> dict[str, Any]:
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
                             jax.eval_shape(init_fn, vae.param_shapes()))
     latest = manager.latest_step()
+    check_resume_config(workdir, config, latest, allow=allow_config_change, say=say)
     if latest is not None:
         state = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
         say(f"resumed from {workdir / 'checkpoints'} step {int(state['step'])}")
@@ -387,51 +437,63 @@ def train(config, workdir: str | Path, *, log_fn=None) -> dict[str, Any]:
     total = int(t.steps)
     compile_s, steps_per_s = 0.0, float("nan")
     t_train0 = time.time()
-    if step < total:
-        t0 = time.time()
-        compiled = step_fn.lower(state, pool, step_key).compile()
-        compile_s = time.time() - t0
-        say(f"compiled train step in {compile_s:.1f}s; training steps {step}..{total}")
-        t_log, step_log = time.time(), step
-        run_start, run_start_step = None, step
-        while step < total:
-            state, metrics = compiled(state, pool, step_key)
-            step += 1
-            if run_start is None:  # start timing after the first (warm-up) step
-                jax.block_until_ready(metrics["loss"])
-                run_start, run_start_step = time.time(), step
-                t_log, step_log = run_start, step
-            if step % t.log_every == 0 or step == total:
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                now = time.time()
-                rate = (step - step_log) / max(now - t_log, 1e-9) if step > step_log else float("nan")
-                overall = (step - run_start_step) / max(now - run_start, 1e-9) if step > run_start_step else rate
-                steps_per_s = overall
-                eta = (total - step) / overall if overall > 0 else float("nan")
-                lr = float(lr_schedule(step - 1))
-                say(f"step {step:6d}/{total}  loss {metrics['loss']:.4f}  l1 {metrics['l1']:.4f}  "
-                    f"kl {metrics['kl']:.0f}  psnr {metrics['psnr']:5.2f} dB  lr {lr:.2e}  "
-                    f"{rate:.2f} steps/s  ({rate * d.batch_size:.0f} img/s)  ETA {_fmt_time(eta)}")
-                write_metrics(dict(step=step, kind="train", lr=lr, steps_per_s=rate,
-                                   elapsed_s=now - t_train0, **metrics))
-                t_log, step_log = now, step
-            if d.eval_every and step % d.eval_every == 0 and step < total:
-                now_eval = time.time()
-                eval_params = state["ema"] if ema else state["params"]
-                q = evaluate_psnr(reconstruct, eval_params, test_np[:d.eval_quick], int(d.eval_batch))
-                say(f"step {step:6d}  test PSNR ({d.eval_quick} renders) {q:.2f} dB")
-                write_metrics(dict(step=step, kind="eval", test_psnr=q, n=int(d.eval_quick),
-                                   elapsed_s=time.time() - t_train0))
-                paused = time.time() - now_eval
-                t_log += paused  # eval time is not train time
-                run_start += paused
-            if step % config.checkpoint.every == 0 or step == total:
-                manager.save(step, args=ocp.args.StandardSave(state))
-        manager.wait_until_finished()
-    else:
-        say(f"checkpoint step {step} >= train.steps {total}: nothing to train, re-exporting")
+    guard = PreemptionGuard(sync_every=1)  # SIGTERM / SIGHUP: save the step reached, then stop
+    preempted = False
+    try:
+        if step < total:
+            t0 = time.time()
+            compiled = step_fn.lower(state, pool, step_key).compile()
+            compile_s = time.time() - t0
+            say(f"compiled train step in {compile_s:.1f}s; training steps {step}..{total}")
+            t_log, step_log = time.time(), step
+            run_start, run_start_step = None, step
+            while step < total:
+                state, metrics = compiled(state, pool, step_key)
+                step += 1
+                if run_start is None:  # start timing after the first (warm-up) step
+                    jax.block_until_ready(metrics["loss"])
+                    run_start, run_start_step = time.time(), step
+                    t_log, step_log = run_start, step
+                if step % t.log_every == 0 or step == total:
+                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    now = time.time()
+                    rate = (step - step_log) / max(now - t_log, 1e-9) if step > step_log else float("nan")
+                    overall = (step - run_start_step) / max(now - run_start, 1e-9) if step > run_start_step else rate
+                    steps_per_s = overall
+                    eta = (total - step) / overall if overall > 0 else float("nan")
+                    lr = float(lr_schedule(step - 1))
+                    say(f"step {step:6d}/{total}  loss {metrics['loss']:.4f}  l1 {metrics['l1']:.4f}  "
+                        f"kl {metrics['kl']:.0f}  psnr {metrics['psnr']:5.2f} dB  lr {lr:.2e}  "
+                        f"{rate:.2f} steps/s  ({rate * d.batch_size:.0f} img/s)  ETA {_fmt_time(eta)}")
+                    write_metrics(dict(step=step, kind="train", lr=lr, steps_per_s=rate,
+                                       elapsed_s=now - t_train0, **metrics))
+                    t_log, step_log = now, step
+                if d.eval_every and step % d.eval_every == 0 and step < total:
+                    now_eval = time.time()
+                    eval_params = state["ema"] if ema else state["params"]
+                    q = evaluate_psnr(reconstruct, eval_params, test_np[:d.eval_quick], int(d.eval_batch))
+                    say(f"step {step:6d}  test PSNR ({d.eval_quick} renders) {q:.2f} dB")
+                    write_metrics(dict(step=step, kind="eval", test_psnr=q, n=int(d.eval_quick),
+                                       elapsed_s=time.time() - t_train0))
+                    paused = time.time() - now_eval
+                    t_log += paused  # eval time is not train time
+                    run_start += paused
+                preempted = step < total and guard.should_stop(step)
+                if step % config.checkpoint.every == 0 or step == total or preempted:
+                    manager.save(step, args=ocp.args.StandardSave(state))
+                if preempted:
+                    say(f"pre-empted: checkpoint of step {step} written; re-run the same command to go on")
+                    break
+            manager.wait_until_finished()
+        else:
+            say(f"checkpoint step {step} >= train.steps {total}: nothing to train, re-exporting")
+    finally:
+        guard.restore_handlers()
     train_s = time.time() - t_train0
     manager.close()
+    if preempted:
+        metrics_file.close()
+        return {"status": "preempted", "step": step}
 
     # ---- final evaluation, scaling factor, export
     final_params = jax.device_get(state["ema"] if ema else state["params"])
@@ -498,15 +560,25 @@ def main(argv=None) -> int:
     config_flag = config_flags.DEFINE_config_file("config", None, "configs/mini_vae.py[:cpu|:gpu|:tiny]",
                                                   lock_config=True)
     workdir_flag = flags.DEFINE_string("workdir", None, "output folder (checkpoints, metrics, export)")
+    allow_flag = flags.DEFINE_bool("allow_config_change", False,
+                                   "resume even when the config changes keys that change the trajectory")
     flags.mark_flags_as_required(["config", "workdir"])
 
     def _main(args):
+        from jedi_jax.train.trainer import ConfigChangeError
+
         if len(args) > 1:
             raise app.UsageError(f"unexpected arguments: {args[1:]}")
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout, force=True)
         logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save at INFO
-        summary = train(config_flag.value, workdir_flag.value)
-        print(json.dumps({k: summary[k] for k in ("step", "test_psnr", "scaling_factor", "export_dir", "png")}))
+        try:
+            summary = train(config_flag.value, workdir_flag.value, allow_config_change=allow_flag.value)
+        except ConfigChangeError as e:  # a user's mistake, not a crash: one line
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        keys = ("status", "step") if summary.get("status") == "preempted" else \
+            ("step", "test_psnr", "scaling_factor", "export_dir", "png")
+        print(json.dumps({k: summary[k] for k in keys}))
         return 0
 
     app.run(_main, argv=argv)
