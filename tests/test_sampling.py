@@ -468,6 +468,31 @@ def test_bfloat16_compute_stays_close_to_float32_on_the_shipped_model():
     assert 0 < diff.mean() < 0.03  # bf16 really ran (not bit-identical) and stays close
 
 
+def test_a_reference_flag_on_a_padding_slot_is_padding():
+    """ref_mask outside member_mask (an API caller's layout; the pipeline never builds one) is
+    ignored, as training ignores it: the slot is not returned as a known reference."""
+    from jedi_jax.sampling.joint import JointSamplerConfig, sample_set
+    from jedi_jax.schedulers.schedule import NoiseScheduleConfig, make_schedule
+
+    B, N, h, C, T, D = 1, 3, 4, 2, 3, 8
+    schedule = make_schedule(NoiseScheduleConfig())
+    timesteps = jnp.asarray([999, 500, 0], jnp.int32)
+    rng = np.random.default_rng(0)
+    refs = jnp.asarray(rng.standard_normal((B, N, h, h, C)), jnp.float32)
+    x_T = jnp.asarray(rng.standard_normal((B, N, h, h, C)), jnp.float32)
+    ctx, empty = jnp.ones((B, N, T, D)), jnp.zeros((B, N, T, D))
+    members = jnp.asarray([[True, True, False]])  # slot 2 is padding
+
+    def run(ref_mask):
+        layout = guidance.SetLayout(member_mask=members, ref_mask=jnp.asarray([ref_mask]))
+        return np.asarray(sample_set(lambda p, x, t, c, m: 0.1 * x[..., :C], {}, schedule, timesteps, x_T, refs,
+                                     layout, ctx, empty, 2.0, 3.0, jax.random.key(0), config=JointSamplerConfig()))
+
+    flagged, clean = run([False, True, True]), run([False, True, False])
+    np.testing.assert_array_equal(flagged, clean)
+    assert not np.array_equal(flagged[0, 2], np.asarray(refs[0, 2]))
+
+
 def test_sample_set_checks_per_step_scales_and_keeps_a_bfloat16_carry():
     """A (2,) scale over 4 steps was read with a clamped index ([2, 5, 5, 5]); a bfloat16 x_T with
     float32 references broke the loop's carry type when the references were re-noised."""

@@ -159,6 +159,10 @@ def convert_diffusers_folder(src: str | Path, dst: str | Path, *, unet_in_channe
         if sc.kind == "unet" and unet_in_channels is not None and unet_in_channels != config.in_channels:
             params = widen_conv_in(params, unet_in_channels)
             config = dataclasses.replace(config, in_channels=unet_in_channels)
+        elif sc.kind == "unet" and config.in_channels == 2 * config.out_channels + 1:
+            log(f"  note: {sc.name} already takes {config.in_channels} input channels, e.g. an SD-inpainting UNet: "
+                "its mask channel marks the region to generate, JeDi's (models/jedi_inputs.py) the known "
+                "members, and its last channels hold the masked image; train it as JeDi before sampling")
         parts[sc.name] = (sc.kind, config, params)
         log(f"  {sc.name}: {sc.kind}, {sum(int(np.size(t)) for t in tensors.values()) / 1e6:.1f} M parameters")
     extra = {n: src / n for n in comp.COPIED_FOLDERS if (src / n).is_dir()}

@@ -1,8 +1,9 @@
 """The JeDi UNet input layout: one definition shared by training and sampling (JeDi, Sec. 3.3).
 
 Personalization is inpainting of a set: known members (the references) are given clean, unknown
-members are generated. The UNet sees, per member, 2C+1 channels (9 for C=4 latents, the SD
-inpainting layout):
+members are generated. The UNet sees, per member, 2C+1 channels (9 for C=4 latents: the channel
+count and order of SD inpainting, whose mask means the opposite: 1 = the region to generate there,
+1 = a known member here):
 
     [ noisy latent x_t (C) | known-mask (1) | clean reference latent, zeros where unknown (C) ]
 

@@ -101,6 +101,9 @@ def sample_set(unet_fn: UNetFn, unet_params, schedule, timesteps: jnp.ndarray, x
         if jnp.ndim(scale) > 1 or (jnp.ndim(scale) == 1 and jnp.shape(scale) != timesteps.shape):
             raise ValueError(f"{name} must be one value () or one per step {tuple(timesteps.shape)}; "
                              f"got shape {jnp.shape(scale)}")
+    # a reference flagged on a padding slot is padding (as in training, train/step.py): otherwise it
+    # would be re-noised and returned as known while every branch's attention masks it out
+    layout = guidance.SetLayout(member_mask=layout.member_mask, ref_mask=layout.ref_mask & layout.member_mask)
     known = layout.ref_mask[:, :, None, None, None]  # (B, N, 1, 1, 1)
     eta_key, known_key = jax.random.split(key)
 
