@@ -10,8 +10,10 @@ setup(
     include_package_data=True,
     python_requires=">=3.11",
     install_requires=[
-        # Tested with jax 0.10.2, flax 0.12.8, optax 0.2.8, orbax 0.12.8; the bounds keep CI on
-        # minor versions whose NNX / orbax APIs we use.
+        # Tested with jax 0.10.2, flax 0.12.8, optax 0.2.8, orbax 0.12.8 (what this project's package
+        # index serves, so CI installs exactly these), and on a GPU with jax 0.11.2 + flax 0.12.10;
+        # flax 0.12.8 does not import under jax 0.11: with jax 0.11 take flax >= 0.12.10 (pip's
+        # newest-first choice does). The bounds keep to minor versions whose NNX / orbax APIs we use.
         "jax>=0.10,<0.12",
         "flax>=0.12.8,<0.14",
         "optax>=0.2.8,<0.3",
@@ -28,7 +30,8 @@ setup(
         "tensorboardX",
     ],
     extras_require={
-        # PyTorch references for the parity tests. torch==2.13.0 is the CPU wheel on the dev machines.
+        # PyTorch references for the parity tests. torch==2.13.0: this project's index serves its CPU
+        # wheel (2.13.0+cpu); from public PyPI on Linux it is the CUDA build (works, several GB more).
         # setuptools: tests/test_packaging.py builds the wheel without build isolation.
         "test": ["torch==2.13.0", "diffusers==0.42.1", "pytest", "pytest-xdist", "nbclient", "ipykernel",
                  "setuptools", "tensorflow-datasets>=4.9", "importlib_resources"],
