@@ -176,6 +176,19 @@ def test_remat_gradients_identical():
     def loss(f):
         return lambda p, x: jnp.mean(jnp.sin(f.bind(p)(x, ctx, num_members=3, member_mask=mask)))
 
+    # remat really is on: the gradient's jaxpr holds jax.checkpoint's primitive, only with remat=True
+    def remat_eqns(f):
+        def count(jaxpr):
+            n = 0
+            for eqn in jaxpr.eqns:
+                n += eqn.primitive.name.startswith("remat") or eqn.primitive.name == "checkpoint"
+                for v in eqn.params.values():  # nested jaxprs (jit, remat, ...)
+                    inner = getattr(v, "jaxpr", None)
+                    n += count(getattr(inner, "jaxpr", inner)) if inner is not None else 0
+            return n
+        return count(jax.make_jaxpr(jax.grad(loss(f)))(p, x).jaxpr)
+
+    assert remat_eqns(fm_remat) >= 2 and remat_eqns(fm) == 0  # one per transformer block (layer)
     g = jax.jit(jax.grad(loss(fm_remat), argnums=(0, 1)))(p, x)
     g_ref = jax.jit(jax.grad(loss(fm), argnums=(0, 1)))(p, x)
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
