@@ -34,7 +34,7 @@ def _random_mask(seed, B, Lk, p=0.6, at_least_one=True):
     return jnp.asarray(m)
 
 
-A.register_kernel("chunked_7", A.make_chunked_kernel(7))  # never divides the lengths below
+A.register_kernel("chunked_7", A.make_chunked_kernel(7))  # ragged last chunks for Lk = 29 and 64 (one chunk at 7)
 CPU_KERNELS = ["xla", "chunked", "chunked_7"]
 SHAPES = [(2, 13, 29, 3, 8), (1, 64, 64, 2, 16), (2, 33, 7, 4, 40)]
 

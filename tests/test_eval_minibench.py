@@ -356,7 +356,10 @@ def test_guidance_sweep_uses_subjects_minibench_does_not(tiny64_pipeline):
 
     res = GS.sweep(tiny64_pipeline, first_subject=100, subjects=2, text_scales=(3.0,), image_scales=(0.0, 2.0),
                    ks=(1,), contrasts=(0.0, 1.0), steps=2, log=lambda *a: None)
-    bench = {make_case(i, 1)["name"] for i in range(16)}
+    from jedi_jax.eval.protocol import VALIDATION_FIRST_SUBJECT
+
+    # MiniBench's subjects are test subjects 0..VALIDATION_FIRST_SUBJECT-1 (the CLI allows up to 100)
+    bench = {make_case(i, 1)["name"] for i in range(VALIDATION_FIRST_SUBJECT)}
     assert not bench & set(res["subjects"]) and len(res["subjects"]) == 2
     assert [(r["sI"], r["k"], r["contrast"]) for r in res["rows"]] == [(0.0, 1, 0.0), (0.0, 1, 1.0), (2.0, 1, 0.0),
                                                                         (2.0, 1, 1.0)]
