@@ -36,7 +36,8 @@ fi
 # 2. Code on every worker: git clone/pull, or scp the local checkout (without .venv and runs).
 if [[ -n "${REPO_URL:-}" ]]; then
   printf -v url_q '%q' "$REPO_URL"
-  gcl ssh "$NAME" --worker=all --command="[ -d $REPO_DIR ] && git -C $REPO_DIR pull --ff-only || git clone $url_q $REPO_DIR"
+  # a checkout is updated (a failed pull fails here, loudly); only a missing one is cloned
+  gcl ssh "$NAME" --worker=all --command="if [ -d $REPO_DIR/.git ]; then git -C $REPO_DIR pull --ff-only; else git clone $url_q $REPO_DIR; fi"
 else
   tarball=$(mktemp /tmp/jedi_jax.XXXX.tgz)
   tar -C "$here" --exclude=.venv --exclude=runs --exclude=.git -czf "$tarball" .
