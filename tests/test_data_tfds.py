@@ -145,6 +145,8 @@ def test_array_record_files_carry_whether_they_may_be_mirrored(tmp_path):
     assert not set_source.path_flip_safe(str(folder))
     shards = ArrayRecordSetSource(str(folder), "train", backend="native")
     assert shards.flip_safe is False
+    # one shard file of that folder, named alone: the folder's dataset_info.json still says it
+    assert not set_source.path_flip_safe(str(folder / "sets-train.array_record-00000-of-00001"))
     # a shard's own sidecar marks the folder too, and is not read as a shard
     (folder / "dataset_info.json").unlink()
     set_source.write_array_record(str(folder / "sets-train.array_record-00000-of-00001"), (ref[i] for i in range(2)),

@@ -122,12 +122,16 @@ def test_config_validation_up_front():
     c.train.steps, c.train.grad_accum = 7, 2
     c.model.dtype = "float16"
     c.data.hflip = 0.5  # on the mini world (the loader would refuse it too, but only after the models are built)
+    c.data.crop_scale = (0.5, 1.0)  # a crop moves the subject into a held-out placement, as a flip does
+    c.data.split = "test"  # MiniBench's subjects
     with pytest.raises(ValueError) as e:
         trainer.validate_config(c)
     msg = str(e.value)
     for part in ("train.lr=-0.0001", "train.warmup_steps=-10", "train.end_lr_factor=2.0", "train.grad_clip=-1.0",
                  "train.weight_decay=-0.1", "train.b2=1.5", "train.eps=0.0", "train.peak_flops_per_chip=-1.0",
-                 "last 1 micro-steps", "model.dtype=float16", "data.hflip=0.5: mini-world renders"):
+                 "last 1 micro-steps", "model.dtype=float16", "data.hflip=0.5: mini-world renders",
+                 "data.crop_scale=(0.5, 1.0) / crop_ratio=(1.0, 1.0): mini-world renders must not be cropped",
+                 "data.split='test'"):
         assert part in msg, (part, msg)
     from configs import mini, sd15
 

@@ -435,5 +435,7 @@ def test_loader_refuses_bad_probabilities_seeds_states_and_flipping_the_mini_wor
     assert any((b, mirror[p]) not in HELDOUT_COMBOS for b, p in HELDOUT_COMBOS if p in mirror)
     with pytest.raises(ValueError, match="MiniWorldSource must not be mirrored"):
         make(world, hflip=0.5)
+    with pytest.raises(ValueError, match="MiniWorldSource must not be cropped"):  # a crop moves the subject too
+        make(world, hflip=0.0, crop_scale=(0.5, 1.0))
     make(world, hflip=0.0)
     make(src, hflip=0.5)  # a source that says nothing may be flipped

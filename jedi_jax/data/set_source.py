@@ -250,14 +250,17 @@ def path_flip_safe(path: str | Sequence[str]) -> bool:
     dataset_info.json names a mini-world data set (MINI_WORLD_DATASETS), or for files whose
     ``SIDECAR_SUFFIX`` sidecar says ``"flip_safe": false``; True otherwise (real photos mirror fine)."""
     if isinstance(path, (str, os.PathLike)) and os.path.isdir(path):
-        info = os.path.join(path, "dataset_info.json")
+        files = _shards(os.path.join(os.fspath(path), "*.array_record-*"))
+        folders = {os.fspath(path)}
+    else:
+        files = [os.fspath(path)] if isinstance(path, (str, os.PathLike)) else [os.fspath(p) for p in path]
+        folders = {os.path.dirname(os.path.abspath(f)) for f in files}  # one shard of a TFDS folder: the folder says
+    for folder in sorted(folders):
+        info = os.path.join(folder, "dataset_info.json")
         if os.path.exists(info):
             with open(info) as f:
                 if json.load(f).get("name") in MINI_WORLD_DATASETS:
                     return False
-        files = _shards(os.path.join(os.fspath(path), "*.array_record-*"))
-    else:
-        files = [os.fspath(path)] if isinstance(path, (str, os.PathLike)) else [os.fspath(p) for p in path]
     for file in files:
         if os.path.exists(file + SIDECAR_SUFFIX):
             with open(file + SIDECAR_SUFFIX) as f:

@@ -304,6 +304,11 @@ class SetLoader:
             raise ValueError(f"hflip={hflip}: {type(source).__name__} must not be mirrored (a mirrored train "
                              "render of (background, left) shows a held-out (background, right) pair, and "
                              "subjects carry chiral marks): set data.hflip=0")
+        if (tuple(crop_scale), tuple(crop_ratio)) != ((1.0, 1.0), (1.0, 1.0)) and getattr(source, "flip_safe", True) is False:
+            # the same reason: a crop moves the subject (the left part of a centre render shows it at the right)
+            raise ValueError(f"crop_scale={tuple(crop_scale)} / crop_ratio={tuple(crop_ratio)}: {type(source).__name__} "
+                             "must not be cropped (a crop moves the subject into a held-out placement under its "
+                             "old caption): set data.crop_scale and data.crop_ratio to (1, 1)")
         self.source = source
         self.num_sets = len(source)
         if self.num_sets == 0:

@@ -120,9 +120,17 @@ def validate_config(config) -> None:
     if not d.source:
         errors.append("data.source is empty: set e.g. --config.data.source=array_record:/data/sets "
                       "(or mini_world)")
-    if d.hflip > 0 and data_lib.renders_mini_world(d):
-        errors.append(f"data.hflip={d.hflip}: mini-world renders must not be mirrored (a mirrored (background, left) "
-                      "is a held-out (background, right) pair); set data.hflip=0")
+    if data_lib.renders_mini_world(d):
+        if d.hflip > 0:
+            errors.append(f"data.hflip={d.hflip}: mini-world renders must not be mirrored (a mirrored (background, "
+                          "left) is a held-out (background, right) pair); set data.hflip=0")
+        if tuple(d.crop_scale) != (1.0, 1.0) or tuple(d.crop_ratio) != (1.0, 1.0):
+            errors.append(f"data.crop_scale={tuple(d.crop_scale)} / crop_ratio={tuple(d.crop_ratio)}: mini-world renders "
+                          "must not be cropped (the left part of a (background, center) render shows the subject at "
+                          "the right: a held-out pair, under a caption saying center); set both to (1, 1)")
+        if str(d.split) != "train":
+            errors.append(f"data.split={d.split!r}: the mini world's other splits hold MiniBench's test subjects and "
+                          "the held-out (background, placement) pairs; train on split='train'")
     if d.batch_size % jax.process_count():
         errors.append(f"data.batch_size={d.batch_size} must be divisible by the {jax.process_count()} processes")
     if len(m.axes) != len(m.shape):
