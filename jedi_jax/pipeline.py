@@ -139,6 +139,14 @@ def _one_item(value) -> bool:
     return isinstance(value, (str, Path, Image.Image)) or (isinstance(value, np.ndarray) and value.ndim <= 3)
 
 
+def _one_mask(value) -> bool:
+    """One mask rather than a sequence: a path or image, an (H, W) array, or an (H, W, 1|3|4) one;
+    a (k, H, W) or (k, H, W, C) array is k masks."""
+    if isinstance(value, np.ndarray):
+        return value.ndim == 2 or (value.ndim == 3 and value.shape[-1] in (1, 3, 4))
+    return isinstance(value, (str, Path, Image.Image))
+
+
 def default_model_dir() -> Path:
     """The embedded JeDi-mini shipped with the package."""
     return DEFAULT_MODEL_DIR
@@ -375,7 +383,7 @@ class JeDiPipeline:
         if k > self.max_references:
             raise PipelineInputError(f"{k} references given but the set holds at most {self.max_references} "
                                      "(raise max_references)")
-        masks = [None] * k if reference_masks is None else [reference_masks] if _one_item(reference_masks) \
+        masks = [None] * k if reference_masks is None else [reference_masks] if _one_mask(reference_masks) \
             else list(reference_masks)
         if len(masks) != k:
             raise PipelineInputError(f"{len(masks)} reference masks for {k} references")

@@ -14,10 +14,18 @@ runs=${2:-runs}
 py=${PYTHON:-python}
 mkdir -p "$runs"
 
+# A trainer stopped by SIGTERM / SIGHUP saves its step and exits 0 without finishing: stop here then
+# (re-running this script resumes each stage where it stopped).
+finished() {  # WORKDIR: its summary.json says the run reached its last step
+  "$py" -c "import json, sys; sys.exit(json.load(open(sys.argv[1])).get('status', 'done') != 'done')" "$1/summary.json" \
+    2>/dev/null || { echo "train_mini.sh: $1 did not finish (pre-empted?): re-run to resume" >&2; exit 1; }
+}
 $py -m jedi_jax.train.vae_trainer --config "configs/mini_vae.py:$variant" --workdir "$runs/mini_vae"
+finished "$runs/mini_vae"
 vae="$runs/mini_vae/vae_export"
 $py -m jedi_jax.train --config "configs/mini.py:$variant" --workdir "$runs/mini" \
     --config.model.pretrained="$vae" --config.data.latent_vae="$vae" --config.data.pool_cache="$runs/mini_pool.npz"
+finished "$runs/mini"
 $py -m jedi_jax.train.export --workdir "$runs/mini" --dst "$runs/jedi_mini" --overwrite
 $py -m jedi_jax.eval.minibench --model "$runs/jedi_mini" --out "$runs/minibench"
 echo "model: $runs/jedi_mini (copy to jedi_jax/assets/jedi_mini to ship it); report: $runs/minibench/report.md"

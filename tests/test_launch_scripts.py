@@ -59,7 +59,8 @@ def test_one_gpu_session_dry_run_on_cpu(tmp_path):
     # on idle cores and ~90 s beside the rest of the suite, so a fixed box long enough for the first
     # checkpoint under load (150 s) mostly waited. Once a checkpoint of step >= 3 is written, the test
     # sends the box's `timeout` SIGALRM, its own expiry signal: timeout then does exactly what it does
-    # when the time is up (SIGTERM to the trainer, exit 124), the path a GPU session takes. The 600 s
+    # when the time is up (SIGTERM to the trainer, whose own exit status it returns:
+    # --preserve-status), the path a GPU session takes. The 600 s
     # box stays as the backstop.
     proc = subprocess.Popen(["bash", str(LAUNCH / "one_gpu_session.sh"), str(out), "600"], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)

@@ -208,6 +208,9 @@ def test_one_reference_prompt_or_mask_given_alone_is_one_item(tiny_pipeline, tmp
     Image.fromarray(np.full((40, 32), 255, np.uint8)).save(mask)  # the references' shape
     out = tiny_pipeline([PROMPT], _refs(0, 1), reference_masks=str(mask), num_inference_steps=2)
     assert out.settings["reference_masks"] == [str(mask)]
+    stack = np.full((2, 40, 32), 255, np.uint8)  # (k, H, W): k masks, one per reference
+    out = tiny_pipeline([PROMPT], _refs(0, 2), reference_masks=stack, num_inference_steps=2)
+    assert out.settings["reference_masks"] == ["array", "array"]
     with pytest.raises(PipelineInputError, match="1 reference prompts for 2 references"):
         tiny_pipeline([PROMPT], _refs(0, 2), reference_prompts="ab")  # not the captions "a" and "b"
 

@@ -237,6 +237,9 @@ def test_frozen_weights_are_pinned_by_the_checkpoints(tmp_path, fast_steps, monk
     with pytest.raises(ExportError, match="rebuilding the frozen text_encoder"):
         export_run(wd, tmp_path / "model", log=lambda *_: None)
     assert not (tmp_path / "model").exists()
+    said = []  # a random init rebuilt on another platform may differ in its last bits: the override
+    export_run(wd, tmp_path / "model", log=said.append, allow_frozen_change=True)
+    assert (tmp_path / "model" / "jedi_model.json").exists() and "warning: the rebuilt frozen text_encoder" in said[0]
     out = trainer.train(_cfg(**{"train.steps": 6}), wd, allow_config_change=True)
     assert out["step"] == 6
     now = ckpt_lib.read_json_item(wd / "checkpoints", "config", 6)[models_lib.FROZEN_KEY]
@@ -306,6 +309,15 @@ def test_sighup_saves_and_stops_like_sigterm(tmp_path, fast_steps):
     assert out["status"] == "preempted" and out["step"] == 2
     assert ckpt_lib.Checkpointer(tmp_path / "run" / "checkpoints", read_only=True).all_steps() == [2]
     assert signal.getsignal(signal.SIGHUP) == before  # the run's handler is gone
+    # under nohup (SIGHUP ignored) the guard leaves it ignored: logging out does not stop the run
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        guard = ckpt_lib.PreemptionGuard()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) != signal.SIG_DFL  # SIGTERM still handled
+        guard.restore_handlers()
+    finally:
+        signal.signal(signal.SIGHUP, before)
 
 
 def test_multiprocess_stop_flag_is_gathered_on_sync_steps_and_when_asked(monkeypatch):

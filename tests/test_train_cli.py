@@ -160,6 +160,10 @@ def test_urls_are_refused_before_anything_is_written(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(trainer.ConfigError, match="--workdir='gs://b/runs/x': jedi_jax reads and writes local"):
         trainer.train(_cfg("tiny"), "gs://b/runs/x")
+    from pathlib import Path
+
+    with pytest.raises(trainer.ConfigError, match="--workdir='gs:/b/runs/x'"):  # pathlib collapsed its //
+        trainer.train(_cfg("tiny"), Path("gs://b/runs/x"))
     assert not any(tmp_path.iterdir())  # no ./gs:/b/runs/x
 
 

@@ -133,11 +133,13 @@ def test_sigterm_saves_and_a_rerun_resumes_refusing_trajectory_changes(tmp_path)
     before = signal.getsignal(signal.SIGTERM)
     out = vt.train(cfg(), wd, log_fn=term_at_step_2)
     assert out == {"status": "preempted", "step": 2}
+    assert json.loads((wd / "summary.json").read_text()) == out  # launch/train_mini.sh stops on it
     assert signal.getsignal(signal.SIGTERM) == before and not (wd / "vae_export").exists()
     assert sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit()) == [2]
     lines = []
     out = vt.train(cfg(), wd, log_fn=lines.append)
     assert out["step"] == 4 and (wd / "vae_export").exists()
+    assert json.loads((wd / "summary.json").read_text())["status"] == "done"
     assert any("step 2" in line and "resumed" in line for line in lines), lines
     with pytest.raises(ConfigChangeError, match=r"train\.lr \(0\.003 -> 0\.001\)"):
         vt.train(cfg(steps=6, lr=1e-3), wd, log_fn=lambda s: None)

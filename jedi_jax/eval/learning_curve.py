@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from pathlib import Path
 
@@ -21,13 +22,13 @@ import numpy as np
 from jedi_jax.eval.cli import cli_at_least, cli_list, cli_scales
 
 
-def checkpoint_unet(workdir: Path, step: int) -> dict:
+def checkpoint_unet(workdir: Path, step: int, allow_frozen_change: bool = False) -> dict:
     """The EMA UNet params of checkpoint `step`, through the exporter (strict, read-only restore)."""
     from jedi_jax.loading import load_component
     from jedi_jax.train.export import export_run
 
     with tempfile.TemporaryDirectory() as tmp:
-        export_run(workdir, Path(tmp) / "m", step=step, log=lambda *_: None)
+        export_run(workdir, Path(tmp) / "m", step=step, log=lambda *_: None, allow_frozen_change=allow_frozen_change)
         return load_component(Path(tmp) / "m", "unet").params
 
 
@@ -42,6 +43,8 @@ def main(argv=None) -> int:
     p.add_argument("--guidance-scale", type=float, default=3.0, help="text guidance sT")
     p.add_argument("--image-guidance-scale", type=float, default=2.0,
                    help="image guidance sI (2 = the shipped JeDi-mini's recommended)")
+    p.add_argument("--allow-frozen-change", action="store_true",
+                   help="score even when the rebuilt frozen VAE / text encoder differ from the run's (train.export)")
     args = p.parse_args(argv)
     cli_at_least(p, subjects=(args.subjects, 1), first_subject=(args.first_subject, 0),
                  sampling_steps=(args.sampling_steps, 1))
@@ -67,12 +70,20 @@ def main(argv=None) -> int:
         p.error(f"--workdir {workdir}: no checkpoint at step {', '.join(map(str, missing))} (has {available})"
                 if missing else f"--workdir {workdir}: no checkpoints yet")
     steps = list(wanted) or available
+    from jedi_jax.train.export import ExportError
+
     rows = []
+    allow = args.allow_frozen_change
     with tempfile.TemporaryDirectory() as tmp:
-        base = export_run(workdir, Path(tmp) / "latest", step=max(steps), log=lambda *_: None)
+        try:
+            base = export_run(workdir, Path(tmp) / "latest", step=max(steps), log=lambda *_: None,
+                              allow_frozen_change=allow)
+        except ExportError as e:  # the run's frozen weights cannot be rebuilt here: one line
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         pipe = JeDiPipeline.from_pretrained(base, max_references=3)
         for step in sorted(steps):
-            params = checkpoint_unet(workdir, step)
+            params = checkpoint_unet(workdir, step, allow_frozen_change=allow)
             r = quick_identity(pipe, n_subjects=args.subjects, first_subject=args.first_subject,
                                steps=args.sampling_steps, unet_params=params,
                                guidance_scale=args.guidance_scale, image_guidance_scale=args.image_guidance_scale)

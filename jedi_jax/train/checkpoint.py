@@ -197,8 +197,9 @@ def read_json_item(directory: str | Path, item: str = "config", step: int | None
 
 class PreemptionGuard:
     """SIGTERM (the usual pre-emption / `scancel` / `kill` signal) -> a flag the loop polls. SIGHUP
-    too: a run started over SSH (launch/tpu_vm.sh) whose connection drops saves the step reached and
-    exits instead of dying with everything since the last checkpoint.
+    too: a run in a terminal that hangs up (an interactive SSH session dropped) saves the step
+    reached and exits instead of dying with everything since the last checkpoint. A signal the
+    process already ignores (SIGHUP under nohup) stays ignored.
 
     `should_stop(step)` is True once any process got the signal. With several processes the flags
     are combined by an all-gather every `sync_every` steps (all processes call it at the same
@@ -211,6 +212,8 @@ class PreemptionGuard:
         self._previous = {}
         if threading.current_thread() is threading.main_thread():
             for sig in signals:
+                if signal.getsignal(sig) is signal.SIG_IGN:  # nohup: the caller chose to ignore it
+                    continue
                 self._previous[sig] = signal.signal(sig, self._handler)
         else:  # signal handlers can only be installed from the main thread
             log.warning("PreemptionGuard created off the main thread: SIGTERM is not handled")

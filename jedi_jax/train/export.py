@@ -48,7 +48,7 @@ class ExportError(ValueError):
 
 
 def export_run(workdir: str | Path, dst: str | Path, *, step: int | None = None, use_ema: bool = True,
-               store_dtype=None, overwrite: bool = False, log=print) -> Path:
+               store_dtype=None, overwrite: bool = False, allow_frozen_change: bool = False, log=print) -> Path:
     """Writes checkpoint `step` (None = latest) of the run in `workdir` as a model folder at `dst`.
 
     Safe while the run is still training: the checkpoints are opened read-only (a writer-style
@@ -70,10 +70,14 @@ def export_run(workdir: str | Path, dst: str | Path, *, step: int | None = None,
         models = bundle.models
         rebuilt = models_lib.frozen_fingerprints(bundle.frozen)
         differ = sorted(n for n in (stored_frozen or {}) if rebuilt and rebuilt.get(n) != stored_frozen[n])
-        if differ:  # the folder would ship a component the UNet was never trained with
+        if differ and allow_frozen_change:  # e.g. a random frozen encoder rebuilt on another platform
+            log(f"warning: the rebuilt frozen {', '.join(differ)} differ from the weights the run trained with "
+                "(--allow-frozen-change): exporting the rebuilt ones")
+        elif differ:  # the folder would ship a component the UNet was never trained with
             raise ExportError(f"{workdir} step {step}: rebuilding the frozen {', '.join(differ)} (model.pretrained="
                              f"{config.model.pretrained!r}, seed {config.seed}) does not give the weights the run "
-                             "trained with; restore that folder or library version before exporting")
+                             "trained with; restore that folder or library version before exporting (a random "
+                             "init on another platform can differ in its last bits: --allow-frozen-change)")
         tx, _ = state_lib.make_optimizer(config.train)
         abstract = jax.eval_shape(lambda p: state_lib.create_state(p, tx, config.train.ema_decay > 0),
                                   models.unet.param_shapes())
@@ -122,10 +126,13 @@ def main(argv=None) -> int:
     p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
     p.add_argument("--store-dtype", default=None, choices=[None, "bfloat16", "float16"])
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--allow-frozen-change", action="store_true",
+                   help="export even when the rebuilt frozen VAE / text encoder differ from the run's")
     args = p.parse_args(argv)
     try:
         export_run(args.workdir, args.dst, step=args.step, use_ema=not args.no_ema,
-                   store_dtype=getattr(jnp, args.store_dtype) if args.store_dtype else None, overwrite=args.overwrite)
+                   store_dtype=getattr(jnp, args.store_dtype) if args.store_dtype else None, overwrite=args.overwrite,
+                   allow_frozen_change=args.allow_frozen_change)
     except (FileNotFoundError, FileExistsError, ExportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

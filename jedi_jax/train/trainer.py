@@ -60,14 +60,14 @@ class ConfigError(ValueError):
     """A config (or --workdir) that cannot run: the CLI prints it without a traceback."""
 
 
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")  # gs://b, and Path("gs://b") == "gs:/b"
 
 
 def url_error(name: str, value) -> str | None:
     """Every path the trainer reads or writes goes through pathlib, which would turn gs://b/x into a
     local folder ./gs:/b/x on each host (no shared checkpoint, nothing in the bucket): refuse URLs."""
     if _URL.match(str(value)):
-        return (f"{name}={value!r}: jedi_jax reads and writes local paths only, not URLs; mount the bucket on "
+        return (f"{name}={str(value)!r}: jedi_jax reads and writes local paths only, not URLs; mount the bucket on "
                 f"every host (e.g. gcsfuse, launch/README.md) and give the mounted path")
     return None
 

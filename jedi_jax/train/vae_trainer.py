@@ -339,7 +339,7 @@ def check_resume_config(workdir: Path, config, latest: int | None, *, allow: boo
     OPERATIONAL_KEYS (train.steps too, unless the lr schedule does not depend on it) would continue
     another trajectory: ConfigChangeError naming the keys, unless `allow`."""
     from jedi_jax.train.checkpoint import config_to_json
-    from jedi_jax.train.trainer import ConfigChangeError, config_changes
+    from jedi_jax.train.trainer import _ABSENT, ConfigChangeError, config_changes
 
     current, path = config_to_json(config), workdir / "config.json"
     if latest is None or not path.exists():
@@ -349,6 +349,8 @@ def check_resume_config(workdir: Path, config, latest: int | None, *, allow: boo
         return
 
     def refused(key, a, b):
+        if a == _ABSENT or b == _ABSENT:  # a key added or removed by another version of the code: warned about
+            return False
         if any(key == k or (k.endswith(".") and key.startswith(k)) for k in OPERATIONAL_KEYS):
             return False
         if key == "train.steps":  # the same lr at every step of the longer run: a longer (or shorter) run
@@ -394,6 +396,15 @@ def train(config, workdir: str | Path, *, log_fn=None, allow_config_change: bool
     ema = t.ema_decay > 0
     step_key, scale_key = run_keys(config.seed)
 
+    # ---- a resume's config, checked before the (slow) data is rendered
+    manager = _checkpoint_manager(workdir / "checkpoints", config.checkpoint.keep)
+    latest = manager.latest_step()
+    try:
+        check_resume_config(workdir, config, latest, allow=allow_config_change, say=say)
+    except BaseException:
+        manager.close()
+        raise
+
     # ---- data: the train pool (deterministic from the config) and fixed test renders
     t0 = time.time()
     pool_np = make_renders("train", int(d.pool_size), set_size=int(d.set_size), workers=int(d.pool_workers))
@@ -404,14 +415,10 @@ def train(config, workdir: str | Path, *, log_fn=None, allow_config_change: bool
         f"in {time.time() - t0:.1f}s")
 
     # ---- state: restore the latest checkpoint or init
-    manager = _checkpoint_manager(workdir / "checkpoints", config.checkpoint.keep)
-
     init_fn = lambda p: init_state(vae, p, tx, ema)  # noqa: E731
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
                             jax.eval_shape(init_fn, vae.param_shapes()))
-    latest = manager.latest_step()
-    check_resume_config(workdir, config, latest, allow=allow_config_change, say=say)
     if latest is not None:
         state = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
         say(f"resumed from {workdir / 'checkpoints'} step {int(state['step'])}")
@@ -493,6 +500,7 @@ def train(config, workdir: str | Path, *, log_fn=None, allow_config_change: bool
     manager.close()
     if preempted:
         metrics_file.close()
+        (workdir / "summary.json").write_text(json.dumps({"status": "preempted", "step": step}, indent=2))
         return {"status": "preempted", "step": step}
 
     # ---- final evaluation, scaling factor, export
@@ -510,7 +518,7 @@ def train(config, workdir: str | Path, *, log_fn=None, allow_config_change: bool
     png = save_reconstruction_png(workdir / "reconstructions.png", shown,
                                   reconstruct_all(reconstruct, final_params, shown, int(d.eval_batch)),
                                   zoom=int(config.export.png_zoom))
-    summary = dict(step=step, test_psnr=test_psnr, eval_renders=len(test_np), scaling_factor=scaling,
+    summary = dict(status="done", step=step, test_psnr=test_psnr, eval_renders=len(test_np), scaling_factor=scaling,
                    steps_per_s=steps_per_s, compile_s=compile_s, train_s=train_s, num_params=n_params,
                    batch_size=int(d.batch_size), dtype=m.dtype, device=jax.devices()[0].device_kind,
                    export_dir=str(export_dir), png=str(png), vae_config=out_config.to_diffusers())
