@@ -36,6 +36,7 @@ from tqdm import tqdm
 from jedi_jax.assets import DEFAULT_MODEL_DIR
 from jedi_jax.loading import Model, load_model
 from jedi_jax.models.clip_text import TEXT_LAYERS, encode_prompts
+from jedi_jax.models.jedi_inputs import check_compatible, num_input_channels
 from jedi_jax.models.vae import scale_latents, unscale_latents
 from jedi_jax.sampling import guidance
 from jedi_jax.sampling.images import from_model_range, labeled_grid, load_reference, to_model_range
@@ -156,24 +157,17 @@ def check_components(model: Model, text_layer: str | int) -> None:
     """Do the folder's parts fit JeDi's set inpainting? One PipelineInputError naming the mismatch,
     where the first call would otherwise fail deep inside the UNet's trace.
 
-    The UNet reads [noisy latents | known-member mask | reference latents] (models/jedi_inputs.py):
-    in_channels = 2C + 1 for a VAE of C latent channels, and predicts C channels; its
-    cross-attention reads the text encoder's width; an SDXL UNet (addition_embed_type) needs pooled
-    text and time ids this pipeline does not make."""
+    The sizes training also checks (models/jedi_inputs.check_compatible: in_channels 2C + 1, C out,
+    the text encoder's width); an SDXL UNet (addition_embed_type) needs pooled text and time ids
+    this pipeline does not make; the text layer must exist."""
     folder, unet, vae, text = model.folder, model.unet.config, model.vae.config, model.text_encoder.config
-    c = vae.latent_channels
-    if unet.in_channels != 2 * c + 1:
-        hint = (f"; a plain SD folder: convert it with --unet-in-channels {2 * c + 1} and train it as JeDi"
+    try:
+        check_compatible(unet, vae, text)
+    except ValueError as e:
+        c = vae.latent_channels
+        hint = (f"; a plain SD folder: convert it with --unet-in-channels {num_input_channels(c)} and train it as JeDi"
                 if unet.in_channels == c else "")
-        raise PipelineInputError(f"model folder {folder}: its UNet takes in_channels={unet.in_channels}, JeDi needs "
-                                 f"2*{c}+1={2 * c + 1} (noisy latents, known-member mask, reference latents){hint}")
-    if unet.out_channels != c:
-        raise PipelineInputError(f"model folder {folder}: its UNet predicts out_channels={unet.out_channels}, "
-                                 f"its VAE has {c} latent channels")
-    widths = sorted(set(unet.cross_attention_dim))
-    if widths != [text.hidden_size]:
-        raise PipelineInputError(f"model folder {folder}: its UNet's cross-attention reads width {widths}, its "
-                                 f"text encoder gives {text.hidden_size}")
+        raise PipelineInputError(f"model folder {folder}: {e}{hint}") from None
     if unet.addition_embed_type is not None:
         raise PipelineInputError(f"model folder {folder}: an SDXL-style UNet (addition_embed_type="
                                  f"{unet.addition_embed_type!r}) needs pooled text and time ids; this pipeline "

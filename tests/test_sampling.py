@@ -177,9 +177,11 @@ def test_unfit_model_folders_are_one_error_naming_the_mismatch(tiny_pipeline):
         return dataclasses.replace(model, components={**model.components, name: new})
 
     c = model.vae.config.latent_channels
-    cases = [(changed("unet", in_channels=c), rf"in_channels={c}, JeDi needs 2\*{c}\+1={2 * c + 1} .*--unet-in-channels {2 * c + 1}"),
-             (changed("unet", out_channels=2 * c), f"out_channels={2 * c}, its VAE has {c} latent channels"),
-             (changed("text_encoder", hidden_size=48, num_attention_heads=2), r"cross-attention reads width \[32\], its text encoder gives 48"),
+    cases = [(changed("unet", in_channels=c),
+              rf"unet.in_channels={c} must be 2\*latent_channels\+1={2 * c + 1} .*--unet-in-channels {2 * c + 1}"),
+             (changed("unet", out_channels=2 * c), f"unet.out_channels={2 * c} must equal vae.latent_channels={c}"),
+             (changed("text_encoder", hidden_size=48, num_attention_heads=2),
+              r"unet.cross_attention_dim=\(32, 32\) must equal text_encoder.hidden_size=48"),
              (changed("unet", addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=8),
               "SDXL-style UNet")]
     for bad, message in cases:

@@ -28,6 +28,20 @@ def num_input_channels(latent_channels: int) -> int:
     return 2 * latent_channels + 1
 
 
+def check_compatible(unet_config, vae_config, text_config) -> None:
+    """The sizes that must agree for JeDi (training and sampling; raises ValueError naming both sides)."""
+    c = vae_config.latent_channels
+    if unet_config.in_channels != num_input_channels(c):
+        raise ValueError(f"unet.in_channels={unet_config.in_channels} must be 2*latent_channels+1="
+                         f"{num_input_channels(c)} (JeDi input: noisy | known-mask | reference latents)")
+    if unet_config.out_channels != c:
+        raise ValueError(f"unet.out_channels={unet_config.out_channels} must equal vae.latent_channels={c}")
+    bad = [d for d in unet_config.cross_attention_dim if d != text_config.hidden_size]
+    if bad:
+        raise ValueError(f"unet.cross_attention_dim={unet_config.cross_attention_dim} must equal "
+                         f"text_encoder.hidden_size={text_config.hidden_size}")
+
+
 def widen_conv_in(unet_params: dict, in_channels: int) -> dict:
     """Widens the UNet's conv_in kernel (3, 3, C_old, C_out) to `in_channels` input channels.
 

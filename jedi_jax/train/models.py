@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from jedi_jax.models.functional import Functional
-from jedi_jax.models.jedi_inputs import num_input_channels, widen_conv_in
+from jedi_jax.models.jedi_inputs import check_compatible, num_input_channels, widen_conv_in
 from jedi_jax.train import sharding as shd
 from jedi_jax.train.state import nnx_init_fn
 
@@ -122,20 +122,6 @@ def _factories(model_cfg, unet_config, vae_config, text_config):
     return (_unet_factory(model_cfg, unet_config),
             lambda r: AutoencoderKL(vae_config, dtype=dtype_of(model_cfg.vae_dtype), rngs=r),
             lambda r: CLIPTextModel(text_config, dtype=dtype_of(model_cfg.dtype), rngs=r))
-
-
-def check_compatible(unet_config, vae_config, text_config) -> None:
-    """The sizes that must agree for JeDi training (raises ValueError naming both sides)."""
-    c = vae_config.latent_channels
-    if unet_config.in_channels != num_input_channels(c):
-        raise ValueError(f"unet.in_channels={unet_config.in_channels} must be 2*latent_channels+1="
-                         f"{num_input_channels(c)} (JeDi input: noisy | known-mask | reference latents)")
-    if unet_config.out_channels != c:
-        raise ValueError(f"unet.out_channels={unet_config.out_channels} must equal vae.latent_channels={c}")
-    bad = [d for d in unet_config.cross_attention_dim if d != text_config.hidden_size]
-    if bad:
-        raise ValueError(f"unet.cross_attention_dim={unet_config.cross_attention_dim} must equal "
-                         f"text_encoder.hidden_size={text_config.hidden_size}")
 
 
 COMPONENTS = ("unet", "vae", "text_encoder")

@@ -227,40 +227,44 @@ def config_changes(saved: dict, current: dict, prefix: str = "") -> list[tuple[s
     return out
 
 
-def refused_changes(changes: list[tuple[str, Any, Any]], current: dict) -> list[tuple[str, Any, Any]]:
-    """The changes a resume refuses without allow_config_change: all but OPERATIONAL_KEYS, keys one
+def refused_changes(changes: list[tuple[str, Any, Any]], current: dict, *, operational=OPERATIONAL_KEYS,
+                    lr_schedule=None) -> list[tuple[str, Any, Any]]:
+    """The changes a resume refuses without allow_config_change: all but `operational` keys, keys one
     side lacks (a config written by another version of the code: warned about only) and a
-    train.steps the lr schedule does not depend on."""
+    train.steps the lr schedule (`lr_schedule(train_cfg)`; default state.learning_rate_schedule)
+    does not depend on."""
     def allowed(key, a, b):
         if a == _ABSENT or b == _ABSENT or any(key == k or (k.endswith(".") and key.startswith(k))
-                                               for k in OPERATIONAL_KEYS):
+                                               for k in operational):
             return True
-        return key == "train.steps" and _steps_free_schedule(current["train"], int(a), int(b))
+        return key == "train.steps" and _steps_free_schedule(current["train"], int(a), int(b),
+                                                             lr_schedule or state_lib.learning_rate_schedule)
 
     return [c for c in changes if not allowed(*c)]
 
 
-def _steps_free_schedule(train_cfg: dict, steps_a: int, steps_b: int) -> bool:
-    """Whether the lr schedule (state.learning_rate_schedule) applies the same lr at every update of
-    the longer run for both run lengths: true for a constant decay after a warmup that fits in both,
-    false when the cosine horizon moves with train.steps."""
+def _steps_free_schedule(train_cfg: dict, steps_a: int, steps_b: int, lr_schedule) -> bool:
+    """Whether the lr schedule applies the same lr at every update of the longer run for both run
+    lengths: true for a constant decay after a warmup that fits in both, false when the cosine
+    horizon moves with train.steps."""
     import ml_collections
 
-    accum = max(1, int(train_cfg["grad_accum"]))
+    accum = max(1, int(train_cfg.get("grad_accum", 1)))
     updates = np.arange(max(steps_a, steps_b) // accum)
-    a, b = (np.asarray(state_lib.learning_rate_schedule(ml_collections.ConfigDict(dict(train_cfg, steps=n)))(updates))
+    a, b = (np.asarray(lr_schedule(ml_collections.ConfigDict(dict(train_cfg, steps=n)))(updates))
             for n in (steps_a, steps_b))
     return bool(np.array_equal(a, b))
 
 
-def check_config_changes(saved: dict, current: dict, step: int, *, allow: bool) -> list[str]:
+def check_config_changes(saved: dict, current: dict, step: int, *, allow: bool, operational=OPERATIONAL_KEYS,
+                         lr_schedule=None) -> list[str]:
     """Compares the checkpoint's config with the run's (before anything is restored): logs every
     difference, raises ConfigChangeError naming the refused ones unless `allow`. Returns the
-    changed keys (for a later restore error)."""
+    changed keys (for a later restore error). `operational` and `lr_schedule`: refused_changes."""
     changes = config_changes(saved, current)
     for key, a, b in changes:
         log.warning("config differs from checkpoint %d's: %s: %r -> %r", step, key, a, b)
-    refused = refused_changes(changes, current)
+    refused = refused_changes(changes, current, operational=operational, lr_schedule=lr_schedule)
     if refused and not allow:
         listed = ", ".join(f"{k} ({a!r} -> {b!r})" for k, a, b in refused)
         raise ConfigChangeError(f"the config differs from checkpoint {step}'s in keys that change the training "

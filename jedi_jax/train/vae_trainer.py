@@ -47,7 +47,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import ml_collections
 import optax
 import orbax.checkpoint as ocp
 
@@ -334,43 +333,22 @@ OPERATIONAL_KEYS = ("checkpoint.", "export.", "train.log_every", "data.pool_work
                     "data.eval_quick", "data.eval_batch", "data.eval_renders", "data.scale_renders")
 
 
-def check_resume_config(workdir: Path, config, latest: int | None, *, allow: bool, say) -> None:
+def check_resume_config(workdir: Path, config, latest: int | None, *, allow: bool) -> None:
     """WORKDIR/config.json holds the config the run started with; a resume that changes a key outside
     OPERATIONAL_KEYS (train.steps too, unless the lr schedule does not depend on it) would continue
-    another trajectory: ConfigChangeError naming the keys, unless `allow`."""
+    another trajectory: trainer.check_config_changes' ConfigChangeError naming the keys, unless `allow`."""
     from jedi_jax.train.checkpoint import config_to_json
-    from jedi_jax.train.trainer import _ABSENT, ConfigChangeError, config_changes
+    from jedi_jax.train.trainer import check_config_changes
 
     current, path = config_to_json(config), workdir / "config.json"
-    if latest is None or not path.exists():
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(current, indent=2))
-        tmp.replace(path)
-        return
-
-    def refused(key, a, b):
-        if a == _ABSENT or b == _ABSENT:  # a key added or removed by another version of the code: warned about
-            return False
-        if any(key == k or (k.endswith(".") and key.startswith(k)) for k in OPERATIONAL_KEYS):
-            return False
-        if key == "train.steps":  # the same lr at every step of the longer run: a longer (or shorter) run
-            longer = np.arange(max(int(a), int(b)))
-            lrs = [np.asarray(learning_rate_schedule(ml_collections.ConfigDict(dict(current["train"], steps=int(n))))(longer))
-                   for n in (a, b)]
-            return not np.array_equal(*lrs)
-        return True
-
-    changes = config_changes(json.loads(path.read_text()), current)
-    bad = [c for c in changes if refused(*c)]
-    for key, a, b in changes:
-        say(f"config differs from the run's start: {key}: {a!r} -> {b!r}")
-    if bad and not allow:
-        listed = ", ".join(f"{k} ({a!r} -> {b!r})" for k, a, b in bad)
-        raise ConfigChangeError(f"the config differs from the one checkpoint {latest}'s run started with in keys "
-                                f"that change its trajectory: {listed}; re-run with those values, or pass "
-                                "--allow_config_change")
-    if bad:  # continuing on purpose: the new values are the run's from here on
-        path.write_text(json.dumps(current, indent=2))
+    if latest is not None and path.exists():
+        changed = check_config_changes(json.loads(path.read_text()), current, latest, allow=allow,
+                                       operational=OPERATIONAL_KEYS, lr_schedule=learning_rate_schedule)
+        if not changed:
+            return
+    tmp = path.with_suffix(".json.tmp")  # a new run, or one continuing with changes: its config from here on
+    tmp.write_text(json.dumps(current, indent=2))
+    tmp.replace(path)
 
 
 def train(config, workdir: str | Path, *, log_fn=None, allow_config_change: bool = False) -> dict[str, Any]:
@@ -400,7 +378,7 @@ def train(config, workdir: str | Path, *, log_fn=None, allow_config_change: bool
     manager = _checkpoint_manager(workdir / "checkpoints", config.checkpoint.keep)
     latest = manager.latest_step()
     try:
-        check_resume_config(workdir, config, latest, allow=allow_config_change, say=say)
+        check_resume_config(workdir, config, latest, allow=allow_config_change)
     except BaseException:
         manager.close()
         raise
