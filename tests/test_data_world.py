@@ -426,7 +426,8 @@ def test_no_test_subject_is_a_train_subject_in_the_ranges_in_use():
     subject by chance. Not in the ranges used: test 0..999 (MiniBench 0..39, validation 100..171,
     examples) against the largest training pool (40,000 sets, configs/mini.py:gpu) and more."""
     def seeds(split, n):
-        return {int(mw._subject_seed(split, i).generate_state(1, np.uint32)[0] & 0x7FFFFFFF): i for i in range(n)}
+        return {mw.subject_seed(split, i): i for i in range(n)}
 
     train, test = seeds("train", 100_000), seeds("test", 1_000)  # (a pair within train is harmless)
+    assert mw.subject_for("test", 7).seed == mw.subject_seed("test", 7)  # the seeds the subjects use
     assert not set(train) & set(test), sorted((test[s], train[s]) for s in set(train) & set(test))

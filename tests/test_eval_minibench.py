@@ -480,7 +480,9 @@ def test_guidance_sweep_grid_is_the_product_with_text_scale_outermost():
     assert cells[0] == Cell(3.0, 1.0, 1, 0.0, (0, 1), None, 0.0, "given")
     assert cells[1].reference_start == 0.5 and cells[2].k == 3  # the last axis varies fastest
     assert isinstance(cells[0].k, int) and isinstance(cells[0].sI, float)
-    assert "sT=3 sI=1 k=1 contrast=0 interval=0:1 None reference_start=0" in cells[0].describe()
+    assert cells[0].describe() == ("sT=3 sI=1 k=1 contrast=0 interval=0:1 order=default reference_start=0 "
+                                   "reference_captions=given")
+    assert "order=text_first" in grid((3,), (1,), (1,), (0,), ((0, 1),), ("text_first",), (0,), ("given",))[0].describe()
 
 
 def test_placement_contrast_prompt_differs_only_in_placement():

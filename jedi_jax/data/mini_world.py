@@ -149,8 +149,11 @@ def _distinct_palette(rng: np.random.Generator):
     return a, b, c, m
 
 
-def _subject_seed(split: str, index: int) -> np.random.SeedSequence:
-    return np.random.SeedSequence([_SUBJECT_TAG, _SPLIT_TAG[split], int(index)])
+def subject_seed(split: str, index: int) -> int:
+    """The seed `sample_subject` draws the ``index``-th subject of ``split`` from: 31 bits of the
+    split's own SeedSequence stream (a plain int, so a Subject records it)."""
+    ss = np.random.SeedSequence([_SUBJECT_TAG, _SPLIT_TAG[split], int(index)])
+    return int(ss.generate_state(1, np.uint32)[0] & 0x7FFFFFFF)
 
 
 def sample_subject(rng: np.random.Generator | int, category: int | str | None = None,
@@ -209,8 +212,7 @@ def subject_for(split: str, index: int) -> Subject:
     4,961 equals a train subject below 10**6): tests/test_data_world.py checks the ranges in use."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    ss = _subject_seed(split, index)
-    seed = int(ss.generate_state(1, np.uint32)[0] & 0x7FFFFFFF)
+    seed = subject_seed(split, index)
     tag = "train" if split == "train" else "test"
     subj = sample_subject(seed)
     return dataclasses.replace(subj, name=f"{tag}_{CATEGORIES[subj.category]}_{index:06d}")

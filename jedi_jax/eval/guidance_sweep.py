@@ -87,7 +87,7 @@ class Cell(NamedTuple):
     def describe(self) -> str:
         a, b = self.interval
         return (f"sT={self.sT:g} sI={self.sI:g} k={self.k} contrast={self.contrast:g} interval={a:g}:{b:g} "
-                f"{self.order} reference_start={self.reference_start:g} reference_captions={self.reference_captions}")
+                f"order={self.order or 'default'} reference_start={self.reference_start:g} reference_captions={self.reference_captions}")
 
 
 def grid(text_scales, image_scales, ks, contrasts, intervals, orders, reference_starts, reference_captions):
