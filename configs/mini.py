@@ -1,18 +1,20 @@
-r"""JeDi-mini, stage 2: the joint-image UNet of the embedded default model (the mini world, 64 px).
+r"""JeDi-mini, part 2: the joint-image UNet of the embedded default model (the mini world, 64 px).
 
 Same code paths as SD 1.5 JeDi: SD-layout UNet with the 9-channel input and coupled self-attention
-at every level, frozen KL VAE (stage 1, configs/mini_vae.py, 64x64x3 -> 16x16x4) and frozen CLIP
+at every level, frozen KL VAE (part 1, configs/mini_vae.py, 64x64x3 -> 16x16x4) and frozen CLIP
 text encoder, trained on mini-world sets of N=4 with 0..3 clean references and the loss on the
 generated members only. Recipe chosen for little compute (in calibration runs whose notes are not
 shipped): latent space, v-prediction, cosine schedule, warmup, EMA.
 
-    # stage 1 (VAE), then stage 2, a UNet from scratch on the exported VAE folder's latents:
+    # part 1 (the VAE), then part 2, a UNet from scratch on the exported VAE folder's latents:
     python -m jedi_jax.train.vae_trainer --config configs/mini_vae.py:gpu --workdir runs/mini_vae
     python -m jedi_jax.train --config configs/mini.py --workdir runs/mini \
         --config.model.pretrained=runs/mini_vae/vae_export --config.data.latent_vae=runs/mini_vae/vae_export
     python -m jedi_jax.train.export --workdir runs/mini --dst runs/jedi_mini
   or all of it (plus MiniBench): bash launch/train_mini.sh [cpu|gpu]. The shipped model
   (jedi_jax/assets/jedi_mini) is not that: it is the eleventh UNet stage of a chain of warm starts.
+  ("Stage" below means the model card's numbering of the UNet's training runs: 1, 2, then
+  3a-3i = stages 3-11; the VAE is not a stage there.)
 
 Variants: '' (= cpu) for 2 CPU cores, float32, 8 sets per step; 'gpu' for one H100/H200: bf16,
 128 sets per step (launch/one_gpu_session.sh runs it time-boxed, warm-started from the shipped
@@ -54,7 +56,7 @@ MINI_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2"
 
 def get_config(arg: str | None = None):
     c = common.base_config()
-    c.model.pretrained = ""  # the stage-1 VAE folder (runs/mini_vae/vae_export); UNet and text encoder random
+    c.model.pretrained = ""  # the part-1 VAE folder (runs/mini_vae/vae_export); UNet and text encoder random
     c.model.unet = ml_collections.ConfigDict(MINI_UNET)
     c.model.vae = ml_collections.ConfigDict(common.tiny_vae())  # replaced by the pretrained VAE
     c.model.text_encoder = ml_collections.ConfigDict(common.tiny_text(hidden=64, max_len=20))
@@ -67,7 +69,7 @@ def get_config(arg: str | None = None):
     c.model.dtype = "float32"
     c.schedule = ml_collections.ConfigDict(MINI_SCHEDULE)
 
-    # A pool of train sets rendered once and encoded once by the stage-1 VAE (data.latent_vae):
+    # A pool of train sets rendered once and encoded once by the part-1 VAE (data.latent_vae):
     # no VAE encoder in the step, which on 2 CPU cores would cost more than the small UNet.
     c.data.source = "jedi_jax.data.pool:latents_from_config"
     c.data.num_sets = 2_000

@@ -1,4 +1,4 @@
-r"""JeDi-mini, stage 1: a small KL autoencoder (diffusers AutoencoderKL layout) for the mini world,
+r"""JeDi-mini, part 1: a small KL autoencoder (diffusers AutoencoderKL layout) for the mini world,
 64x64x3 renders -> 16x16x4 latents, trained with L1 reconstruction + a small KL term.
 
     python -m jedi_jax.train.vae_trainer --config configs/mini_vae.py:gpu --workdir runs/mini_vae_gpu

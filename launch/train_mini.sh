@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train a JeDi-mini from scratch on one machine (stages 1-2), then evaluate it.
+# Train a JeDi-mini from scratch on one machine (the VAE, then one UNet run), then evaluate it.
 #
 #   bash launch/train_mini.sh [cpu|gpu] [RUNS_DIR]
 #

@@ -12,5 +12,5 @@
     loader.py      the set input pipeline (deterministic, process-sharded, checkpointable)
     hooks.py       sample grids during training (jedi_jax.sampling)
     bench.py       train-step throughput / MFU on a synthetic batch
-    vae_trainer.py JeDi-mini stage 1: the mini-world VAE
+    vae_trainer.py JeDi-mini part 1: the mini-world VAE
 """

@@ -1,4 +1,4 @@
-r"""JeDi-mini stage 1: train a small KL autoencoder (our diffusers-equivalent `AutoencoderKL`) on the
+r"""JeDi-mini part 1: train a small KL autoencoder (our diffusers-equivalent `AutoencoderKL`) on the
 procedural mini world.
 
     python -m jedi_jax.train.vae_trainer --config configs/mini_vae.py:gpu --workdir runs/mini_vae_gpu
