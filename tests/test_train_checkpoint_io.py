@@ -259,13 +259,15 @@ def test_which_config_changes_a_resume_refuses():
     current = ckpt_lib.config_to_json(_cfg(**{"train.decay": "cosine", "train.steps": 4, "seed": 1,
                                               "data.batch_size": 4, "model.remat": True, "sample.every": 1,
                                               "checkpoint.every": 1, "data.prefetch": 4}))
-    current["train"]["added_by_newer_code"] = 1
-    refused = trainer.refused_changes(trainer.config_changes(saved, current), current)
-    assert [k for k, _, _ in refused] == ["data.batch_size", "seed", "train.steps"]  # cosine: the horizon moves
+    current["train"]["added_by_newer_code"] = 1  # no default either: unknown provenance (test_train_resume.py)
+    defaults = trainer.default_config()
+    refused = trainer.refused_changes(trainer.config_changes(saved, current), current, defaults=defaults)
+    # cosine: the horizon moves
+    assert [k for k, _, _ in refused] == ["data.batch_size", "seed", "train.added_by_newer_code", "train.steps"]
     for decay, warmup, ok in (("constant", 2, True), ("constant", 3, False)):  # the warmup must fit both lengths
         a = ckpt_lib.config_to_json(_cfg(**{"train.decay": decay, "train.warmup_steps": warmup}))
         b = ckpt_lib.config_to_json(_cfg(**{"train.decay": decay, "train.warmup_steps": warmup, "train.steps": 8}))
-        assert (trainer.refused_changes(trainer.config_changes(a, b), b) == []) == ok
+        assert (trainer.refused_changes(trainer.config_changes(a, b), b, defaults=defaults) == []) == ok
 
 
 def test_resume_drops_the_logged_steps_after_the_checkpoint(tmp_path, fast_steps):

@@ -2,7 +2,7 @@
 localhost, gloo collectives) train the :micro config on a (data=2, fsdp=4) mesh through
 `python -m jedi_jax.train --coordinator ...`; a single process restores the checkpoint they wrote
 and finds the parameters of its own single-device run of the same config (each process loaded only
-its half of every global batch)."""
+its half of every global batch) and the same fingerprints of the frozen weights."""
 import json
 import os
 import socket
@@ -41,6 +41,8 @@ with ocp.StandardCheckpointer() as ck:  # restore both onto this process's singl
         target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), meta)
         states[name] = ck.restore(path, target)
 data = [read_json_item(f"{d}/checkpoints", "data", STEPS) for d in (MP_DIR, REF_DIR)]
+# the frozen VAE / text encoder each run recorded (the single process hashes whole arrays)
+frozen = [read_json_item(f"{d}/checkpoints", "config", STEPS).get("frozen_fingerprints") for d in (MP_DIR, REF_DIR)]
 a, b = states["multi"], states["single"]
 d = np.concatenate([np.abs(np.asarray(x) - np.asarray(y)).ravel()
                     for x, y in zip(jax.tree.leaves(a["params"]), jax.tree.leaves(b["params"]))])
@@ -54,7 +56,7 @@ e = max(float(np.abs(np.asarray(x) - np.asarray(y)).max())
         for x, y in zip(jax.tree.leaves(exported), jax.tree.leaves(a["params"])))
 logged = [json.loads(line) for line in open(f"{MP_DIR}/metrics.jsonl")]
 print("RESULT", json.dumps({"diff": float(d.max()), "mean_diff": float(d.mean()), "step": int(a["step"]),
-                            "data": data, "devices": len(leaf.sharding.device_set), "export_diff": e,
+                            "data": data, "frozen": frozen, "devices": len(leaf.sharding.device_set), "export_diff": e,
                             "lr": [r["lr"] for r in logged], "grad_norm": [r["grad_norm"] for r in logged]}))
 """
 
@@ -90,6 +92,11 @@ def test_two_processes_train_and_single_process_restores(tmp_path):
     print(f"multi-process vs single: max |diff| {res['diff']:.2e}, mean {res['mean_diff']:.2e}")
     assert res["step"] == STEPS and res["devices"] == 1
     assert res["data"][0] == res["data"][1]  # same global data position
+    # the processes, each holding shards of the frozen weights, gathered them leaf by leaf: the
+    # checkpoint names the weights as a single process does (so a resume on another mesh checks them)
+    multi, single = res["frozen"]
+    assert single is not None and sorted(single) == ["text_encoder", "vae"], res["frozen"]
+    assert multi == single, res["frozen"]
     # float32 reduction order differs between the sharded and the single run. Adam divides by sqrt(v),
     # so a parameter whose gradient is at rounding level can take a visibly different step (max); the
     # mean stays at rounding level, where a wrong batch or a lost shard moves it by ~lr (1e-3 here).

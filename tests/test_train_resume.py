@@ -199,3 +199,106 @@ def test_keeps_last_k_and_best_checkpoint(tmp_path):
     state, config, data = ck.restore(2, target)
     assert float(state["w"][0]) == 2.0 and config == {"step": 2} and data == {"position": 2}
     ck.close()
+
+
+def test_resume_judges_keys_the_checkpoint_lacks_by_the_code_defaults(caplog):
+    """A key the checkpoint's config lacks (added by a newer version of the code) resumes with a
+    warning at its default (configs/common.py), what the older code most likely did; at another value,
+    or with no default at all, it is refused (unless operational, or allow). A key the current config
+    lacks (removed) is only warned about. Keys are judged leaf by leaf: a sub-dict a config file
+    replaces whole (model.unet) or a section the checkpoint lacks whole (schedule)."""
+    from test_train_checkpoint_io import _cfg
+
+    from jedi_jax.train import trainer
+    from jedi_jax.train.checkpoint import config_to_json
+
+    defaults = trainer.default_config()
+    assert defaults["data"]["crop_scale"] == [1.0, 1.0]  # the checkpoints' JSON form (lists, not tuples)
+
+    def resume(current, allow=False, drop=("train.subject_weight", "data.crop_scale", "schedule")):
+        saved = config_to_json(_cfg())
+        for key in drop:  # what a checkpoint written before these keys existed holds
+            *path, name = key.split(".")
+            section = saved
+            for p in path:
+                section = section[p]
+            del section[name]
+        return trainer.check_config_changes(saved, config_to_json(current), 2, allow=allow, defaults=defaults)
+
+    with caplog.at_level("WARNING", logger="jedi_jax.train"):
+        changed = resume(_cfg())  # every added key at its default (a tuple one included)
+    assert {"train.subject_weight", "data.crop_scale", "schedule.beta_end"} <= set(changed)
+    assert "train.subject_weight: '<absent>' -> 0.0" in caplog.text
+    with pytest.raises(trainer.ConfigChangeError) as e:
+        resume(_cfg(**{"train.subject_weight": 0.5}))
+    assert "train.subject_weight (not in the checkpoint's config, default 0.0 -> 0.5)" in str(e.value)
+    assert "crop_scale" not in str(e.value) and "schedule" not in str(e.value)
+    assert "train.subject_weight" in resume(_cfg(**{"train.subject_weight": 0.5}), allow=True)
+    # model.unet is replaced whole by the micro config: its 8 groups are not the default's 32
+    with pytest.raises(trainer.ConfigChangeError, match=r"model\.unet\.norm_num_groups \(not in .*default 32 -> 8\)"):
+        resume(_cfg(), drop=("model.unet.norm_num_groups",))
+    current = config_to_json(_cfg())
+    current["train"]["unknown_to_the_defaults"] = 1  # no default either: nothing says what the checkpoint ran
+    with pytest.raises(trainer.ConfigChangeError, match=r"unknown_to_the_defaults \(not in .*no default -> 1\)"):
+        trainer.check_config_changes(config_to_json(_cfg()), current, 2, allow=False, defaults=defaults)
+    saved = config_to_json(_cfg())
+    saved["train"]["removed_by_this_version"] = 1  # a removed key: warned about only
+    assert trainer.check_config_changes(saved, config_to_json(_cfg()), 2, allow=False, defaults=defaults) == [
+        "train.removed_by_this_version"]
+    # an operational key away from its default (num_workers 8) resumes
+    assert resume(_cfg(**{"data.num_workers": 3}), drop=("data.num_workers",)) == ["data.num_workers"]
+
+
+def test_vae_trainer_judges_added_keys_by_the_mini_vae_defaults(tmp_path):
+    """The VAE trainer's resume check compares a key its checkpoint's config lacks with
+    configs/mini_vae.py's base_config: at its default it resumes, at another value it is refused."""
+    from configs import mini_vae
+
+    from jedi_jax.train import vae_trainer
+    from jedi_jax.train.checkpoint import config_to_json
+    from jedi_jax.train.trainer import ConfigChangeError
+
+    config = mini_vae.get_config("tiny")
+    saved = config_to_json(config)
+    del saved["train"]["l2_weight"]  # a run started before the key existed
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    vae_trainer.check_resume_config(tmp_path, config, 15, allow=False)  # at its default 0.0
+    config.train.l2_weight = 0.1
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ConfigChangeError, match=r"train\.l2_weight \(not in the checkpoint's config, default 0\.0 -> "):
+        vae_trainer.check_resume_config(tmp_path, config, 15, allow=False)
+
+
+def test_latent_vae_of_the_pretrained_folder_is_not_loaded_again(monkeypatch):
+    """check_frozen: a data.latent_vae naming model.pretrained's folder (spelled another way) is the
+    frozen VAE by construction, so start-up does not load and hash it a second time (the data loader
+    loads it anyway); another folder is loaded, hashed and compared with the frozen VAE."""
+    import types
+
+    import ml_collections
+
+    from jedi_jax import loading
+    from jedi_jax.assets import DEFAULT_MODEL_DIR
+    from jedi_jax.convert.param_io import params_fingerprint
+    from jedi_jax.train import trainer
+
+    loaded = []
+
+    def load_component(folder, name, **_):
+        loaded.append((str(folder), name))
+        return types.SimpleNamespace(params={"w": np.zeros(2, np.float32)})
+
+    monkeypatch.setattr(loading, "load_component", load_component)
+
+    def cfg(latent_vae):
+        return ml_collections.ConfigDict({"seed": 0, "model": {"pretrained": str(DEFAULT_MODEL_DIR)},
+                                          "data": {"latent_vae": latent_vae}})
+
+    # a digest no load could match: loading here would raise "is not the model's VAE"
+    trainer.check_frozen(cfg(str(DEFAULT_MODEL_DIR / "vae" / "..")), {"vae": "unhashed"}, None, None, allow=False)
+    assert loaded == []
+    frozen = {"vae": params_fingerprint({"w": np.zeros(2, np.float32)})}
+    trainer.check_frozen(cfg("elsewhere"), frozen, None, None, allow=False)
+    assert loaded == [("elsewhere", "vae")]
+    with pytest.raises(trainer.ConfigError, match="is not the model's VAE"):
+        trainer.check_frozen(cfg("elsewhere"), {"vae": "another"}, None, None, allow=False)

@@ -24,14 +24,16 @@ import orbax.checkpoint as ocp
 from jedi_jax.convert.torch_naming import ConversionError
 
 
-def params_fingerprint(params) -> str:
+def params_fingerprint(params, to_numpy=np.asarray) -> str:
     """sha256 over a parameter tree's paths, dtypes, shapes and bytes (independent of dict order):
     names exact weights, e.g. the VAE that encoded a latent cache, or the components that model
-    folders must share to be averaged."""
+    folders must share to be averaged. `to_numpy(leaf)` gives a leaf's whole value on this host;
+    it is called one leaf at a time, in path order (the same on every process), so a caller that
+    gathers the shards of a multi-process array (models.frozen_fingerprints) holds one leaf at once."""
     h = hashlib.sha256()
     leaves, _ = jax.tree_util.tree_flatten_with_path(params)
     for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
-        leaf = np.ascontiguousarray(np.asarray(leaf))
+        leaf = np.ascontiguousarray(to_numpy(leaf))
         h.update(f"{jax.tree_util.keystr(path)}:{leaf.dtype}:{leaf.shape}".encode())
         h.update(leaf.tobytes())
     return h.hexdigest()

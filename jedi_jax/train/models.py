@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jedi_jax.models.functional import Functional
 from jedi_jax.models.jedi_inputs import check_compatible, num_input_channels, widen_conv_in
@@ -129,14 +130,26 @@ COMPONENTS = ("unet", "vae", "text_encoder")
 FROZEN_KEY = "frozen_fingerprints"
 
 
-def frozen_fingerprints(frozen: dict) -> dict[str, str] | None:
-    """{component: params_fingerprint} of the frozen VAE and text encoder, or None where this process
-    does not hold all of their bytes (several hosts)."""
+def frozen_fingerprints(frozen: dict) -> dict[str, str]:
+    """{component: params_fingerprint} of the frozen VAE and text encoder. The same for the same
+    weights on any mesh and process count (a checkpoint may be restored on another mesh). Where the
+    arrays span several processes it gathers them (collectives): every process must call it, at the
+    same point of the program, and every process gets the same digests."""
     from jedi_jax.convert.param_io import params_fingerprint
 
-    if not all(getattr(x, "is_fully_addressable", True) for x in jax.tree.leaves(frozen)):
-        return None
-    return {name: params_fingerprint(frozen[name]) for name in sorted(frozen)}
+    return {name: params_fingerprint(frozen[name], to_numpy=_host_value) for name in sorted(frozen)}
+
+
+def _host_value(x):
+    """One leaf's whole value on this host (numpy): a leaf sharded over several processes is gathered,
+    replicated, one leaf at a time (host memory holds one leaf, not the whole frozen model)."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(x, tiled=True)
+
+
 _KINDS = {"unet": "unet", "vae": "vae", "text_encoder": "clip_text"}
 
 

@@ -21,7 +21,10 @@ executed, logged, checkpointed or sampled (OPERATIONAL_KEYS: mesh.*, checkpoint.
 train.log_every, data.num_workers, ...; those differences are logged as warnings). Any other change
 (seed, model.*, schedule.*, train.* optimizer settings, data.* that change the batches) would
 silently continue a different run, or fail to restore a state of another structure, so it is
-refused before anything is restored, naming the keys: re-run with the checkpoint's values, or pass
+refused before anything is restored, naming the keys. A key the checkpoint's config lacks (added
+by a newer version of the code) is refused too unless it is at its default (configs/common.py's
+base_config), what the older code most likely did; one the current config lacks (removed) is only
+warned about. Re-run with the checkpoint's values, or pass
 `allow_config_change=True` (`python -m jedi_jax.train ... --allow_config_change`) to continue with
 the new ones. train.steps may change while the lr schedule does not depend on it (constant decay,
 warmup within both lengths). The frozen VAE and text encoder are not checkpointed but rebuilt at
@@ -173,15 +176,13 @@ def validate_models(config, models: models_lib.Models, mesh) -> None:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 
 
-def check_frozen(config, frozen_fp: dict | None, stored_fp: dict | None, latest: int | None, *,
-                 allow: bool) -> None:
+def check_frozen(config, frozen_fp: dict, stored_fp: dict | None, latest: int | None, *, allow: bool) -> None:
     """The frozen VAE and text encoder are rebuilt at every start (from model.pretrained, or from the
     seed: configs/mini.py's random CLIP), never checkpointed. A resume whose rebuild differs from the
     weights the checkpoint's UNet was trained with (another library's initializers, a re-exported
     pretrained folder) is refused like a config change. data.latent_vae must be the model's own VAE:
-    the UNet learns latents that its samples and its export decode with model.pretrained's VAE."""
-    if frozen_fp is None:  # several processes: the frozen weights are not all on this host
-        return
+    the UNet learns latents that its samples and its export decode with model.pretrained's VAE.
+    Runs on every process; they see the same config and digests, so all raise or none does."""
     if latest is not None and stored_fp:
         differ = sorted(n for n in frozen_fp if stored_fp.get(n) not in (None, frozen_fp[n]))
         if differ:
@@ -192,7 +193,7 @@ def check_frozen(config, frozen_fp: dict | None, stored_fp: dict | None, latest:
                 raise ConfigChangeError(msg)
             log.warning("%s: continuing (--allow_config_change)", msg.split("; pass")[0])
     latent_vae = str(config.data.get("latent_vae", "") or "")
-    if latent_vae:
+    if latent_vae and not _is_pretrained_vae(latent_vae, str(config.model.pretrained or "")):
         from jedi_jax.convert.param_io import params_fingerprint
         from jedi_jax.loading import load_component
 
@@ -201,6 +202,18 @@ def check_frozen(config, frozen_fp: dict | None, stored_fp: dict | None, latest:
             raise ConfigError(f"data.latent_vae={latent_vae!r} is not the model's VAE (model.pretrained="
                               f"{config.model.pretrained!r}): the UNet would learn latents that its samples and "
                               "export decode with another VAE; give both the same folder")
+
+
+def _is_pretrained_vae(latent_vae: str, pretrained: str) -> bool:
+    """Whether data.latent_vae names the folder the frozen VAE was loaded from (models.build loads a
+    folder's vae component, float32 params whatever the compute dtype): then they are the same
+    weights by construction, and the check need not load and hash that VAE a second time (the
+    data loader loads it to encode the pool anyway)."""
+    if not pretrained or Path(latent_vae).resolve() != Path(pretrained).resolve():
+        return False
+    from jedi_jax.convert.pipeline_folder import read_model_index
+
+    return "vae" in read_model_index(pretrained)
 
 
 # Keys a resumed run may change: how the run is executed, logged, checkpointed or sampled, not what it
@@ -216,27 +229,65 @@ class ConfigChangeError(ValueError):
 
 
 def config_changes(saved: dict, current: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
-    """(dotted key, checkpoint's value, current value) of every leaf that differs (_ABSENT: missing)."""
+    """(dotted key, checkpoint's value, current value) of every leaf that differs (_ABSENT: missing).
+    A section one side lacks is compared leaf by leaf against nothing, so each of its keys is judged
+    on its own (refused_changes)."""
     out = []
     for k in sorted(set(saved) | set(current)):
         a, b = saved.get(k, _ABSENT), current.get(k, _ABSENT)
         if isinstance(a, dict) and isinstance(b, dict):
             out += config_changes(a, b, prefix + k + ".")
+        elif isinstance(a, dict) and b == _ABSENT or isinstance(b, dict) and a == _ABSENT:
+            out += config_changes(a if isinstance(a, dict) else {}, b if isinstance(b, dict) else {}, prefix + k + ".")
         elif a != b:
             out.append((prefix + k, a, b))
     return out
 
 
-def refused_changes(changes: list[tuple[str, Any, Any]], current: dict, *, operational=OPERATIONAL_KEYS,
-                    lr_schedule=None) -> list[tuple[str, Any, Any]]:
-    """The changes a resume refuses without allow_config_change: all but `operational` keys, keys one
-    side lacks (a config written by another version of the code: warned about only) and a
-    train.steps the lr schedule (`lr_schedule(train_cfg)`; default state.learning_rate_schedule)
-    does not depend on."""
+def default_config(module: str = "configs.common") -> dict:
+    """config_to_json(`module`.base_config()): what each key of this version of the code is when no
+    config file sets it (configs.common for this trainer, configs.mini_vae for the VAE trainer), in
+    the checkpoints' JSON form (lists, not tuples). {} (every added key refused, refused_changes)
+    where the configs package cannot be imported (a config file outside this repository)."""
+    import importlib
+
+    try:
+        return ckpt_lib.config_to_json(importlib.import_module(module).base_config())
+    except ModuleNotFoundError as e:
+        if e.name not in ("configs", module):
+            raise
+        log.warning("cannot import %s: keys absent from a checkpoint's config count as changed", module)
+        return {}
+
+
+def _leaves(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{dotted key: leaf} of a nested dict, keyed as config_changes names them."""
+    out = {}
+    for k, v in tree.items():
+        out.update(_leaves(v, prefix + k + ".") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def refused_changes(changes: list[tuple[str, Any, Any]], current: dict, *, defaults: dict,
+                    operational=OPERATIONAL_KEYS, lr_schedule=None) -> list[tuple[str, Any, Any]]:
+    """The changes a resume refuses without allow_config_change: all but
+      - `operational` keys;
+      - keys the checkpoint has and this config lacks (removed by this version of the code, which
+        no longer reads them: warned about only);
+      - keys the checkpoint lacks (added by this version) whose current value is their value in
+        `defaults` (default_config(): the checkpoint's code most likely behaved like the default);
+        one at another value, or that `defaults` lacks too (nothing says what the checkpoint ran
+        with), is refused -- config files replace sub-dicts such as model.unet whole, so keys are
+        compared leaf by leaf, by dotted key;
+      - a train.steps the lr schedule (`lr_schedule(train_cfg)`; default
+        state.learning_rate_schedule) does not depend on."""
+    default_of = _leaves(defaults)
+
     def allowed(key, a, b):
-        if a == _ABSENT or b == _ABSENT or any(key == k or (k.endswith(".") and key.startswith(k))
-                                               for k in operational):
+        if b == _ABSENT or any(key == k or (k.endswith(".") and key.startswith(k)) for k in operational):
             return True
+        if a == _ABSENT:
+            return key in default_of and default_of[key] == b
         return key == "train.steps" and _steps_free_schedule(current["train"], int(a), int(b),
                                                              lr_schedule or state_lib.learning_rate_schedule)
 
@@ -256,17 +307,26 @@ def _steps_free_schedule(train_cfg: dict, steps_a: int, steps_b: int, lr_schedul
     return bool(np.array_equal(a, b))
 
 
-def check_config_changes(saved: dict, current: dict, step: int, *, allow: bool, operational=OPERATIONAL_KEYS,
-                         lr_schedule=None) -> list[str]:
+def check_config_changes(saved: dict, current: dict, step: int, *, allow: bool, defaults: dict,
+                         operational=OPERATIONAL_KEYS, lr_schedule=None) -> list[str]:
     """Compares the checkpoint's config with the run's (before anything is restored): logs every
     difference, raises ConfigChangeError naming the refused ones unless `allow`. Returns the
-    changed keys (for a later restore error). `operational` and `lr_schedule`: refused_changes."""
+    changed keys (for a later restore error). `defaults` (the code's default config, in the same
+    JSON form as `saved` and `current`), `operational` and `lr_schedule`: refused_changes."""
     changes = config_changes(saved, current)
     for key, a, b in changes:
         log.warning("config differs from checkpoint %d's: %s: %r -> %r", step, key, a, b)
-    refused = refused_changes(changes, current, operational=operational, lr_schedule=lr_schedule)
+    refused = refused_changes(changes, current, defaults=defaults, operational=operational, lr_schedule=lr_schedule)
     if refused and not allow:
-        listed = ", ".join(f"{k} ({a!r} -> {b!r})" for k, a, b in refused)
+        default_of = _leaves(defaults)
+
+        def said(key, a, b):
+            if a != _ABSENT:
+                return f"{key} ({a!r} -> {b!r})"
+            was = f"default {default_of[key]!r}" if key in default_of else "no default"
+            return f"{key} (not in the checkpoint's config, {was} -> {b!r})"
+
+        listed = ", ".join(said(*c) for c in refused)
         raise ConfigChangeError(f"the config differs from checkpoint {step}'s in keys that change the training "
                                 f"trajectory or the state: {listed}; re-run with the checkpoint's values, or "
                                 "pass --allow_config_change to continue with the new ones")
@@ -411,14 +471,14 @@ def _train(config, workdir, guard: ckpt_lib.PreemptionGuard, opened: list,
     if latest is not None:  # before anything is built or restored: a refused change costs nothing
         stored = checkpointer.read_json("config", latest)
         stored_frozen = stored.pop(models_lib.FROZEN_KEY, None)
-        changed = check_config_changes(stored, resolved_config, latest, allow=allow_config_change)
+        changed = check_config_changes(stored, resolved_config, latest, allow=allow_config_change,
+                                       defaults=default_config())
     bundle = models_lib.build(config.model, mesh=mesh, rules=rules, seed=config.seed, load_unet=latest is None)
     models = bundle.models
     validate_models(config, models, mesh)
-    frozen_fp = models_lib.frozen_fingerprints(bundle.frozen)
+    frozen_fp = models_lib.frozen_fingerprints(bundle.frozen)  # every process: gathers multi-process shards
     check_frozen(config, frozen_fp, stored_frozen, latest, allow=allow_config_change)
-    if frozen_fp is not None:  # every checkpoint names the frozen weights its UNet was trained with
-        resolved_config[models_lib.FROZEN_KEY] = frozen_fp
+    resolved_config[models_lib.FROZEN_KEY] = frozen_fp  # every checkpoint names the frozen weights it trained with
     from jedi_jax.schedulers.schedule import NoiseScheduleConfig, make_schedule
 
     schedule = make_schedule(NoiseScheduleConfig.from_train_config(config.schedule.to_dict()))

@@ -338,11 +338,12 @@ def check_resume_config(workdir: Path, config, latest: int | None, *, allow: boo
     OPERATIONAL_KEYS (train.steps too, unless the lr schedule does not depend on it) would continue
     another trajectory: trainer.check_config_changes' ConfigChangeError naming the keys, unless `allow`."""
     from jedi_jax.train.checkpoint import config_to_json
-    from jedi_jax.train.trainer import check_config_changes
+    from jedi_jax.train.trainer import check_config_changes, default_config
 
     current, path = config_to_json(config), workdir / "config.json"
     if latest is not None and path.exists():
         changed = check_config_changes(json.loads(path.read_text()), current, latest, allow=allow,
+                                       defaults=default_config("configs.mini_vae"),
                                        operational=OPERATIONAL_KEYS, lr_schedule=learning_rate_schedule)
         if not changed:
             return
