@@ -196,6 +196,21 @@ def test_inconsistent_model_sizes_are_rejected():
         models_lib.check_compatible(*models_lib.configs_from_dicts(c.model))
 
 
+@pytest.mark.parametrize("section,key", [("unet", "block_out_channelz"), ("vae", "latent_chanels"),
+                                         ("text_encoder", "num_hiden_layers")])
+def test_a_mistyped_architecture_key_is_a_config_error(section, key):
+    """Config files replace model.unet / vae / text_encoder whole (so the lock does not cover their
+    keys): a key none of the networks reads is refused up front, naming it, for all three."""
+    from jedi_jax.train import trainer
+
+    c = _cfg()
+    trainer.validate_config(c)
+    with c.model[section].unlocked():
+        c.model[section][key] = 3
+    with pytest.raises(trainer.ConfigError, match=key):
+        trainer.validate_config(c)
+
+
 @pytest.mark.parametrize("arg", ["", "tiny", "micro", "h100x8", "v5e-64"])
 def test_configs_load_and_lock(arg):
     """Every variant comes back locked from get_config (configs/common.base_config locks): a key a

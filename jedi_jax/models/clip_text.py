@@ -63,12 +63,15 @@ class CLIPTextConfig:
             raise ValueError(f"CLIP text config: eos_token_id must be one int, got {self.eos_token_id!r}")
 
     @classmethod
-    def from_transformers(cls, d: dict) -> "CLIPTextConfig":
+    def from_transformers(cls, d: dict, strict: bool = False) -> "CLIPTextConfig":
         """From a transformers `CLIPTextConfig` config.json dict (or a full `CLIPConfig` dict with a
         `text_config`). Keys we do not model (attention_dropout: training only; initializer_*,
-        architectures, torch_dtype, ...) are ignored."""
+        architectures, torch_dtype, ...) are ignored, unless `strict` (a random-init architecture
+        written by hand in a training config: there a key we do not read is a typo, ValueError)."""
         if "text_config" in d and isinstance(d["text_config"], dict):
             d = d["text_config"]
+        if strict and (unknown := sorted(k for k in d if k not in _FIELDS_FROM_TRANSFORMERS)):
+            raise ValueError(f"unknown text encoder config keys {unknown} (known: {', '.join(_FIELDS_FROM_TRANSFORMERS)})")
         kwargs = {k: d[k] for k in _FIELDS_FROM_TRANSFORMERS if k in d and d[k] is not None}
         return cls(**kwargs)
 

@@ -105,7 +105,7 @@ def configs_from_dicts(model_cfg):
     from jedi_jax.models.vae import VAEConfig
 
     return (UNetConfig.from_diffusers(model_cfg.unet.to_dict()), VAEConfig.from_diffusers(model_cfg.vae.to_dict()),
-            CLIPTextConfig.from_transformers(model_cfg.text_encoder.to_dict()))
+            CLIPTextConfig.from_transformers(model_cfg.text_encoder.to_dict(), strict=True))
 
 
 def _unet_factory(model_cfg, unet_config, **overrides):

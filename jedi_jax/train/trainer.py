@@ -136,6 +136,12 @@ def validate_config(config) -> None:
                           "the held-out (background, placement) pairs; train on split='train'")
     if d.batch_size % jax.process_count():
         errors.append(f"data.batch_size={d.batch_size} must be divisible by the {jax.process_count()} processes")
+    try:  # the random-init architectures, even where model.pretrained's folder replaces them: a
+        # mistyped key there is a setting nothing reads (config files replace these sub-dicts whole,
+        # so the config's lock does not cover their keys)
+        models_lib.configs_from_dicts(config.model)
+    except ValueError as e:
+        errors.append(f"model.unet / vae / text_encoder: {e}")
     if len(m.axes) != len(m.shape):
         errors.append(f"mesh.shape={tuple(m.shape)} must have one entry per mesh.axes={tuple(m.axes)}")
     try:
