@@ -25,5 +25,7 @@ demo: $(VENV)/.base
 test: $(VENV)/.test
 	JAX_PLATFORMS=cpu $(PY) -m pytest $(PYTEST_ARGS) tests
 
+# out/ holds the demo's and the tools' default outputs; runs/ (training runs, checkpoints, exports) is
+# left alone: delete it yourself if you mean to
 clean:
-	rm -rf $(VENV) out runs
+	rm -rf $(VENV) out

@@ -11,7 +11,14 @@
 set -euo pipefail
 variant=${1:-cpu}
 runs=${2:-runs}
-py=${PYTHON:-python}
+case "$variant" in
+  cpu|gpu) ;;
+  *) echo "train_mini.sh: variant must be cpu or gpu, got '$variant' (usage: bash launch/train_mini.sh [cpu|gpu] [RUNS_DIR])" >&2
+     exit 2 ;;
+esac
+# the repository's .venv (make install) unless PYTHON says otherwise
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+if [[ -z "${PYTHON:-}" && -x "$repo/.venv/bin/python" ]]; then py="$repo/.venv/bin/python"; else py=${PYTHON:-python}; fi
 mkdir -p "$runs"
 
 # A trainer stopped by SIGTERM / SIGHUP saves its step and exits 0 without finishing: stop here then

@@ -306,3 +306,37 @@ def test_gpu_slurm_stops_before_srun_when_the_python_is_missing(tmp_path):
     res, argv = _run_spooled_gpu_slurm(tmp_path, elsewhere)
     assert res.returncode == 2 and argv is None, res.stdout + res.stderr
     assert "repo root" in res.stderr and str(elsewhere / ".venv" / "bin" / "python") in res.stderr
+
+
+def _fake_repo_train_mini(tmp_path):
+    """launch/train_mini.sh copied into a fake checkout whose .venv python logs its arguments and fails
+    (so the script stops at its first command)."""
+    checkout = tmp_path / "checkout"
+    (checkout / "launch").mkdir(parents=True)
+    script = checkout / "launch" / "train_mini.sh"
+    script.write_text((LAUNCH / "train_mini.sh").read_text())
+    _stub(checkout / ".venv" / "bin" / "python", f'echo "$0 $*" >> {tmp_path / "argv"}\nexit 3\n')
+    return checkout, script
+
+
+def test_train_mini_refuses_an_unknown_variant_before_running_anything(tmp_path):
+    checkout, script = _fake_repo_train_mini(tmp_path)
+    res = subprocess.run(["bash", str(script), "tiny"], cwd=tmp_path, env=_clean_env(), capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 2 and "variant must be cpu or gpu, got 'tiny'" in res.stderr, res.stderr
+    assert not (tmp_path / "argv").exists()  # no stage started (configs/mini_vae.py has a :tiny, mini.py not)
+
+
+def test_train_mini_runs_the_checkouts_venv_python_unless_PYTHON_is_set(tmp_path):
+    checkout, script = _fake_repo_train_mini(tmp_path)
+    res = subprocess.run(["bash", str(script), "gpu", str(tmp_path / "runs")], cwd=tmp_path, env=_clean_env(),
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 3, res.stdout + res.stderr  # the stub's failure stops the script (set -e)
+    venv_python = checkout / ".venv" / "bin" / "python"
+    assert (tmp_path / "argv").read_text().split() == [
+        str(venv_python), "-m", "jedi_jax.train.vae_trainer", "--config", "configs/mini_vae.py:gpu",
+        "--workdir", str(tmp_path / "runs" / "mini_vae")]
+    other = _stub(tmp_path / "bin" / "mypython", f'echo "$0 $*" > {tmp_path / "argv"}\nexit 3\n')
+    subprocess.run(["bash", str(script), "cpu"], cwd=tmp_path, env=_clean_env(PYTHON=str(other)),
+                   capture_output=True, text=True, timeout=60)
+    assert (tmp_path / "argv").read_text().split()[0] == str(other)
