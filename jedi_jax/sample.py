@@ -1,4 +1,4 @@
-"""Personalize from the command line: references + prompts -> new images of the subject.
+r"""Personalize from the command line: references + prompts -> new images of the subject.
 
     python -m jedi_jax.sample --ref A.png --ref B.png --prompt "a photo of the ball on the beach" \
         --num 4 --steps 50 --seed 0 --out out/ball [--model DIR]

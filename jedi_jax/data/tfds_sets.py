@@ -13,10 +13,10 @@ train/test in ``array_record`` format (random access; read without TensorFlow by
 ``set_source.ArrayRecordSetSource``). Real same-subject data (S3-like) uses the same features:
 copy ``_info`` and write a ``_generate_examples`` that yields these dicts.
 
-Building goes through TFDS's writer. Images are handed to TFDS already PNG-encoded (by PIL), so the
-build itself does not run TensorFlow ops; the TFDS builder machinery is nonetheless only supported
-with TensorFlow installed: ``pip install -e .[data]`` (tensorflow-datasets + tensorflow-cpu).
-Reading never needs TensorFlow.
+Building goes through TFDS's writer: ``pip install -e .[data]`` (tensorflow-datasets, no
+TensorFlow). Images are handed to TFDS already PNG-encoded (by PIL), so the build runs no
+TensorFlow op and works without TensorFlow installed (the test extra installs no TensorFlow,
+and tests/test_data_tfds.py builds the dataset there). Reading never needs TensorFlow.
 
     python -m jedi_jax.data.tfds_sets --data_dir /tmp/tfds --config tiny
     python -m jedi_jax.data.tfds_sets --data_dir /tmp/tfds --num_train 20000 --num_test 500 --set_size 4
@@ -152,7 +152,7 @@ def build(data_dir: str, config: str | MiniJediSetsConfig = "tiny", **overrides)
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m jedi_jax.data.tfds_sets", description=__doc__.split("\n\n")[0])
     p.add_argument("--data_dir", required=True)
     p.add_argument("--config", default="tiny", choices=[c.name for c in MiniJediSets.BUILDER_CONFIGS])
     p.add_argument("--num_train", type=int)

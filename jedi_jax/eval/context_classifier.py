@@ -163,7 +163,8 @@ def placement_by_pair(labels: dict, pred: dict, blurred_pred: dict) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m jedi_jax.eval.context_classifier",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train", action="store_true", help="train and write the weights (then validate)")
     p.add_argument("--validate", action="store_true", help="accuracy of the weights in --out")
     p.add_argument("--out", default=str(cnn.WEIGHTS_DIR), help="weights folder")

@@ -1,4 +1,4 @@
-"""Identity against wall time: how long DreamBooth-style finetuning needs to reach JeDi's identity.
+r"""Identity against wall time: how long DreamBooth-style finetuning needs to reach JeDi's identity.
 
     python -m jedi_jax.eval.dreambooth_curve [--model DIR] [--out out/dreambooth_curve] [--subjects 6] \
         [--lrs 5e-5,2e-4] [--budgets 25,50,100,200,400,800] [--prompts 2] [--steps 20]
@@ -221,7 +221,8 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m jedi_jax.eval.dreambooth_curve",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="jedi_jax model folder (default: the embedded JeDi-mini)")
     p.add_argument("--out", default="out/dreambooth_curve")
     p.add_argument("--subjects", type=int, default=6)

@@ -1,4 +1,4 @@
-"""Guidance sweep on VALIDATION subjects: choose JeDi's text and image guidance scales without
+r"""Guidance sweep on VALIDATION subjects: choose JeDi's text and image guidance scales without
 touching MiniBench's subjects.
 
     python -m jedi_jax.eval.guidance_sweep [--model DIR] [--out out/guidance_sweep] \
@@ -271,7 +271,8 @@ def report(results: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m jedi_jax.eval.guidance_sweep",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="jedi_jax model folder (default: the embedded JeDi-mini)")
     p.add_argument("--out", default="out/guidance_sweep")
     p.add_argument("--first-subject", type=int, default=VALIDATION_FIRST_SUBJECT,

@@ -187,7 +187,8 @@ def validate(encoder: IdentityEncoder, *, per_category: int = 32, candidates: in
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m jedi_jax.eval.identity_encoder",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train", action="store_true", help="train and write the weights (then validate)")
     p.add_argument("--validate", action="store_true", help="retrieval accuracy of the weights in --out")
     p.add_argument("--out", default=str(cnn.WEIGHTS_DIR), help="weights folder")

@@ -1,4 +1,4 @@
-"""The learning curve of the real metric: normalized encoder identity of a run's checkpoints.
+r"""The learning curve of the real metric: normalized encoder identity of a run's checkpoints.
 
     python -m jedi_jax.eval.learning_curve --workdir runs/mini [--steps 1250,1500,2000] [--subjects 8] \
         [--first-subject 0] [--guidance-scale 3 --image-guidance-scale 2]
@@ -33,7 +33,8 @@ def checkpoint_unet(workdir: Path, step: int, allow_frozen_change: bool = False)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m jedi_jax.eval.learning_curve",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True)
     p.add_argument("--steps", default="", help="comma-separated checkpoint steps (default: all)")
     p.add_argument("--subjects", type=int, default=8)

@@ -432,7 +432,8 @@ def quick_identity(model, n_subjects: int = 8, *, steps: int = 20, k: int = 3, s
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m jedi_jax.eval.minibench",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="jedi_jax model folder (default: the embedded JeDi-mini)")
     p.add_argument("--out", default="out/minibench")
     p.add_argument("--subjects", type=int, default=None, help="test subjects (default 16; quick 2)")

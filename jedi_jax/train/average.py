@@ -1,4 +1,4 @@
-"""Weight averaging of model folders ("model soup", Wortsman et al., ICML 2022, uniform soup).
+r"""Weight averaging of model folders ("model soup", Wortsman et al., ICML 2022, uniform soup).
 
     python -m jedi_jax.train.average --models runs/jedi_a runs/jedi_b [--weights 0.5,0.5] \
         --dst runs/jedi_soup [--overwrite]
@@ -124,7 +124,8 @@ def average_folders(models: Sequence[str | Path], dst: str | Path, *, weights: S
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m jedi_jax.train.average",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", required=True, help="jedi_jax model folders, finetunes of one model")
     p.add_argument("--weights", default=None, help="comma-separated, summing to 1 (default: uniform)")
     p.add_argument("--dst", required=True)
