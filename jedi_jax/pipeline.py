@@ -46,6 +46,10 @@ from jedi_jax.schedulers.schedule import NoiseScheduleConfig, inference_timestep
 DEFAULT_REFERENCE_PROMPT = ""
 DEFAULT_GUIDANCE_SCALE = 3.0  # sT where neither the caller nor the model folder says
 DEFAULT_IMAGE_GUIDANCE_SCALE = 2.0  # sI likewise
+# A tokenizer with fewer entries than this has a closed, word-level vocabulary (JeDi-mini's: one
+# token per mini-world word, 240 in all): a word it does not hold is spelled in pieces the model
+# never saw in training. A real CLIP vocabulary (49,408) splits rare words legitimately: no warning.
+CLOSED_VOCABULARY_SIZE = 1000
 PART_SEPARATOR = re.compile(r"\s*\bAND\b\s*")  # "A AND B": a composed prompt (the upper-case word AND only)
 # A composed prompt's part may end in ":w", its guidance weight (default 1; negative = "NOT"):
 # "A :2 AND B :-1" guides by 2 d_A - d_B = d_A + (d_A - d_B), i.e. A, plus whatever A says that B does not.
@@ -306,6 +310,15 @@ class JeDiPipeline:
         lengths = [len(ids) for ids in self.model.tokenizer(list(texts))["input_ids"]]
         return [t for t, n in zip(texts, lengths) if n > self.max_length]
 
+    def _unseen_words(self, texts: Sequence[str]) -> list[str]:
+        """The words of `texts` that a closed-vocabulary tokenizer (CLOSED_VOCABULARY_SIZE) does not
+        read as one token, in order of appearance; [] for an open (real CLIP) vocabulary."""
+        tokenizer = self.model.tokenizer
+        if len(tokenizer) >= CLOSED_VOCABULARY_SIZE:
+            return []
+        words = dict.fromkeys(w for t in texts for w in re.findall(r"[a-z0-9']+", t.lower()))
+        return [w for w in words if len(tokenizer(w, add_special_tokens=False)["input_ids"]) != 1]
+
     # ------------------------------------------------------------------ user API
     def guidance_scales(self, guidance_scale: float | None = None,
                         image_guidance_scale: float | None = None) -> tuple[float, float]:
@@ -407,6 +420,10 @@ class JeDiPipeline:
                     part_texts[j][i], part_weights[j, 0, i] = part, weight
             part_ids = np.stack([self._tokenize(texts) for texts in part_texts])[:, None]  # (P, 1, N, T)
         cut = self._overlong([part for parts in weighted_parts for part, _ in parts] + ref_prompts)
+        unseen = self._unseen_words([part for parts in weighted_parts for part, _ in parts] + ref_prompts)
+        if unseen:  # before the length warning: spelling an unknown word in pieces is what makes it long
+            warnings.warn(f"words outside the model's {len(self.model.tokenizer)}-token vocabulary (read as pieces "
+                          f"it never saw in training): {', '.join(unseen)}", stacklevel=2)
         if cut:
             warnings.warn(f"{len(cut)} prompt(s) longer than the text encoder's {self.max_length} tokens; the end "
                           f"is not read, e.g. {cut[0]!r}", stacklevel=2)

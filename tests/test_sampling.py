@@ -63,6 +63,37 @@ def test_overlong_prompts_warn_and_are_recorded(tiny_pipeline):
     assert tiny_pipeline(PROMPT, num_inference_steps=1).settings["truncated_prompts"] == []
 
 
+def test_words_outside_a_closed_vocabulary_warn_once_each(tiny_pipeline):
+    """The tiny model's tokenizer holds a few words (a closed vocabulary, like JeDi-mini's 240): a
+    prompt word outside it is named once, in order; the known words of PROMPT warn nothing."""
+    import warnings
+
+    with pytest.warns(UserWarning, match=r"vocabulary .*: zebra, with, sunglasses$"):
+        tiny_pipeline([PROMPT, "a zebra on the beach AND a Zebra with sunglasses"], num_inference_steps=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tiny_pipeline(PROMPT, num_inference_steps=1)
+
+
+def test_an_open_vocabulary_names_no_unseen_words(tiny_pipeline, monkeypatch):
+    """A real CLIP vocabulary (49,408 tokens) splits rare words legitimately: no warning there."""
+    from jedi_jax import pipeline as pipeline_lib
+
+    assert tiny_pipeline._unseen_words(["a zebra"]) == ["zebra"]
+    monkeypatch.setattr(pipeline_lib, "CLOSED_VOCABULARY_SIZE", len(tiny_pipeline.model.tokenizer))
+    assert tiny_pipeline._unseen_words(["a zebra"]) == []
+
+
+def test_the_mini_world_captions_are_all_known_words():
+    """Every word a mini-world caption or MiniBench prompt can hold is one token of the packaged
+    tokenizer: the unseen-word warning never fires on the world's own wording."""
+    from jedi_jax.data import mini_world
+    from jedi_jax.data.tokenizer_files import load_tokenizer
+
+    tok = load_tokenizer()
+    assert all(len(tok(w, add_special_tokens=False)["input_ids"]) == 1 for w in mini_world.vocabulary())
+
+
 def _branch_setup(pipe, seed=0):
     unet = pipe.model.unet
     key = jax.random.key(seed)
