@@ -77,7 +77,9 @@ def base_config() -> ml_collections.ConfigDict:
         unet=sd15_unet(),  # random-init architecture (ignored when `pretrained` is set)
         vae=sd15_vae(),
         text_encoder=sd15_text(),
-        tokenizer="",  # CLIP tokenizer folder; "" = the pretrained folder's, else the packaged mini-world one
+        # CLIP tokenizer folder; "" = the pretrained folder's, else the packaged mini-world one (a
+        # pretrained text encoder without its tokenizer/ is refused: its weights need their vocabulary)
+        tokenizer="",
         max_text_len=77,
         text_layer="last",  # clip_text.encode_prompts layer: "last" (SD 1.x), "penultimate", "embeddings", "tokens" (JeDi-mini), or an int
         dtype="bfloat16",  # compute dtype of UNet and text encoder (params stay float32)

@@ -61,9 +61,11 @@ def main(argv=None) -> int:
     except FileExistsError as e:
         print(f"error: --out {args.out}: {e}", file=sys.stderr)
         return 2
+    from jedi_jax.convert.pipeline_folder import model_folder_problem
+
     model = Path(args.model) if args.model else DEFAULT_MODEL_DIR
-    if not (model / "jedi_model.json").exists():
-        why = (f"--model {model} is not a jedi_jax model folder (no jedi_model.json)" if args.model else
+    if (why := model_folder_problem(model)) is not None:
+        why = (f"--model {why}" if args.model else
                f"no model at {model}: the embedded JeDi-mini is missing from this installation "
                "(train one in a repository checkout: bash launch/train_mini.sh gpu; then --model runs/jedi_mini)")
         print(f"error: {why}", file=sys.stderr)

@@ -549,12 +549,18 @@ def test_model_folder_without_valid_components_is_one_error_line(converted, tmp_
 @pytest.mark.parametrize("channels, message", [
     ("0", "must be a positive number of channels, got 0"),
     ("-9", "must be a positive number of channels, got -9"),
-    ("2", "2 is less than the 4 input channels"),
+    # only the source's own width or the JeDi layout 2*latent_channels+1: a 7-channel UNet would be a
+    # folder that every tool refuses (sampling: "unet.in_channels=7 must be 2*latent_channels+1=9")
+    ("2", "--unet-in-channels) 2: "),
+    ("7", "--unet-in-channels) 7: "),
+    ("10", "--unet-in-channels) 10: "),
 ])
 def test_unet_in_channels_that_cannot_widen_are_refused(diffusers_dir, tmp_path, capsys, channels, message):
     err = _cli_error(capsys, ["--src", str(diffusers_dir[0]), "--dst", str(tmp_path / "out"),
                               "--unet-in-channels", channels])
     assert message in err, err
+    if int(channels) > 0:
+        assert "takes 4 input channels and latent_channels=4; give 4 (as is) or 9 (2*latent_channels+1" in err, err
     assert not (tmp_path / "out").exists()
 
 
@@ -661,3 +667,79 @@ def test_overwrite_replaces_only_an_earlier_model_folder(diffusers_dir, converte
     again = tmp_path / "again"
     shutil.copytree(converted, again)  # an earlier conversion: replaced
     assert convert_main(["--src", str(diffusers_dir[0]), "--dst", str(again), "--overwrite"]) == 0
+
+
+# --- what a converted folder needs besides the weights ---------------------------------------------
+
+@pytest.mark.parametrize("removed, message", [
+    (["tokenizer"], "lacks tokenizer/ (the tokenizer of text_encoder/): "),
+    (["scheduler"], "lacks scheduler/ (the noise schedule of unet/): "),
+    (["tokenizer", "scheduler"], "lacks tokenizer/ (the tokenizer of text_encoder/) and scheduler/ (the noise "
+                                 "schedule of unet/): the converted folder would be unusable without them"),
+    (["scheduler/scheduler_config.json"], "lacks scheduler/ (the noise schedule of unet/)"),
+    (["tokenizer", "model_index.json"], "lacks tokenizer/ (the tokenizer of text_encoder/)"),  # found by names
+])
+def test_pipeline_folder_without_tokenizer_or_scheduler_is_refused(diffusers_dir, tmp_path, capsys, removed, message):
+    """A text encoder is garbage through another vocabulary and a UNet cannot sample without its
+    noise schedule: a converted folder without them would be refused by sampling, and training
+    would pair the text encoder with the packaged mini-world tokenizer. Refused before anything is
+    written."""
+    src = _copy(diffusers_dir[0], tmp_path)
+    for rel in removed:
+        (shutil.rmtree if (src / rel).is_dir() else os.unlink)(src / rel)
+    err = _cli_error(capsys, ["--src", str(src), "--dst", str(tmp_path / "out")])
+    assert message in err and str(src) in err, err
+    assert not (tmp_path / "out").exists() and not _leftovers(tmp_path)
+
+
+def test_component_subsets_need_no_tokenizer_or_scheduler(diffusers_dir, converted, tmp_path, capsys):
+    """A folder holding only some components converts without tokenizer/ or scheduler/ where none
+    of them needs one (a VAE alone, a UNet alone, a UNet and its VAE), but a model_index.json that
+    lists a tokenizer or scheduler must find it."""
+    src = diffusers_dir[0]
+    for subset in (("vae",), ("unet", "vae")):
+        part = tmp_path / "_".join(subset)
+        for name in subset:
+            shutil.copytree(src / name, part / name)
+        assert convert_main(["--src", str(part), "--dst", str(tmp_path / f"{part.name}_jax")]) == 0
+        assert sorted(p.name for p in (tmp_path / f"{part.name}_jax").iterdir()) == ["jedi_model.json", *subset]
+    (part / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline",
+                                                       "unet": ["diffusers", "UNet2DConditionModel"],
+                                                       "vae": ["diffusers", "AutoencoderKL"],
+                                                       "scheduler": ["diffusers", "DDIMScheduler"]}))
+    err = _cli_error(capsys, ["--src", str(part), "--dst", str(tmp_path / "out")])
+    assert "lacks scheduler/ (listed in model_index.json)" in err, err
+
+
+def test_model_folder_problems_are_named_alike_by_every_tool(converted, tmp_path, capsys):
+    """A path that is no model folder: every tool (read_model_index -> sample, average, loading;
+    the eval CLIs' --model) says the same line: a missing folder does not exist, a training run's
+    --workdir is exported first (the command given), another folder is converted first."""
+    from jedi_jax.convert.pipeline_folder import read_model_index
+    from jedi_jax.eval.cli import cli_model
+    from jedi_jax.train.average import main as average_main
+
+    run = tmp_path / "runs" / "tiny"
+    (run / "checkpoints" / "100").mkdir(parents=True)
+    (tmp_path / "plain").mkdir()
+    expected = {
+        tmp_path / "nowhere": f"no model at {tmp_path / 'nowhere'}: the folder does not exist",
+        run: f"{run} is a training run (it has checkpoints/), not a model folder (no jedi_model.json); export it "
+             f"first: python -m jedi_jax.train.export --workdir {run} --dst DIR",
+        tmp_path / "plain": f"{tmp_path / 'plain'} is not a jedi_jax model folder (no jedi_model.json); convert a "
+                            "diffusers folder first: python -m jedi_jax.convert --src DIFFUSERS_DIR --dst DIR",
+    }
+    for folder, line in expected.items():
+        with pytest.raises(ConversionError) as e:
+            read_model_index(folder)
+        assert str(e.value) == line
+        assert cli_model(str(folder)) is None
+        assert capsys.readouterr().err == f"error: {line}\n"
+        assert average_main(["--models", str(converted), str(folder), "--dst", str(tmp_path / "soup")]) == 2
+        assert line in capsys.readouterr().err
+    assert cli_model(str(converted)) == converted and not (tmp_path / "soup").exists()
+
+
+def test_existing_destination_names_the_overwrite_flag(diffusers_dir, converted, capsys):
+    err = _cli_error(capsys, ["--src", str(diffusers_dir[0]), "--dst", str(converted)])
+    assert "already exists (--overwrite replaces it; from Python, overwrite=True)" in err, err

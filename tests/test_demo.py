@@ -22,7 +22,9 @@ def _demo(*args, cache=None, cwd=None):
     (["--steps", "0"], "--steps 0 must be >= 1"),
     (["--num-prompts", "5"], "--num-prompts 5 must be in 1..4"),
     (["--seed", "-3"], "--seed -3 must be in [0, 2**64)"),
-    (["--model", "{tmp}/nowhere"], "is not a jedi_jax model folder"),
+    (["--model", "{tmp}/nowhere"], "the folder does not exist"),
+    (["--model", "{tmp}"], "is not a jedi_jax model folder"),
+    (["--model", "{tmp}/run"], "export it first: python -m jedi_jax.train.export --workdir"),
     (["--out", "{tmp}/a_file"], "exists and is not a folder"),
     (["--model", "{tmp}/broken"], "jedi_model.json: unsupported format"),  # found, but not loadable
     (["--steps", "1001"], "steps=1001: num_steps=1001 cannot exceed num_train_timesteps=1000"),  # after loading
@@ -31,6 +33,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     (tmp_path / "a_file").write_text("x")
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "jedi_model.json").write_text("{}")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)  # a training run's --workdir
     args = [a.format(tmp=tmp_path) for a in args]
     res = _demo(*args, *([] if "--out" in args else ["--out", tmp_path / "out"]))
     err = [line for line in res.stderr.splitlines() if line.strip()]

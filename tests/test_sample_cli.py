@@ -21,6 +21,7 @@ def files(tmp_path_factory):
     (d / "folder").mkdir()
     (d / "broken_model").mkdir()
     (d / "broken_model" / "jedi_model.json").write_text("{ not json")
+    (d / "a_run" / "checkpoints" / "200").mkdir(parents=True)  # a training run's --workdir
     return d
 
 
@@ -43,6 +44,11 @@ BAD = {
     "reference start out of range": (["--prompt", "x", "--reference-start", "1"], "need 0 <= FRACTION < 1"),
     "missing model": (["--prompt", "x", "--model", "{d}/no_model"], "does not exist"),
     "model index not JSON": (["--prompt", "x", "--model", "{d}/broken_model"], "not a readable JSON file"),
+    "training run as model": (["--prompt", "x", "--model", "{d}/a_run"], "a_run is a training run (it has "
+                              "checkpoints/), not a model folder (no jedi_model.json); export it first: python -m "
+                              "jedi_jax.train.export --workdir {d}/a_run --dst DIR"),
+    "folder that is no model": (["--prompt", "x", "--model", "{d}/folder"], "folder is not a jedi_jax model folder "
+                                "(no jedi_model.json); convert a diffusers folder first: python -m jedi_jax.convert"),
     "eta with dpmpp_2m": (["--prompt", "x", "--sampler", "dpmpp_2m", "--eta", "0.5"], "dpmpp_2m is deterministic"),
     "steps beyond the schedule": (["--prompt", "x", "--steps", "1001"], "cannot exceed num_train_timesteps=1000"),
     "composed prompt, text_first": (["--prompt", "x AND y", "--guidance-order", "text_first", "--steps", "1"],
@@ -53,6 +59,7 @@ BAD = {
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_input_is_one_line_exit_2_no_output(files, tmp_path, case):
     args, message = BAD[case]
+    message = message.format(d=files)
     out = tmp_path / "out"
     r = _run(*[a.format(d=files) for a in args], *([] if "--out" in args else ["--out", out]))
     assert r.returncode == 2, r.stderr

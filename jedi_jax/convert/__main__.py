@@ -21,7 +21,8 @@ def main(argv=None) -> int:
     parser.add_argument("--src", required=True, help="diffusers folder (or jedi_jax folder with --export-diffusers)")
     parser.add_argument("--dst", required=True, help="output folder (must not exist unless --overwrite)")
     parser.add_argument("--unet-in-channels", type=int, default=None,
-                        help="widen the UNet's conv_in to this many channels, zero-initialized (9 = JeDi layout)")
+                        help="widen the UNet's conv_in to 2*latent_channels+1 channels (9 for SD: the JeDi layout), "
+                             "the new ones zero-initialized; the source's own width is also accepted")
     parser.add_argument("--variant", default=None,
                         help="weights variant, e.g. fp16 (reads *.fp16.safetensors, or the shards listed in "
                              "*.safetensors.index.fp16.json)")

@@ -150,7 +150,7 @@ def check_destination(dst: str | os.PathLike, *, overwrite: bool = False, marker
     dst = Path(dst).absolute()
     if os.path.lexists(dst):
         if not overwrite:
-            raise FileExistsError(f"{dst} already exists (pass overwrite to replace it)")
+            raise FileExistsError(f"{dst} already exists (--overwrite replaces it; from Python, overwrite=True)")
         if dst.is_symlink():
             raise FileExistsError(f"{dst} is a symbolic link: refusing to replace it (give the folder it points to)")
         if not dst.is_dir():

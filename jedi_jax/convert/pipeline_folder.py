@@ -36,14 +36,29 @@ def read_json(path: Path) -> dict:
     return comp.read_json_object(path)
 
 
+def model_folder_problem(model_dir: str | Path) -> str | None:
+    """Why `model_dir` is not a jedi_jax model folder, in one line naming what to do (None when it has
+    jedi_model.json). Every tool that takes a model folder says this: a path that does not exist, a
+    training run's --workdir (it has checkpoints/: export it), or some other folder (convert one)."""
+    path = Path(model_dir)
+    if (path / MODEL_FILE).exists():
+        return None
+    if not path.exists():
+        return f"no model at {path}: the folder does not exist"
+    if not path.is_dir():
+        return f"no model at {path}: it is a file, not a jedi_jax model folder"
+    if (path / "checkpoints").is_dir():
+        return (f"{path} is a training run (it has checkpoints/), not a model folder (no {MODEL_FILE}); "
+                f"export it first: python -m jedi_jax.train.export --workdir {path} --dst DIR")
+    return (f"{path} is not a jedi_jax model folder (no {MODEL_FILE}); "
+            "convert a diffusers folder first: python -m jedi_jax.convert --src DIFFUSERS_DIR --dst DIR")
+
+
 def read_model_index(model_dir: str | Path) -> dict[str, str]:
     """{component name: kind} of a jedi_jax model folder (strict)."""
     path = Path(model_dir) / MODEL_FILE
     if not path.exists():
-        raise ConversionError(
-            f"{model_dir} is not a jedi_jax model folder (no {MODEL_FILE}); "
-            "convert a diffusers folder first: python -m jedi_jax.convert --src DIFFUSERS_DIR --dst DIR"
-        )
+        raise ConversionError(model_folder_problem(model_dir) or f"no {path}")  # (or: it just vanished)
     index = read_json(path)
     if index.get("format") != FORMAT["format"] or index.get("version") != FORMAT["version"]:
         raise ConversionError(f"{path}: unsupported format {index.get('format')!r} version {index.get('version')!r}")
@@ -129,29 +144,24 @@ def convert_diffusers_folder(src: str | Path, dst: str | Path, *, unet_in_channe
     """Converts a diffusers-format folder (no torch needed) into a jedi_jax model folder.
 
     unet_in_channels: widen the UNet's conv_in (e.g. 4 -> 9 for the JeDi inpainting layout) with
-    zero-initialized new input channels, so the converted model computes what the source did.
+    zero-initialized new input channels, so the converted model computes what the source did; only
+    the source's own width or 2 * latent_channels + 1 is accepted (check_unet_in_channels).
+    A source lacking a tokenizer / scheduler its components need is refused (check_pipeline_folders).
     """
     src = Path(src)
     if not src.exists():
         raise ConversionError(f"source folder {src} does not exist")
     if not src.is_dir():
         raise ConversionError(f"source {src} is not a folder (give the diffusers pipeline folder)")
-    if unet_in_channels is not None and (isinstance(unet_in_channels, bool) or not isinstance(unet_in_channels, int)
-                                         or unet_in_channels < 1):
-        raise ConversionError(f"unet_in_channels (--unet-in-channels) must be a positive number of channels, "
-                              f"got {unet_in_channels!r}")
-    check_destination(dst, overwrite=overwrite, marker=MODEL_FILE)  # before the slow part; checked again at the end
     sources = comp.list_source_components(src)
-    if unet_in_channels is not None and not any(sc.kind == "unet" for sc in sources):
-        raise ConversionError(f"unet_in_channels (--unet-in-channels) given, but {src} has no UNet")
+    check_pipeline_folders(src, sources)
+    configs = {sc.name: comp.config_from_dict(sc.kind, comp.read_config(src / sc.name),
+                                              source=src / sc.name / "config.json") for sc in sources}
+    check_unet_in_channels(src, sources, configs, unet_in_channels)
+    check_destination(dst, overwrite=overwrite, marker=MODEL_FILE)  # before the slow part; checked again at the end
     parts = {}
     for sc in sources:
-        folder = src / sc.name
-        config = comp.config_from_dict(sc.kind, comp.read_config(folder), source=folder / "config.json")
-        if sc.kind == "unet" and unet_in_channels is not None and unet_in_channels < config.in_channels:
-            raise ConversionError(
-                f"unet_in_channels (--unet-in-channels) {unet_in_channels} is less than the {config.in_channels} "
-                f"input channels of {folder}: conv_in can only be widened")
+        folder, config = src / sc.name, configs[sc.name]
         tensors = comp.legacy_fixes(sc.kind, comp.read_safetensors(folder, comp.WEIGHT_FILES[sc.kind], variant),
                                     what=sc.name)
         shapes = Functional.abstract(comp.model_factory(sc.kind, config)).param_shapes()
@@ -175,6 +185,64 @@ def convert_diffusers_folder(src: str | Path, dst: str | Path, *, unet_in_channe
             f"{', '.join(notes)}")
     return write_model_folder(dst, parts, extra_folders=extra, overwrite=overwrite, source=str(src),
                               replaced_files=replaced)
+
+
+def tokenizer_name(text_encoder: str) -> str:
+    """The tokenizer folder of a text encoder folder: text_encoder -> tokenizer, text_encoder_2 -> tokenizer_2."""
+    return text_encoder.replace("text_encoder", "tokenizer") if "text_encoder" in text_encoder else "tokenizer"
+
+
+def check_pipeline_folders(src: Path, sources: list) -> None:
+    """ConversionError (one line naming what is missing) when the source lacks a folder that its
+    converted components cannot be used without: each text encoder's tokenizer (its weights mean
+    nothing with another vocabulary), the scheduler of a text-to-image UNet (sampling needs the
+    noise schedule it was trained on), and any tokenizer / scheduler its model_index.json lists.
+    A component subset without those (vae/ alone, unet/ alone, unet/ + vae/) needs none."""
+    needed: dict[str, str] = {}
+    for sc in sources:
+        if sc.kind.startswith("clip_text"):
+            needed.setdefault(tokenizer_name(sc.name), f"the tokenizer of {sc.name}/")
+    kinds = {sc.kind for sc in sources}
+    if "unet" in kinds and any(k.startswith("clip_text") for k in kinds):
+        needed.setdefault("scheduler", "the noise schedule of unet/")
+    index = src / "model_index.json"
+    if index.exists():
+        for name, value in comp.read_json_object(index).items():
+            if name in comp.COPIED_FOLDERS and isinstance(value, list) and len(value) == 2 and value[1] is not None:
+                needed.setdefault(name, "listed in model_index.json")
+    present = {"scheduler": lambda d: (d / "scheduler_config.json").is_file()}
+    missing = [f"{name}/ ({why})" for name, why in needed.items()
+               if not present.get(name, Path.is_dir)(src / name)]
+    if missing:
+        them = "it" if len(missing) == 1 else "them"
+        raise ConversionError(f"{src} lacks {' and '.join(missing)}: the converted folder would be unusable "
+                              f"without {them}; copy {them} from the original diffusers pipeline folder")
+
+
+def check_unet_in_channels(src: Path, sources: list, configs: dict, unet_in_channels: int | None) -> None:
+    """--unet-in-channels may keep the source UNet's input channels or widen them to the JeDi layout,
+    2 * latent_channels + 1 (noisy latents, known latents, mask): any other width is a folder that no
+    tool can sample or train (ConversionError naming both allowed values)."""
+    if unet_in_channels is None:
+        return
+    if isinstance(unet_in_channels, bool) or not isinstance(unet_in_channels, int) or unet_in_channels < 1:
+        raise ConversionError(f"unet_in_channels (--unet-in-channels) must be a positive number of channels, "
+                              f"got {unet_in_channels!r}")
+    unets = [sc.name for sc in sources if sc.kind == "unet"]
+    if not unets:
+        raise ConversionError(f"unet_in_channels (--unet-in-channels) given, but {src} has no UNet")
+    vaes = [sc.name for sc in sources if sc.kind == "vae"]
+    for name in unets:
+        unet = configs[name]
+        # the latents the UNet denoises: the VAE's, or (no VAE in the source) what the UNet predicts
+        latent = configs[vaes[0]].latent_channels if vaes else unet.out_channels
+        jedi = 2 * latent + 1
+        if unet_in_channels not in (unet.in_channels, jedi):
+            allowed = (f"{jedi} (2*latent_channels+1, the JeDi layout)" if unet.in_channels == jedi else
+                       f"{unet.in_channels} (as is) or {jedi} (2*latent_channels+1, the JeDi layout: widened with "
+                       "zero weights)")
+            raise ConversionError(f"unet_in_channels (--unet-in-channels) {unet_in_channels}: {src / name} takes "
+                                  f"{unet.in_channels} input channels and latent_channels={latent}; give {allowed}")
 
 
 CLIPPING_SCHEDULERS = ("DDIMScheduler", "DDPMScheduler")  # whose clip_sample defaults to true

@@ -11,12 +11,33 @@ def cli_model(arg: str | None) -> Path | None:
     """The eval CLIs' --model: a jedi_jax model folder, default the embedded JeDi-mini; None (after
     one error line on stderr) when there is no model there."""
     from jedi_jax.assets import DEFAULT_MODEL_DIR
+    from jedi_jax.convert.pipeline_folder import model_folder_problem
 
     model = Path(arg) if arg else DEFAULT_MODEL_DIR
-    if not (model / "jedi_model.json").exists():
-        print(f"error: no model at {model} (train JeDi-mini first, or pass --model DIR)", file=sys.stderr)
-        return None
-    return model
+    problem = model_folder_problem(model)
+    if problem is None:
+        return model
+    if not arg:  # the embedded default is missing: say how to get one
+        problem = f"no model at {model} (train JeDi-mini first, or pass --model DIR)"
+    print(f"error: {problem}", file=sys.stderr)
+    return None
+
+
+def cli_evaluators(parser: argparse.ArgumentParser, arg: str | None) -> None:
+    """--evaluators: a folder holding both evaluators' weights (identity_encoder and
+    context_classifier, .npz + .json), checked before the model loads; None = the shipped ones."""
+    if arg is None:
+        return
+    from jedi_jax.eval import context_classifier, identity_encoder
+
+    folder = Path(arg)
+    if not folder.is_dir():
+        parser.error(f"--evaluators {arg}: no such folder")
+    missing = [f"{name}{ext}" for name in (identity_encoder.NAME, context_classifier.NAME) for ext in (".npz", ".json")
+               if not (folder / f"{name}{ext}").is_file()]
+    if missing:
+        parser.error(f"--evaluators {arg}: lacks {', '.join(missing)} (train them with "
+                     "python -m jedi_jax.eval.identity_encoder --train / jedi_jax.eval.context_classifier --train)")
 
 
 def cli_at_least(parser: argparse.ArgumentParser, **counts: tuple[int | None, int]) -> None:

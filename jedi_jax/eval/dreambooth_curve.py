@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from jedi_jax.eval import metrics as M
-from jedi_jax.eval.cli import cli_at_least, cli_learning_rates, cli_list, cli_model, cli_scales
+from jedi_jax.eval.cli import cli_at_least, cli_evaluators, cli_learning_rates, cli_list, cli_model, cli_scales
 from jedi_jax.eval.protocol import VALIDATION_FIRST_SUBJECT, Scorer, call_seed, generate, load_pipeline, make_case
 
 SCORES = ("enc_ref", "pix", "background_ok", "placement_ok")
@@ -239,6 +239,8 @@ def main(argv=None) -> int:
                    help="JeDi's sI (default: the model's recommended)")
     p.add_argument("--evaluators", default=None)
     args = p.parse_args(argv)
+
+    cli_evaluators(p, args.evaluators)
 
     model = cli_model(args.model)
     if model is None:

@@ -64,7 +64,7 @@ from typing import NamedTuple
 import numpy as np
 
 from jedi_jax.eval import metrics as M
-from jedi_jax.eval.cli import cli_at_least, cli_choices, cli_intervals, cli_list, cli_model, cli_scales
+from jedi_jax.eval.cli import cli_at_least, cli_choices, cli_evaluators, cli_intervals, cli_list, cli_model, cli_scales
 from jedi_jax.eval.protocol import (MINIBENCH_SUBJECTS, REFERENCE_CAPTIONS, VALIDATION_FIRST_SUBJECT, Scorer,
                                     call_seed, generate, load_pipeline, make_case, placement_contrast_prompt)
 from jedi_jax.sampling.guidance import ORDERS
@@ -302,6 +302,8 @@ def main(argv=None) -> int:
     p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (0 = deterministic)")
     p.add_argument("--evaluators", default=None)
     args = p.parse_args(argv)
+
+    cli_evaluators(p, args.evaluators)
 
     model = cli_model(args.model)
     if model is None:

@@ -37,7 +37,7 @@ import numpy as np
 
 from jedi_jax.data import mini_world as mw
 from jedi_jax.eval import metrics as M
-from jedi_jax.eval.cli import cli_at_least, cli_choices, cli_learning_rates, cli_model, cli_scales
+from jedi_jax.eval.cli import cli_at_least, cli_choices, cli_evaluators, cli_learning_rates, cli_model, cli_scales
 from jedi_jax.eval.minibench_report import plot, report, write_grid
 from jedi_jax.eval.protocol import (MINIBENCH_SUBJECTS, VALIDATION_FIRST_SUBJECT, Scorer, call_seed, generate,
                                     load_pipeline, make_case)
@@ -468,6 +468,7 @@ def main(argv=None) -> int:
         check_destination(args.out, overwrite=True, marker="results.json")
     except FileExistsError as e:
         p.error(f"--out {args.out}: {e}")
+    cli_evaluators(p, args.evaluators)
     model = cli_model(args.model)
     if model is None:
         return 2

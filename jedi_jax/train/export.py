@@ -31,18 +31,6 @@ from jedi_jax.train import sharding as shd
 from jedi_jax.train import state as state_lib
 
 
-def tokenizer_folder(model_cfg) -> Path:
-    """The tokenizer the run used (same rule as jedi_jax.train.models: explicit folder, else the
-    pretrained folder's, else the packaged mini-world tokenizer)."""
-    from jedi_jax.data.tokenizer_files import PACKAGED_DIR
-
-    if model_cfg.tokenizer:
-        return Path(model_cfg.tokenizer)
-    if model_cfg.pretrained and (Path(model_cfg.pretrained) / "tokenizer").is_dir():
-        return Path(model_cfg.pretrained) / "tokenizer"
-    return Path(PACKAGED_DIR)
-
-
 class ExportError(ValueError):
     """A run that cannot be exported as it was trained (one error line from the CLI)."""
 
@@ -56,6 +44,10 @@ def export_run(workdir: str | Path, dst: str | Path, *, step: int | None = None,
     config and the state come from the same checkpoint even when the run saves a newer one meanwhile.
     """
     workdir = Path(workdir)
+    if not workdir.exists():  # else: "no checkpoint in .../checkpoints (has [])", as if the run had not saved yet
+        raise ExportError(f"--workdir {workdir} does not exist (give a training run's --workdir)")
+    if not (workdir / "checkpoints").is_dir():
+        raise ExportError(f"--workdir {workdir}: no checkpoints/ folder there (a training run's --workdir)")
     reader = ckpt_lib.Checkpointer(workdir / "checkpoints", read_only=True)
     try:
         step = reader.resolve_step(step)
@@ -95,7 +87,7 @@ def export_run(workdir: str | Path, dst: str | Path, *, step: int | None = None,
         "vae": ("vae", models.vae_config, cast(bundle.frozen["vae"])),
         "text_encoder": ("clip_text", models.text_config, cast(bundle.frozen["text_encoder"])),
     }
-    tokenizer_dir = tokenizer_folder(config.model)
+    tokenizer_dir = models_lib.tokenizer_folder(config.model)
     with tempfile.TemporaryDirectory() as tmp:
         sched = Path(tmp) / "scheduler"
         sched.mkdir()
@@ -119,7 +111,8 @@ def _sampling_entry(model_cfg) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m jedi_jax.train.export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True)
     p.add_argument("--dst", required=True)
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
@@ -129,11 +122,16 @@ def main(argv=None) -> int:
     p.add_argument("--allow-frozen-change", action="store_true",
                    help="export even when the rebuilt frozen VAE / text encoder differ from the run's")
     args = p.parse_args(argv)
+    from jedi_jax.convert.torch_naming import ConversionError
+    from jedi_jax.train.trainer import ConfigError
+
     try:
         export_run(args.workdir, args.dst, step=args.step, use_ema=not args.no_ema,
                    store_dtype=getattr(jnp, args.store_dtype) if args.store_dtype else None, overwrite=args.overwrite,
                    allow_frozen_change=args.allow_frozen_change)
-    except (FileNotFoundError, FileExistsError, ExportError) as e:
+    # ConversionError: the run's model.pretrained folder is gone or damaged; ConfigError: it no longer
+    # fits the run (models.tokenizer_folder)
+    except (FileNotFoundError, FileExistsError, ExportError, ConversionError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -172,6 +172,8 @@ def build(model_cfg, *, mesh, rules, seed: int, load_unet: bool = True) -> Bundl
         for name in COMPONENTS:
             if name in kinds and kinds[name] != _KINDS[name]:
                 raise ValueError(f"{folder}: component {name!r} is a {kinds[name]!r}, expected {_KINDS[name]!r}")
+    tok_dir = tokenizer_folder(model_cfg, kinds)  # before any weights load: a refusal costs nothing
+    log.info("tokenizer: %s", tok_dir)
     random_cfgs = dict(zip(COMPONENTS, configs_from_dicts(model_cfg)))
     configs, loaded_from = {}, {}
     for name in COMPONENTS:
@@ -218,9 +220,6 @@ def build(model_cfg, *, mesh, rules, seed: int, load_unet: bool = True) -> Bundl
 
     models = Models(functionals["unet"], functionals["vae"], functionals["text_encoder"], configs["unet"],
                     configs["vae"], configs["text_encoder"], _text_layer(model_cfg.text_layer))
-    tok_dir = model_cfg.tokenizer
-    if not tok_dir and folder is not None and (folder / "tokenizer").is_dir():
-        tok_dir = str(folder / "tokenizer")
     tokenizer = _tokenizer(tok_dir, model_cfg.max_text_len, configs["text_encoder"])
     source = ", ".join(f"{n}: {loaded_from.get(n, 'random')}" for n in COMPONENTS)
     flops_models = None
@@ -260,15 +259,44 @@ def _text_layer(value):
     return value
 
 
+def tokenizer_folder(model_cfg, kinds: dict[str, str] | None = None) -> Path:
+    """The CLIP tokenizer folder a run uses (the trainer and train.export both ask here):
+    model.tokenizer when given, else model.pretrained's tokenizer/, else the packaged mini-world
+    tokenizer -- but only when the text encoder is not loaded from model.pretrained (a random one,
+    or the mini world's VAE-only folder): a loaded text encoder read through another vocabulary
+    computes garbage, so a folder with text_encoder/ and no tokenizer/ is refused (ConfigError).
+    kinds: read_model_index(model.pretrained), when the caller has it."""
+    from jedi_jax.data.tokenizer_files import PACKAGED_DIR
+
+    if model_cfg.tokenizer:
+        return Path(model_cfg.tokenizer)
+    if not model_cfg.pretrained:
+        return Path(PACKAGED_DIR)
+    folder = Path(model_cfg.pretrained)
+    if (folder / "tokenizer").is_dir():
+        return folder / "tokenizer"
+    if kinds is None:
+        from jedi_jax.convert.pipeline_folder import read_model_index
+
+        kinds = read_model_index(folder)
+    if "text_encoder" in kinds:
+        from jedi_jax.train.trainer import ConfigError  # the trainer CLI prints it as one line
+
+        raise ConfigError(f"model.pretrained={str(folder)!r} has a text_encoder but no tokenizer/ folder: its text "
+                          "encoder needs the tokenizer it was trained with; copy that tokenizer/ into the folder "
+                          "or set model.tokenizer to it")
+    return Path(PACKAGED_DIR)
+
+
 def _tokenizer(folder, max_len: int, text_config):
-    """CLIP tokenizer from `folder`, or the packaged mini-world tokenizer when folder is empty
-    (every mini-world word is one token; for random-weight runs)."""
+    """CLIP tokenizer from `folder` (tokenizer_folder: the packaged mini-world tokenizer for
+    random-weight text encoders, every mini-world word one token)."""
     from jedi_jax.data.tokenizer_files import load_tokenizer
     from jedi_jax.models.tokenizer import CachedTokenize
 
     from jedi_jax.models.clip_text import check_vocabulary
 
-    tok = load_tokenizer(str(folder) if folder else None)
+    tok = load_tokenizer(str(folder))
     check_vocabulary(len(tok), text_config)
     return CachedTokenize(tok, max_len)
 
