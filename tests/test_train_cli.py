@@ -225,7 +225,8 @@ def test_configs_load_and_lock(arg):
 
 def test_a_failed_start_closes_the_checkpointer_and_the_loader(tmp_path, monkeypatch):
     """A failure after the checkpointer and the loader exist but before the loop's own `finally` (here
-    the first batch) closes both (async save threads, loader threads) and re-raises the error."""
+    the first batch) closes both (async save threads, loader threads), removes the folders the start
+    created and re-raises the error."""
     from jedi_jax.train import checkpoint as ckpt_lib
     from jedi_jax.train import loader as loader_lib
     from jedi_jax.train import step as step_lib
@@ -241,5 +242,94 @@ def test_a_failed_start_closes_the_checkpointer_and_the_loader(tmp_path, monkeyp
 
     monkeypatch.setattr(step_lib, "select_batch", boom)
     with pytest.raises(RuntimeError, match="boom"):
-        trainer.train(_cfg("micro"), tmp_path / "run")
+        trainer.train(_cfg("micro"), tmp_path / "runs" / "run")
     assert sorted(closed) == ["checkpointer", "loader"]
+    assert not (tmp_path / "runs").exists()  # the folders this start made are gone (checkpoints/ was empty)
+
+
+@pytest.mark.parametrize("config,args,says", [
+    ("micro", ["--config.train.step=10"], "--config.train.step: the config has no key 'step' (did you mean \"steps\""),
+    ("sd16.py:tiny", [], "--config: cannot load the config file: [Errno 2] No such file"),
+    ("tiyn", [], "ValueError: unknown variant 'tiyn'"),
+    ("micro", ["--config.model.pretrained=nonexist"], "model.pretrained='nonexist': no model at nonexist"),
+    ("micro", ["--config.data.source=array_record:/nonexistent/1.0.0"], "/nonexistent/1.0.0 does not exist"),
+    ("h100x8", ["--config.data.source=mini_world", "--config.data.hflip=0", "--config.model.pretrained="],
+     "mesh shape (1, 8) needs 8 devices, have 1"),
+], ids=["mistyped-key", "missing-config-file", "unknown-variant", "no-model-folder", "no-data", "mesh"])
+def test_start_up_mistakes_are_one_error_line_and_create_nothing(tmp_path, config, args, says):
+    config = f"configs/{config}" if ".py" in config else f"configs/sd15.py:{config}"
+    cmd = [sys.executable, "-m", "jedi_jax.train", "--config", config, *args, "--workdir", str(tmp_path / "run")]
+    out = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert out.stderr.strip().splitlines() == [out.stderr.strip()] and out.stderr.startswith("error: "), out.stderr
+    assert says in out.stderr, out.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("module", ["jedi_jax.train", "jedi_jax.train.vae_trainer", "jedi_jax.train.bench"])
+def test_help_exits_0(module):
+    out = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, env=_env(), capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "--config" in out.stdout and "python -m jedi_jax.train" in out.stdout
+
+
+def test_a_second_trainer_on_a_busy_workdir_stops_before_touching_it(tmp_path):
+    """While a run holds the workdir, a second trainer there exits 2 with one line naming the holder,
+    before it trims metrics.jsonl (a run starting from step 0 keeps no row) or writes anything."""
+    from jedi_jax.train.checkpoint import WorkdirLock
+
+    wd = tmp_path / "dup"
+    with WorkdirLock(wd):
+        (wd / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2)))
+        before = sorted(p.name for p in wd.iterdir())
+        out = subprocess.run([sys.executable, "-m", "jedi_jax.train", "--config", f"{REPO}/configs/sd15.py:micro",
+                              "--workdir", "dup"], cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                             timeout=300)
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-3000:]
+    assert out.stderr == f"error: dup is in use by another training run (pid {os.getpid()}, holding dup/.lock)\n"
+    assert sorted(p.name for p in wd.iterdir()) == before
+    assert len((wd / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_multi_process_runs_all_stop_when_process_0_cannot_lock(tmp_path):
+    """Only process 0 locks the shared workdir; an all-gather tells the others, so when it cannot, every
+    process stops with exit 2 at once instead of waiting in a collective for a process 0 that left."""
+    import socket
+
+    from jedi_jax.train.checkpoint import WorkdirLock
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    wd = tmp_path / "run"
+    with WorkdirLock(wd):
+        procs = [subprocess.Popen([sys.executable, "-m", "jedi_jax.train", "--config", "configs/sd15.py:micro",
+                                   "--workdir", str(wd), f"--coordinator=localhost:{port}", "--num_processes=2",
+                                   f"--process_id={i}"], cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for i in range(2)]
+        try:
+            outs = [p.communicate(timeout=120) for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+    assert [p.returncode for p in procs] == [2, 2], [o[1][-2000:] for o in outs]
+    errors = [[line for line in err.splitlines() if line.startswith("error:")] for _, err in outs]
+    assert errors[0] == [f"error: {wd} is in use by another training run (pid {os.getpid()}, holding {wd}/.lock)"]
+    assert errors[1] == [f"error: {wd} cannot be used (process 0 could not lock {wd}/.lock)"]
+
+
+def test_a_stale_pool_cache_is_a_config_error(tmp_path):
+    """A data source that cannot serve the config (here a pool cache of other sets), found only once the
+    loader is built, is a ConfigError naming data.source (one CLI line), and the start removes its folder."""
+    import numpy as np
+
+    from jedi_jax.train import trainer
+
+    np.savez(tmp_path / "pool.npz", images=np.zeros((1, 1, 64, 64, 3), np.uint8), split="train")
+    c = _cfg("micro")
+    c.data.source, c.data.pool_cache = "jedi_jax.data.pool:from_config", str(tmp_path / "pool.npz")
+    with pytest.raises(trainer.ConfigError, match=r"data.source='jedi_jax.data.pool:from_config': pool cache .* delete"):
+        trainer.train(c, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

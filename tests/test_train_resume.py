@@ -3,6 +3,7 @@ parameters of an uninterrupted run (same data order, same noise: keys are fold_i
 logs every step once; SIGTERM mid-run leaves a complete checkpoint of the step reached and exits 0;
 a checkpoint written on one mesh restores onto another."""
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -15,7 +16,8 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from test_train_checkpoint_io import _purge_steps
+from test_train_checkpoint_io import _cfg as _fast_cfg
+from test_train_checkpoint_io import _purge_steps, fast_steps  # noqa: F401 - fast_steps: a fixture
 from test_train_sharding import FAST_XLA, REPO, run_script
 
 STEPS = 16
@@ -302,3 +304,139 @@ def test_latent_vae_of_the_pretrained_folder_is_not_loaded_again(monkeypatch):
     assert loaded == [("elsewhere", "vae")]
     with pytest.raises(trainer.ConfigError, match="is not the model's VAE"):
         trainer.check_frozen(cfg("elsewhere"), {"vae": "another"}, None, None, allow=False)
+
+
+# ----------------------------------------------------------------------------- one run per workdir; Ctrl-C
+
+
+def test_workdir_lock_is_exclusive_and_a_failed_start_removes_only_what_it_created(tmp_path):
+    """WorkdirLock: a second holder fails at once naming the first one's pid; discard_new (a failed
+    start) removes the folders the start made, or only the entries it added to one that existed, and
+    nothing once training began; the lock is free again after the holder leaves."""
+    from jedi_jax.train.checkpoint import WorkdirError, WorkdirLock
+
+    with WorkdirLock(tmp_path / "runs" / "a") as lock:  # makes runs/ and runs/a/
+        with pytest.raises(WorkdirError, match=rf"runs/a is in use by another training run \(pid {os.getpid()}, "
+                                               r"holding .*runs/a/\.lock\)"):
+            WorkdirLock(tmp_path / "runs" / "a").__enter__()
+        (lock.path / "checkpoints").mkdir()
+        (tmp_path / "runs" / "b").mkdir()  # another run's folder, made beside it meanwhile
+        lock.discard_new()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["b"]  # runs/ kept: not empty
+
+    existing = tmp_path / "runs" / "b"
+    (existing / "keep.txt").write_text("mine")
+    with WorkdirLock(existing) as lock:
+        (existing / "checkpoints").mkdir()
+        (existing / "metrics.jsonl").write_text("")
+        lock.discard_new()
+    assert sorted(p.name for p in existing.iterdir()) == [".lock", "keep.txt"]
+
+    with WorkdirLock(tmp_path / "c") as lock:
+        lock.started()  # training began: what it wrote is the run's output
+        (lock.path / "metrics.jsonl").write_text("")
+        lock.discard_new()
+    with WorkdirLock(tmp_path / "c"):  # released on exit
+        pass
+    assert (tmp_path / "c" / "metrics.jsonl").exists()
+
+
+def test_workdir_lock_is_released_when_its_holder_is_killed(tmp_path):
+    """The OS drops a flock when the process ends, SIGKILL included: a killed run's resume can start."""
+    from jedi_jax.train.checkpoint import WorkdirLock
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom jedi_jax.train.checkpoint import WorkdirLock\n"
+        f"with WorkdirLock({str(tmp_path / 'run')!r}):\n    print('held', flush=True)\n    time.sleep(600)\n")],
+        cwd=REPO, env=_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        from jedi_jax.train.checkpoint import WorkdirError
+
+        with pytest.raises(WorkdirError, match=f"pid {holder.pid}"):
+            WorkdirLock(tmp_path / "run").__enter__()
+        holder.send_signal(signal.SIGKILL)
+        assert holder.wait(30) == -signal.SIGKILL
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+    with WorkdirLock(tmp_path / "run"):
+        pass
+
+
+def test_orbax_read_only_and_metric_less_saves_log_nothing(tmp_path, caplog):
+    """Read-only opens (export, learning curves: once per checkpoint) and saves without a finite loss
+    logged orbax warnings about settings chosen on purpose; exactly those are dropped."""
+    import jax.numpy as jnp
+
+    from jedi_jax.train import checkpoint as ckpt_lib
+
+    with caplog.at_level("WARNING", logger="absl"):
+        ck = ckpt_lib.Checkpointer(tmp_path / "ck", async_save=False)
+        ck.save(1, {"w": jnp.zeros(())}, config={"a": 1}, data_state={}, metrics=None)
+        ck.close()
+        assert ckpt_lib.read_json_item(tmp_path / "ck") == {"a": 1}
+        logging.getLogger("absl").warning("Given directory is read only (some other message)")
+    assert [r.getMessage() for r in caplog.records] == ["Given directory is read only (some other message)"]
+
+
+class _Aborted(Exception):
+    """Raised by the tests' stand-in for Python's SIGINT handler (KeyboardInterrupt would end pytest)."""
+
+
+@pytest.fixture
+def sigint_raises_aborted():
+    def abort(signum, frame):
+        raise _Aborted
+
+    previous = signal.signal(signal.SIGINT, abort)
+    try:
+        yield abort
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_saves_and_stops_and_a_second_one_aborts(tmp_path, fast_steps, caplog, sigint_raises_aborted):
+    """A first Ctrl-C (SIGINT) stops like SIGTERM: checkpoint of the step reached, status 'preempted',
+    saying so; it hands SIGINT back to the handler it had (Python's raises KeyboardInterrupt), so a
+    second one aborts at once, saving nothing."""
+    from jedi_jax.train import checkpoint as ckpt_lib
+    from jedi_jax.train import trainer
+
+    def sigint():
+        os.kill(os.getpid(), signal.SIGINT)
+
+    cfg = _fast_cfg(**{"train.steps": 4, "checkpoint.every": 4})
+    fast_steps[2] = sigint
+    with caplog.at_level("WARNING", logger="jedi_jax.train"):
+        out = trainer.train(cfg, tmp_path / "run")
+    assert out["status"] == "preempted" and out["step"] == 2 and out["signal"] == "SIGINT", out
+    assert "interrupted: checkpoint of step 2 written; re-run the same command to resume" in caplog.text
+    assert ckpt_lib.Checkpointer(tmp_path / "run" / "checkpoints", read_only=True).all_steps() == [2]
+    assert signal.getsignal(signal.SIGINT) is sigint_raises_aborted
+
+    fast_steps.clear()
+    fast_steps[3] = lambda: (sigint(), sigint())  # the resumed run gets two
+    with pytest.raises(_Aborted):
+        trainer.train(_fast_cfg(**{"train.steps": 4, "checkpoint.every": 4}), tmp_path / "run")
+    assert ckpt_lib.Checkpointer(tmp_path / "run" / "checkpoints", read_only=True).all_steps() == [2]
+    assert signal.getsignal(signal.SIGINT) is sigint_raises_aborted
+
+
+def test_ctrl_c_on_the_cli_saves_the_step_reached_and_exits_0(tmp_path):
+    wd = tmp_path / "run"
+    proc = _start(wd)
+    try:
+        _wait_for(lambda: f"step 2/{STEPS} |" in proc.log_path.read_text(), proc)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(120) == 0, _logs(wd)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = proc.log_path.read_text()
+    summary = json.loads((wd / "summary.json").read_text())
+    assert summary["status"] == "preempted" and summary["signal"] == "SIGINT", summary
+    assert 2 <= summary["step"] < STEPS and _finalized_steps(wd)[-1] == summary["step"]
+    assert f"interrupted: checkpoint of step {summary['step']} written; re-run the same command to resume" in log
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log

@@ -147,11 +147,65 @@ def test_sigterm_saves_and_a_rerun_resumes_refusing_trajectory_changes(tmp_path)
     assert out["step"] == 6
 
 
-def test_cli_refuses_an_unknown_config_key_before_training(tmp_path):
-    """The CLI locks the config: a misspelled override is an error naming it, and nothing is trained."""
+@pytest.mark.parametrize("override,says", [
+    ("--config.train.stepz=10", "error: --config.train.stepz: the config has no key 'stepz'"),
+    ("--config.model.dtype=float16", "error: invalid config: model.dtype='float16' must be one of"),
+])
+def test_cli_refuses_a_bad_config_in_one_line_before_training(tmp_path, override, says):
+    """The CLI locks the config: a misspelled override, or a value the trainer cannot run, is one
+    `error:` line naming it (exit 2, no traceback), and nothing is trained or created."""
     repo = Path(__file__).resolve().parents[1]
     res = subprocess.run([sys.executable, "-m", "jedi_jax.train.vae_trainer", "--config", "configs/mini_vae.py:tiny",
-                          "--workdir", str(tmp_path / "run"), "--config.train.stepz=10"], cwd=repo,
+                          "--workdir", str(tmp_path / "run"), override], cwd=repo,
                          capture_output=True, text=True, timeout=120)
-    assert res.returncode != 0 and "stepz" in res.stderr, res.stderr[-2000:]
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert res.stderr.startswith(says) and res.stderr.count("\n") == 1, res.stderr[-2000:]
     assert not (tmp_path / "run").exists()
+
+
+def test_one_run_per_workdir_and_a_failed_start_leaves_no_folder(tmp_path, monkeypatch):
+    from jedi_jax.train.checkpoint import WorkdirError, WorkdirLock
+
+    with WorkdirLock(tmp_path / "run"):
+        with pytest.raises(WorkdirError, match=f"run is in use by another training run \\(pid {os.getpid()}"):
+            vt.train(_tiny_config(), tmp_path / "run", log_fn=lambda s: None)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]  # untouched
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom while rendering")
+
+    monkeypatch.setattr(vt, "make_renders", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        vt.train(_tiny_config(), tmp_path / "new" / "run", log_fn=lambda s: None)
+    assert not (tmp_path / "new").exists()  # no empty run/checkpoints/ left behind
+
+
+def test_ctrl_c_saves_the_step_reached(tmp_path):
+    """A first Ctrl-C stops the VAE trainer like SIGTERM (checkpoint of the step reached, no export), and
+    it says so."""
+    import signal
+
+    c = _tiny_config()
+    c.train.steps, c.train.log_every, c.checkpoint.every = 3, 1, 100
+    lines = []
+
+    def interrupt_at_step_1(line):
+        lines.append(line)
+        if line.startswith("step      1/"):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    class Aborted(Exception):  # raised by a stand-in for Python's handler (KeyboardInterrupt would end pytest)
+        pass
+
+    def abort(signum, frame):
+        raise Aborted
+
+    before = signal.signal(signal.SIGINT, abort)
+    try:
+        out = vt.train(c, tmp_path / "run", log_fn=interrupt_at_step_1)
+        assert signal.getsignal(signal.SIGINT) is abort  # handed back
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert out == {"status": "preempted", "step": 1}
+    assert "interrupted: checkpoint of step 1 written; re-run the same command to resume" in lines
+    assert not (tmp_path / "run" / "vae_export").exists()

@@ -1,7 +1,11 @@
 """`python -m jedi_jax.train --config configs/sd15.py:tiny --workdir runs/tiny [--config.train.steps=100]`
 
 Trains JeDi (see jedi_jax/train/trainer.py). Re-running the same command in the same workdir
-resumes from the latest checkpoint. SIGTERM: checkpoint at the next step boundary, exit 0.
+resumes from the latest checkpoint. SIGTERM, SIGHUP or a first Ctrl-C: checkpoint at the next step
+boundary, exit 0 (a second Ctrl-C aborts without saving, exit 130). One run per workdir: a second
+one there stops at once (WORKDIR/.lock). Mistakes in what was asked for (flags, config keys and
+values, a missing config file, model folder or data set, a mesh the devices cannot make, a busy
+workdir) stop with one `error:` line, exit 2, leaving no folder behind.
 A resume whose config changes keys that change the trajectory (seed, model.*, schedule.*, train.lr,
 data.batch_size, ...; all but mesh.*, checkpoint.*, sample.*, train.log_every, data.num_workers and
 the like) stops with one `error:` line naming them, exit 2; --allow_config_change continues anyway.
@@ -60,29 +64,42 @@ def initialize_distributed() -> None:
 
 
 def main(argv) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not _WORKDIR.value:
-        raise app.UsageError("--workdir is required")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stdout, force=True)
-    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes at INFO
-    initialize_distributed()
+    try:
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        if not _WORKDIR.value:
+            raise app.UsageError("--workdir is required")
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                            stream=sys.stdout, force=True)
+        logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes at INFO
+        initialize_distributed()
+    except app.UsageError as e:  # absl would print the whole --help text around it
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     import jax
 
     if jax.process_index() != 0:  # keep other processes' logs to warnings
         logging.getLogger().setLevel(logging.WARNING)
-    from jedi_jax.train.trainer import ConfigChangeError, ConfigError, train
+    from jedi_jax.train.trainer import USER_ERRORS, train
 
     try:
         summary = train(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
-    except (ConfigChangeError, ConfigError) as e:  # a user's mistake, not a crash: no traceback
+    except USER_ERRORS as e:  # a user's mistake at start-up, not a crash: no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C (the first one saves and stops), or one before training
+        print("error: interrupted: stopped without saving the step reached", file=sys.stderr)
+        return 130
     logging.getLogger("jedi_jax.train").info("finished: %s", {k: summary[k] for k in ("status", "step") if k in summary})
     return 0
 
 
+def _parse_flags(argv):
+    from jedi_jax.train.trainer import flags_parser  # imports jax; initializes no backend
+
+    return flags_parser(_CONFIG)(argv)
+
+
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["config"])
-    app.run(main)
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main, flags_parser=_parse_flags)

@@ -1,4 +1,4 @@
-"""Train-step throughput and MFU of a config, without the input pipeline (a fixed synthetic batch).
+r"""Train-step throughput and MFU of a config, without the input pipeline (a fixed synthetic batch).
 
     python -m jedi_jax.train.bench --config configs/sd15.py:h100x8 --config.model.pretrained= \
         --steps 20 [--out bench.json]
@@ -170,7 +170,16 @@ _WAIT = flags.DEFINE_string("wait_for", None, "compile first, then wait until th
 
 
 def main(argv):
-    del argv
+    from jedi_jax.train.trainer import ConfigError, check_inputs
+
+    if len(argv) > 1:
+        print(f"error: unexpected arguments: {argv[1:]}", file=sys.stderr)
+        return 2
+    try:
+        check_inputs(_CONFIG.value, data=False)  # model folders, mesh vs devices: one line, not a traceback
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
@@ -182,5 +191,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from jedi_jax.train.trainer import flags_parser
+
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    app.run(main, flags_parser=flags_parser(_CONFIG))

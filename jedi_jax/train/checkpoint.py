@@ -15,14 +15,22 @@ the files are written in the background (the train state can be donated right af
 Restore takes target shardings (a ShapeDtypeStruct tree with `.sharding`), so a checkpoint written
 on one mesh / device count / process count restores onto any other.
 
-Pre-emption: `PreemptionGuard` turns SIGTERM into a flag; the loop checks it at step boundaries
-(agreeing across processes), saves, waits for the write to finish and exits 0.
+Pre-emption: `PreemptionGuard` turns SIGTERM (and SIGHUP, and a first Ctrl-C) into a flag; the loop
+checks it at step boundaries (agreeing across processes), saves, waits for the write to finish and
+exits 0.
+
+One run per workdir: `WorkdirLock` holds an exclusive lock on WORKDIR/.lock for the whole run.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
+import os
+import shutil
 import signal
+import socket
 import threading
 from pathlib import Path
 from typing import Any, Mapping
@@ -35,6 +43,28 @@ from orbax.checkpoint import checkpoint_managers as ocm
 log = logging.getLogger(__name__)
 
 ITEMS = ("state", "config", "data")
+
+
+class _OrbaxNoise(logging.Filter):
+    """Drops orbax warnings about what this module asks for on purpose: a read-only manager (every
+    reader of a live run opens one, once per checkpoint) and a save without metrics (a checkpoint
+    with no finite loss, see Checkpointer.save). Exactly these format strings; every other absl /
+    orbax message passes."""
+
+    MESSAGES = frozenset({
+        "Given directory is read only=%s",
+        "CheckpointManagerOptions.read_only=True, setting save_interval_steps=0.",
+        "Requested `tracked_metric`; did not provide metrics.",
+    })
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg not in self.MESSAGES
+
+
+def _quiet_orbax() -> None:
+    logger = logging.getLogger("absl")  # orbax logs through absl.logging, i.e. this logger
+    if not any(isinstance(f, _OrbaxNoise) for f in logger.filters):
+        logger.addFilter(_OrbaxNoise())
 
 
 def _handlers() -> dict:
@@ -66,6 +96,7 @@ class Checkpointer:
         self.directory = Path(directory).absolute()
         self.best_metric = best_metric
         self.read_only = read_only
+        _quiet_orbax()
         get_metric = lambda m: float(m[best_metric])  # noqa: E731
         best_fn = get_metric if keep_best > 0 else None
         if read_only:  # orbax then also turns off create and the tmp-folder cleanup; both spelled out
@@ -195,20 +226,171 @@ def read_json_item(directory: str | Path, item: str = "config", step: int | None
         reader.close()
 
 
+class WorkdirError(RuntimeError):
+    """The workdir cannot be used: another run holds it, or it cannot be created. A user's problem:
+    the CLIs print it as one `error:` line (exit status 2)."""
+
+
+class WorkdirLock:
+    """Exclusive lock on a run's workdir, held for the whole run: a second trainer started on the
+    same folder would resume from the first one's checkpoints, trim its metrics.jsonl and write
+    checkpoints beside it. fcntl.flock on WORKDIR/.lock, non-blocking: the second one stops at once
+    (WorkdirError naming the holder's pid) before it touches anything. The OS drops the lock when
+    the holder's process ends however it ends (SIGKILL too), so a killed run's folder is free for
+    its resume. The .lock file stays: deleting it while another process may have it open would let
+    two processes hold locks on two different files.
+
+    Entering creates the workdir. A start that fails calls `discard_new()`, which removes what this
+    start created there (the folder itself when it made it; otherwise only the entries it added),
+    until `started()` says training began (from then on the run's outputs stay, even on a crash).
+
+    Several processes (jax.process_count() > 1) share one workdir: only process 0 locks (the others
+    would block it) and creates the folder; then every process learns the outcome through one
+    all-gather, so when process 0 cannot lock, all of them raise here, before any other collective
+    (none waits for a process 0 that has gone). Every process must enter at the same point.
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, workdir: str | Path):
+        self.shown = str(workdir)  # as the user wrote it, for messages
+        self.path = Path(workdir).absolute()
+        self.file = self.path / self.NAME
+        self._fd: int | None = None
+        self._created: Path | None = None  # the top-most folder this start created
+        self._before: set[str] | None = None  # the workdir's entries before this start (None: discard nothing)
+
+    def __enter__(self) -> "WorkdirLock":
+        main = jax.process_index() == 0
+        problem = None
+        if main:
+            try:
+                self._acquire()
+            except Exception as e:  # noqa: BLE001 - raised below, after the others have heard of it
+                problem = e
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            ok = multihost_utils.process_allgather(np.asarray(problem is None, np.int32))
+            if problem is None and not np.all(ok):
+                problem = WorkdirError(f"{self.shown} cannot be used (process 0 could not lock {self.file})")
+            if problem is None and not main:
+                self.path.mkdir(parents=True, exist_ok=True)
+        if problem is not None:
+            raise problem
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def _acquire(self) -> None:
+        for _ in range(3):  # retried only when the lock file was replaced while we were opening it
+            try:
+                created = _make_dirs(self.path)
+                fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:  # a file where the folder should be, no permission, ...
+                raise WorkdirError(f"cannot use {self.shown} as the workdir: {e}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = os.read(fd, 200).decode(errors="replace").split()
+                os.close(fd)
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    # a file system without flock (some network mounts): train unguarded rather than not at all
+                    log.warning("cannot lock %s (%s): a second run in this workdir would not be detected",
+                                self.file, e)
+                    self._note_created(created)
+                    return
+                who = f"pid {holder[0]}" if holder else "pid unknown"
+                if len(holder) > 1 and holder[1] != socket.gethostname():
+                    who += f" on {holder[1]}"
+                raise WorkdirError(f"{self.shown} is in use by another training run "
+                                   f"({who}, holding {os.path.join(self.shown, self.NAME)})") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.file).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # a failed start removed the folder after we opened its file: lock the new one
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+            self._fd = fd
+            self._note_created(created)
+            return
+        raise WorkdirError(f"{self.shown} keeps being removed while this run starts")
+
+    def _note_created(self, created: Path | None) -> None:
+        self._created = created
+        self._before = set() if created is not None else set(os.listdir(self.path))
+
+    def started(self) -> None:
+        """Training began: what this run created is its output from here on; discard_new does nothing."""
+        self._before = None
+        self._created = None
+
+    def discard_new(self) -> None:
+        """Removes what this start created in the workdir (call it, holding the lock, when a start
+        fails): a folder it made (and the parent folders it made, while they are empty), or else the
+        entries it added to a folder that existed. Nothing that was there before."""
+        if self._before is None:
+            return
+        if self._created is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+            parent = self.path.parent
+            while self._created in (parent, *parent.parents):
+                try:
+                    parent.rmdir()  # only when empty: another run may have made a folder beside ours
+                except OSError:
+                    break
+                parent = parent.parent
+        else:
+            for name in sorted(set(os.listdir(self.path)) - self._before - {self.NAME}):
+                target = self.path / name
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target, ignore_errors=True)
+                else:
+                    target.unlink(missing_ok=True)
+        self.started()
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the file drops the lock
+            self._fd = None
+
+
+def _make_dirs(path: Path) -> Path | None:
+    """mkdir -p `path`; returns the top-most folder this call created (None: `path` existed)."""
+    created = None
+    for folder in reversed([path, *path.parents]):
+        if folder.is_dir():
+            continue
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        created = created or folder
+    return created
+
+
 class PreemptionGuard:
     """SIGTERM (the usual pre-emption / `scancel` / `kill` signal) -> a flag the loop polls. SIGHUP
     too: a run in a terminal that hangs up (an interactive SSH session dropped) saves the step
-    reached and exits instead of dying with everything since the last checkpoint. A signal the
-    process already ignores (SIGHUP under nohup) stays ignored.
+    reached and exits instead of dying with everything since the last checkpoint. So does a first
+    Ctrl-C (SIGINT); it hands SIGINT back to the handler it had (Python's: KeyboardInterrupt), so a
+    second Ctrl-C aborts at once without waiting for the save. A signal the process already ignores
+    (SIGHUP under nohup, SIGINT of a background job) stays ignored.
 
     `should_stop(step)` is True once any process got the signal. With several processes the flags
     are combined by an all-gather every `sync_every` steps (all processes call it at the same
     steps, so they stop at the same step boundary); a single process checks every step.
+    `received`: the first signal this process got (None: none, or a stop asked another way).
     """
 
-    def __init__(self, sync_every: int = 10, signals=(signal.SIGTERM, signal.SIGHUP)):
+    def __init__(self, sync_every: int = 10, signals=(signal.SIGTERM, signal.SIGHUP, signal.SIGINT)):
         self._flag = threading.Event()
         self.sync_every = max(1, int(sync_every))
+        self.received: int | None = None
         self._previous = {}
         if threading.current_thread() is threading.main_thread():
             for sig in signals:
@@ -219,8 +401,21 @@ class PreemptionGuard:
             log.warning("PreemptionGuard created off the main thread: SIGTERM is not handled")
 
     def _handler(self, signum, frame):  # noqa: ARG002
-        log.warning("received signal %d: will checkpoint at the next step boundary and exit", signum)
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, self._previous.pop(signal.SIGINT, signal.default_int_handler))
+            log.warning("interrupted (Ctrl-C): will checkpoint at the next step boundary and exit; "
+                        "Ctrl-C again aborts without saving")
+        else:
+            log.warning("received signal %d: will checkpoint at the next step boundary and exit", signum)
+        if self.received is None:
+            self.received = signum
         self._flag.set()
+
+    def stop_message(self, step: int) -> str:
+        """What the loop says when it stops on the flag after saving `step`."""
+        if self.received == signal.SIGINT:
+            return f"interrupted: checkpoint of step {step} written; re-run the same command to resume"
+        return f"pre-empted: checkpoint of step {step} written; re-run the same command to resume"
 
     def request_stop(self) -> None:
         self._flag.set()

@@ -38,6 +38,8 @@ import logging
 import math
 import os
 import re
+import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -160,7 +162,7 @@ def validate_config(config) -> None:
     if config.sample.every < 0:
         errors.append(f"sample.every={config.sample.every} must be >= 0 (0 = no sample grids)")
     if errors:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+        raise ConfigError("invalid config: " + "; ".join(errors))
 
 
 def validate_models(config, models: models_lib.Models, mesh) -> None:
@@ -179,7 +181,31 @@ def validate_models(config, models: models_lib.Models, mesh) -> None:
     if d.batch_size % div:
         errors.append(f"data.batch_size={d.batch_size} must be divisible by the {div} devices of the batch axes")
     if errors:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+        raise ConfigError("invalid config: " + "; ".join(errors))
+
+
+def check_inputs(config, *, data: bool = True):
+    """Checks what the config names outside itself, before the workdir is touched: the model folders
+    (model.pretrained, data.latent_vae), an array_record data.source's path (when `data`) and the
+    mesh against the devices there are. Raises ConfigError naming them; returns the mesh."""
+    from jedi_jax.convert.pipeline_folder import model_folder_problem
+
+    errors = []
+    for name, folder in (("model.pretrained", config.model.pretrained),
+                         ("data.latent_vae", config.data.get("latent_vae", ""))):
+        if folder and (problem := model_folder_problem(folder)):
+            errors.append(f"{name}={str(folder)!r}: {problem}")
+    source = str(config.data.source)
+    if data and source.startswith("array_record:") and not os.path.exists(path := source.split(":", 1)[1]):
+        errors.append(f"data.source={source!r}: {path} does not exist")
+    mesh = None
+    try:
+        mesh = shd.mesh_from_config(config.mesh)
+    except ValueError as e:
+        errors.append(f"mesh.shape={tuple(config.mesh.shape)}: {e}")
+    if errors:
+        raise ConfigError("; ".join(errors))
+    return mesh
 
 
 def check_frozen(config, frozen_fp: dict, stored_fp: dict | None, latest: int | None, *, allow: bool) -> None:
@@ -433,35 +459,38 @@ def train(config, workdir: str | Path, *, allow_config_change: bool = False) -> 
     state (see the module docstring); otherwise that raises ConfigChangeError before any restore."""
     config.lock()  # unknown keys are errors from here on
     validate_config(config)
+    if error := url_error("--workdir", workdir):
+        raise ConfigError(error)
+    mesh = check_inputs(config)
     updates = config.train.steps // config.train.grad_accum
     if config.train.warmup_steps > updates:  # legal (a smoke run of a big config), but say what it means
         log.warning("train.warmup_steps=%d exceeds the run's %d optimizer updates: the whole run is warmup and "
                     "reaches train.lr only at its last update", config.train.warmup_steps, updates)
-    guard = ckpt_lib.PreemptionGuard(config.checkpoint.preemption_sync_every)  # SIGTERM from here on: flag
+    guard = ckpt_lib.PreemptionGuard(config.checkpoint.preemption_sync_every)  # SIGTERM, Ctrl-C from here on: flag
     opened: list = []  # closers of what _train opened; its loop's `finally` closes them on the way out
     try:
-        return _train(config, workdir, guard, opened, allow_config_change)
-    except BaseException:
-        for close in reversed(opened):  # a failure before the loop (restore, first batch, compile)
+        # the whole run holds the workdir: a second trainer there stops before it touches anything
+        with ckpt_lib.WorkdirLock(workdir) as lock:
             try:
-                close()
-            except Exception:  # noqa: BLE001 - the original error is the one to report
-                log.exception("while closing after a failed start")
-        raise
+                return _train(config, lock, mesh, guard, opened, allow_config_change)
+            except BaseException:
+                for close in reversed(opened):  # a failure before the loop (restore, first batch, compile)
+                    try:
+                        close()
+                    except Exception:  # noqa: BLE001 - the original error is the one to report
+                        log.exception("while closing after a failed start")
+                lock.discard_new()  # a failed start leaves no empty folders behind (no-op once training began)
+                raise
     finally:
         guard.restore_handlers()
 
 
-def _train(config, workdir, guard: ckpt_lib.PreemptionGuard, opened: list,
+def _train(config, lock: ckpt_lib.WorkdirLock, mesh, guard: ckpt_lib.PreemptionGuard, opened: list,
            allow_config_change: bool) -> dict[str, Any]:
-    if error := url_error("--workdir", workdir):
-        raise ConfigError(error)
-    workdir = Path(workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = lock.path
     is_main = jax.process_index() == 0
     pc = jax.process_count()
 
-    mesh = shd.mesh_from_config(config.mesh)
     rules = tuple(tuple(r) for r in config.mesh.rules)
     log.info("mesh %s over %d devices (%d processes), %s", dict(mesh.shape), mesh.size, pc, jax.devices()[0].device_kind)
 
@@ -500,7 +529,14 @@ def _train(config, workdir, guard: ckpt_lib.PreemptionGuard, opened: list,
              models_lib.count(abstract.params) / 1e6, bundle.source,
              models_lib.count(bundle.frozen["vae"]) / 1e6, models_lib.count(bundle.frozen["text_encoder"]) / 1e6)
 
-    loader = _make_loader(config, bundle)
+    if bundle.tokenizer is None:
+        raise ConfigError("no tokenizer: set model.tokenizer to a CLIP tokenizer folder")
+    try:
+        loader = _make_loader(config, bundle)
+    except (ValueError, OSError, RuntimeError, ModuleNotFoundError) as e:
+        # what the data source names: a stale data.pool_cache, unreadable array_record files, a factory
+        # module that is not there (a missing path was already refused by check_inputs)
+        raise ConfigError(f"data.source={str(config.data.source)!r}: {e}") from e
     opened.append(lambda: _close(loader))
     if latest is not None:
         t0 = time.perf_counter()
@@ -565,6 +601,7 @@ def _train(config, workdir, guard: ckpt_lib.PreemptionGuard, opened: list,
         log.warning("pre-empted during start-up: exiting at step %d without training", step)
         summary["status"] = "preempted"
         total = step
+    lock.started()  # from here on what the run wrote stays, whatever happens
     try:
         while step < total:
             batch = shd.global_batch(batch_np, bsh)
@@ -622,7 +659,7 @@ def _train(config, workdir, guard: ckpt_lib.PreemptionGuard, opened: list,
                     save(step, None)
                     last_saved = step
                 summary["status"] = "preempted"
-                log.warning("pre-empted: checkpoint of step %d written, exiting", step)
+                log.warning("%s", guard.stop_message(step))
                 break
             if step < total:
                 batch_np = step_lib.select_batch(next(loader))
@@ -635,6 +672,8 @@ def _train(config, workdir, guard: ckpt_lib.PreemptionGuard, opened: list,
             finally:
                 _close(loader)
     elapsed = time.perf_counter() - t_start
+    if guard.received is not None:
+        summary["signal"] = signal.Signals(guard.received).name
     summary.update(step=step, wall_s=elapsed,
                    mean_steps_per_s=(step - step_start) / max(elapsed, 1e-9))
     if is_main:
@@ -658,8 +697,6 @@ def _restore(checkpointer: ckpt_lib.Checkpointer, step: int, target, changed: li
 def _make_loader(config, bundle):
     from jedi_jax.train.data import make_loader
 
-    if bundle.tokenizer is None:
-        raise ValueError("no tokenizer: set model.tokenizer to a CLIP tokenizer folder")
     return make_loader(config.data, tokenize_fn=bundle.tokenizer, seed=config.seed,
                        process_index=jax.process_index(), process_count=jax.process_count(),
                        with_masks=step_lib.configured_uses_subject_weight(config))  # only the loss reads them
@@ -669,3 +706,57 @@ def _close(loader) -> None:
     close = getattr(loader, "close", None)
     if close:
         close()
+
+
+# ----------------------------------------------------------------------------- command lines
+
+# Mistakes in what a user asked for, found at start-up: the CLIs print them as one `error:` line, exit 2.
+USER_ERRORS = (ConfigError, ConfigChangeError, ckpt_lib.WorkdirError)
+_HELP_FLAGS = ("help", "helpshort", "helpfull", "helpxml", "?")
+
+
+def flags_parser(config_flag):
+    """absl `flags_parser` for the trainers' CLIs (app.run(main, flags_parser=...)): a mistake on the
+    command line (an unknown flag or config key, a config file or variant that is not there, a bad
+    value) prints one `error:` line and exits 2 instead of a traceback; --help exits 0 (absl: 1).
+    Errors of other types (a config file's own bug: NameError, SyntaxError) keep their traceback."""
+    from absl import flags
+
+    def parse(argv):
+        try:
+            rest = flags.FLAGS(argv)
+            config_flag.value.lock()  # config_flags defers a config file's load error to the first use
+            return rest
+        except SystemExit as e:
+            names = {a.lstrip("-").split("=", 1)[0] for a in argv[1:] if a.startswith("-")}
+            if e.code == 1 and names & set(_HELP_FLAGS):  # absl exits 1 after printing the help asked for
+                raise SystemExit(0) from None
+            raise
+        except (flags.Error, OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+            print(f"error: {_flag_error_line(e, argv, config_flag.name)}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return parse
+
+
+def _flag_error_line(e: Exception, argv, name: str) -> str:
+    """One line for a flag-parsing error (their messages span lines: tracebacks, tried paths)."""
+    text = str(e)
+    context = e if isinstance(e, KeyError) else e.__context__
+    if isinstance(e, (KeyError, AttributeError)) and isinstance(context, KeyError) and context.args:
+        # ml_collections: an override of a key the locked config lacks ("'step'\nDid you mean ...")
+        key, *hint = str(context.args[0]).splitlines()
+        key = key.strip("'\"")
+        overrides = [a.lstrip("-").split("=", 1)[0] for a in argv[1:] if a.lstrip("-").startswith(name + ".")]
+        named = [o for o in overrides if key in o.split(".")[1:]]
+        where = f"--{named[0]}" if named else f"a --{name}.* override"
+        hint = " ".join(hint)
+        return f"{where}: the config has no key {key!r}" + (f" ({hint[:1].lower()}{hint[1:]})" if hint else "")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if "Traceback (most recent call last):" in text:  # config_flags wraps a config file's ValueError / TypeError
+        head = text.split(": Error whilst parsing config file", 1)[0]
+        files = re.findall(r'File "([^"]+)", line (\d+)', text)
+        return f"{head}: {lines[-1]}" + (f" ({files[-1][0]}:{files[-1][1]})" if files else "")
+    if "Failed loading config file" in text:  # the file is not there ("[Errno 2] No such file ...")
+        return f"--{name}: cannot load the config file: {lines[-1]}"
+    return " ".join(lines)

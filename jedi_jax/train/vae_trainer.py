@@ -22,8 +22,9 @@ What it does (see configs/mini_vae.py for the keys):
 * Orbax checkpoints of {step, params, opt_state, ema} every `checkpoint.every` steps in
   WORKDIR/checkpoints/; a re-run resumes from the latest (finished runs only re-export), refusing
   config changes that would change the trajectory (WORKDIR/config.json is the run's; see
-  OPERATIONAL_KEYS; --allow_config_change overrides). SIGTERM or SIGHUP saves the step reached and
-  stops without exporting.
+  OPERATIONAL_KEYS; --allow_config_change overrides). SIGTERM, SIGHUP or a first Ctrl-C saves the
+  step reached and stops without exporting (a second Ctrl-C aborts). One run per workdir
+  (WORKDIR/.lock, checkpoint.WorkdirLock); a start that fails removes the folders it created.
 * At the end: the latent scaling factor 1/std(latents) over `data.scale_renders` train renders
   (posterior samples, as LDM's `scale_by_std`), stored in `VAEConfig.scaling_factor`; test PSNR
   (mean of per-image PSNR over `data.eval_renders` test renders, posterior mean, [0, 1] scale);
@@ -53,7 +54,7 @@ import orbax.checkpoint as ocp
 from jedi_jax.data import mini_world
 from jedi_jax.models.functional import Functional, count_params
 from jedi_jax.models.vae import AutoencoderKL, VAEConfig, kl_divergence, sample_latent
-from jedi_jax.train.checkpoint import PreemptionGuard
+from jedi_jax.train.checkpoint import PreemptionGuard, WorkdirLock
 
 log = logging.getLogger("jedi_jax.train.vae")
 
@@ -318,7 +319,9 @@ def validate_config(config) -> None:
     if not 0.0 <= d.hflip <= 1.0:
         errors.append(f"data.hflip={d.hflip} must be in [0, 1]")
     if errors:
-        raise ValueError("invalid config:\n  " + "\n  ".join(errors))
+        from jedi_jax.train.trainer import ConfigError
+
+        raise ConfigError("invalid config: " + "; ".join(errors))
 
 
 def _checkpoint_manager(directory: Path, keep: int) -> ocp.CheckpointManager:
@@ -359,13 +362,21 @@ def train(config, workdir: str | Path, *, log_fn=None, allow_config_change: bool
     steps_per_s, train_s, export_dir, png, ...) with `params` (the exported float32 params) and
     `vae_config` (the exported VAEConfig) added; after a SIGTERM or SIGHUP, the step reached is
     saved and it returns {"status": "preempted", "step": ...} without exporting (re-run to go on).
+    A second run in the same workdir raises checkpoint.WorkdirError at once (WorkdirLock).
     """
     if hasattr(config, "lock"):
         config.lock()
     validate_config(config)
-    say = log_fn or log.info
-    workdir = Path(workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
+    with WorkdirLock(workdir) as lock:  # held for the whole run
+        try:
+            return _train(config, lock, log_fn or log.info, allow_config_change)
+        except BaseException:
+            lock.discard_new()  # a failed start leaves no folders behind (no-op once training began)
+            raise
+
+
+def _train(config, lock: WorkdirLock, say, allow_config_change: bool) -> dict[str, Any]:
+    workdir = lock.path
     m, d, t = config.model, config.data, config.train
     dtype = dtype_of(m.dtype)
 
@@ -423,8 +434,9 @@ def train(config, workdir: str | Path, *, log_fn=None, allow_config_change: bool
     total = int(t.steps)
     compile_s, steps_per_s = 0.0, float("nan")
     t_train0 = time.time()
-    guard = PreemptionGuard(sync_every=1)  # SIGTERM / SIGHUP: save the step reached, then stop
+    guard = PreemptionGuard(sync_every=1)  # SIGTERM / SIGHUP / Ctrl-C: save the step reached, then stop
     preempted = False
+    lock.started()  # from here on what the run wrote stays, whatever happens
     try:
         if step < total:
             t0 = time.time()
@@ -468,7 +480,7 @@ def train(config, workdir: str | Path, *, log_fn=None, allow_config_change: bool
                 if step % config.checkpoint.every == 0 or step == total or preempted:
                     manager.save(step, args=ocp.args.StandardSave(state))
                 if preempted:
-                    say(f"pre-empted: checkpoint of step {step} written; re-run the same command to go on")
+                    say(guard.stop_message(step))
                     break
             manager.wait_until_finished()
         else:
@@ -552,23 +564,29 @@ def main(argv=None) -> int:
     flags.mark_flags_as_required(["config", "workdir"])
 
     def _main(args):
-        from jedi_jax.train.trainer import ConfigChangeError
+        from jedi_jax.train.trainer import USER_ERRORS
 
         if len(args) > 1:
-            raise app.UsageError(f"unexpected arguments: {args[1:]}")
+            print(f"error: unexpected arguments: {args[1:]}", file=sys.stderr)
+            sys.exit(2)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout, force=True)
         logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save at INFO
         try:
             summary = train(config_flag.value, workdir_flag.value, allow_config_change=allow_flag.value)
-        except ConfigChangeError as e:  # a user's mistake, not a crash: one line
+        except USER_ERRORS as e:  # a user's mistake, not a crash: one line
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        except KeyboardInterrupt:  # a second Ctrl-C (the first one saves and stops), or one before training
+            print("error: interrupted: stopped without saving the step reached", file=sys.stderr)
+            sys.exit(130)
         keys = ("status", "step") if summary.get("status") == "preempted" else \
             ("step", "test_psnr", "scaling_factor", "export_dir", "png")
         print(json.dumps({k: summary[k] for k in keys}))
         return 0
 
-    app.run(_main, argv=argv)
+    from jedi_jax.train.trainer import flags_parser
+
+    app.run(_main, argv=argv, flags_parser=flags_parser(config_flag))
     return 0
 
 
