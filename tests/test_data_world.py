@@ -431,3 +431,23 @@ def test_no_test_subject_is_a_train_subject_in_the_ranges_in_use():
     train, test = seeds("train", 100_000), seeds("test", 1_000)  # (a pair within train is harmless)
     assert mw.subject_for("test", 7).seed == mw.subject_seed("test", 7)  # the seeds the subjects use
     assert not set(train) & set(test), sorted((test[s], train[s]) for s in set(train) & set(test))
+
+
+
+def _sigint_ignored(_):
+    import signal
+
+    return signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+
+
+def test_render_pool_workers_ignore_ctrl_c():
+    """Ctrl-C reaches the pool's workers too: the trainer's first one only asks for a stop at a step
+    boundary, so a worker killed mid-chunk would leave pool.map waiting forever. The workers of
+    pool.spawn_pool (RenderPool's and the VAE trainer's) ignore SIGINT; the parent keeps its handler."""
+    import signal
+
+    from jedi_jax.data.pool import spawn_pool
+
+    with spawn_pool(2) as pool:
+        assert pool.map(_sigint_ignored, range(4)) == [True] * 4
+    assert signal.getsignal(signal.SIGINT) != signal.SIG_IGN

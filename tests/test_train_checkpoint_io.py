@@ -306,11 +306,15 @@ def test_sighup_saves_and_stops_like_sigterm(tmp_path, fast_steps):
     from jedi_jax.train import trainer
 
     before = signal.getsignal(signal.SIGHUP)
-    fast_steps[2] = lambda: os.kill(os.getpid(), signal.SIGHUP)
-    out = trainer.train(_cfg(**{"train.steps": 4, "checkpoint.every": 4}), tmp_path / "run")
-    assert out["status"] == "preempted" and out["step"] == 2
-    assert ckpt_lib.Checkpointer(tmp_path / "run" / "checkpoints", read_only=True).all_steps() == [2]
-    assert signal.getsignal(signal.SIGHUP) == before  # the run's handler is gone
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)  # a suite run under nohup would ignore it (tested below)
+    try:
+        fast_steps[2] = lambda: os.kill(os.getpid(), signal.SIGHUP)
+        out = trainer.train(_cfg(**{"train.steps": 4, "checkpoint.every": 4}), tmp_path / "run")
+        assert out["status"] == "preempted" and out["step"] == 2
+        assert ckpt_lib.Checkpointer(tmp_path / "run" / "checkpoints", read_only=True).all_steps() == [2]
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL  # the run's handler is gone
+    finally:
+        signal.signal(signal.SIGHUP, before)
     # under nohup (SIGHUP ignored) the guard leaves it ignored: logging out does not stop the run
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:

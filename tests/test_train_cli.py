@@ -266,6 +266,19 @@ def test_start_up_mistakes_are_one_error_line_and_create_nothing(tmp_path, confi
     assert not (tmp_path / "run").exists()
 
 
+def test_a_bug_inside_a_config_file_keeps_its_traceback(tmp_path):
+    """A KeyError in a config file's own code is not a mistyped override: it is not turned into an
+    `error: --config.* ...` line (which would hide where it is), the traceback names the file."""
+    bad = tmp_path / "bad_config.py"
+    bad.write_text("TABLE = {'tiny': 1}\n\ndef get_config(arg=None):\n    return TABLE['gpu']\n")
+    cmd = [sys.executable, "-m", "jedi_jax.train", "--config", str(bad), "--config.train.steps=3",
+           "--workdir", str(tmp_path / "run")]
+    out = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "Traceback" in out.stderr and "bad_config.py" in out.stderr, out.stderr[-3000:]
+    assert "the config has no key" not in out.stderr
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("module", ["jedi_jax.train", "jedi_jax.train.vae_trainer", "jedi_jax.train.bench"])
 def test_help_exits_0(module):
     out = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, env=_env(), capture_output=True,

@@ -30,9 +30,17 @@ def _env() -> dict:
                 XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {FAST_XLA}")
 
 
+# `python -m jedi_jax.train` with Ctrl-C and SIGHUP at their defaults: a child inherits ignored signals,
+# and a suite started under nohup or as a background job (`make test &`) ignores SIGHUP / SIGINT
+_TRAIN_WITH_DEFAULT_SIGNALS = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                               "signal.signal(signal.SIGHUP, signal.SIG_DFL); "
+                               "runpy.run_module('jedi_jax.train', run_name='__main__', alter_sys=True)")
+
+
 def _start(workdir: Path, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "jedi_jax.train", "--config", "configs/sd15.py:micro", "--workdir", str(workdir),
-           f"--config.train.steps={STEPS}", "--config.checkpoint.every=4", "--config.train.log_every=1", *extra]
+    cmd = [sys.executable, "-c", _TRAIN_WITH_DEFAULT_SIGNALS, "--config", "configs/sd15.py:micro",
+           "--workdir", str(workdir), f"--config.train.steps={STEPS}", "--config.checkpoint.every=4",
+           "--config.train.log_every=1", *extra]
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir.parent / f"{workdir.name}.{time.time_ns()}.log"
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=open(log, "w"), stderr=subprocess.STDOUT,
@@ -330,8 +338,16 @@ def test_workdir_lock_is_exclusive_and_a_failed_start_removes_only_what_it_creat
     with WorkdirLock(existing) as lock:
         (existing / "checkpoints").mkdir()
         (existing / "metrics.jsonl").write_text("")
+        (existing / "identity_curve.json").write_text("{}")  # another tool's output, written meanwhile
         lock.discard_new()
-    assert sorted(p.name for p in existing.iterdir()) == [".lock", "keep.txt"]
+    assert sorted(p.name for p in existing.iterdir()) == [".lock", "identity_curve.json", "keep.txt"]
+
+    # a path through a folder that does not exist and back ("missing/../b") names the existing run:
+    # its files stay, and no stray folder is made
+    with WorkdirLock(tmp_path / "runs" / "missing" / ".." / "b") as lock:
+        assert lock.path == existing
+        lock.discard_new()
+    assert (existing / "keep.txt").read_text() == "mine" and not (tmp_path / "runs" / "missing").exists()
 
     with WorkdirLock(tmp_path / "c") as lock:
         lock.started()  # training began: what it wrote is the run's output
@@ -378,7 +394,9 @@ def test_orbax_read_only_and_metric_less_saves_log_nothing(tmp_path, caplog):
         ck.close()
         assert ckpt_lib.read_json_item(tmp_path / "ck") == {"a": 1}
         logging.getLogger("absl").warning("Given directory is read only (some other message)")
-    assert [r.getMessage() for r in caplog.records] == ["Given directory is read only (some other message)"]
+        logging.getLogger("absl").warning({"a": 1})  # a message that is not a string (unhashable) passes too
+    assert [r.getMessage() for r in caplog.records] == ["Given directory is read only (some other message)",
+                                                        "{'a': 1}"]
 
 
 class _Aborted(Exception):

@@ -52,6 +52,21 @@ WORDINGS = {"world": None, "world+prompt": _WORLD_AND_PROMPT, "world+prompt+plac
 _WORDING_TAG = 17
 
 
+def spawn_pool(processes: int):
+    """The render pools' worker processes (RenderPool, vae_trainer.make_renders). Spawned, not
+    forked: the trainer has started JAX threads, and forking a threaded process can deadlock. The
+    workers ignore Ctrl-C: it reaches the whole foreground process group, and a worker killed
+    mid-task would leave pool.map waiting forever, while the trainer's first Ctrl-C only asks for a
+    stop at the next step boundary (PreemptionGuard); a second one interrupts the parent, whose pool
+    context then terminates the workers."""
+    return mp.get_context("spawn").Pool(processes, initializer=_ignore_interrupts)
+
+
+def _ignore_interrupts() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
 def _render_chunk(args):
     split, start, stop, n, num_subjects, wording = args  # set indices [start, stop) of the world
     templates = WORDINGS[wording]
@@ -130,8 +145,7 @@ class RenderPool:
         bounds = first_set + np.linspace(0, num_sets, min(num_sets, processes * 4) + 1).astype(int)
         chunks = [(split, int(a), int(b), set_size, num_subjects, wording) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
         if processes > 1:
-            # spawn, not fork: the trainer has started JAX threads, and forking a threaded process can deadlock
-            with mp.get_context("spawn").Pool(processes) as pool:
+            with spawn_pool(processes) as pool:
                 parts = pool.map(_render_chunk, chunks)
         else:
             parts = [_render_chunk(c) for c in chunks]

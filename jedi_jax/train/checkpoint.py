@@ -58,7 +58,7 @@ class _OrbaxNoise(logging.Filter):
     })
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.msg not in self.MESSAGES
+        return not (isinstance(record.msg, str) and record.msg in self.MESSAGES)  # (msg may be any object)
 
 
 def _quiet_orbax() -> None:
@@ -241,8 +241,15 @@ class WorkdirLock:
     two processes hold locks on two different files.
 
     Entering creates the workdir. A start that fails calls `discard_new()`, which removes what this
-    start created there (the folder itself when it made it; otherwise only the entries it added),
-    until `started()` says training began (from then on the run's outputs stay, even on a crash).
+    start created there, until `started()` says training began (from then on the run's outputs
+    stay, even on a crash): the workdir itself when it did not exist (and the parent folders made
+    for it, while empty); in a workdir that existed, only the trainers' own outputs (OUTPUTS) that
+    were not there before -- never another program's files, and nothing at all where the lock
+    could not be taken.
+
+    flock is as good as the file system's locks: on a FUSE mount without lock support (gcsfuse) or
+    NFS mounted `nolock`, it holds only among the processes of one host, so two runs whose process
+    0 sit on different hosts are not told apart there.
 
     Several processes (jax.process_count() > 1) share one workdir: only process 0 locks (the others
     would block it) and creates the folder; then every process learns the outcome through one
@@ -251,10 +258,12 @@ class WorkdirLock:
     """
 
     NAME = ".lock"
+    # what the trainers write into a workdir at start-up (train/trainer.py, train/vae_trainer.py)
+    OUTPUTS = frozenset({"checkpoints", "config.json", "metrics.jsonl", "tb", "samples", "summary.json"})
 
     def __init__(self, workdir: str | Path):
         self.shown = str(workdir)  # as the user wrote it, for messages
-        self.path = Path(workdir).absolute()
+        self.path = Path(os.path.abspath(workdir))  # ".." folded: "missing/../run" is run, not a new folder
         self.file = self.path / self.NAME
         self._fd: int | None = None
         self._created: Path | None = None  # the top-most folder this start created
@@ -284,9 +293,10 @@ class WorkdirLock:
         self.release()
 
     def _acquire(self) -> None:
+        existed, created = self.path.is_dir(), None
         for _ in range(3):  # retried only when the lock file was replaced while we were opening it
             try:
-                created = _make_dirs(self.path)
+                created = _make_dirs(self.path) or created
                 fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as e:  # a file where the folder should be, no permission, ...
                 raise WorkdirError(f"cannot use {self.shown} as the workdir: {e}") from None
@@ -299,8 +309,7 @@ class WorkdirLock:
                     # a file system without flock (some network mounts): train unguarded rather than not at all
                     log.warning("cannot lock %s (%s): a second run in this workdir would not be detected",
                                 self.file, e)
-                    self._note_created(created)
-                    return
+                    return  # and a failed start removes nothing: another run may be writing here
                 who = f"pid {holder[0]}" if holder else "pid unknown"
                 if len(holder) > 1 and holder[1] != socket.gethostname():
                     who += f" on {holder[1]}"
@@ -316,13 +325,12 @@ class WorkdirLock:
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
             self._fd = fd
-            self._note_created(created)
+            if existed or created is None:  # (None: another process made it meanwhile: not ours)
+                self._before = set(os.listdir(self.path))
+            else:  # this start made the workdir (`created`: the top-most folder it made for it)
+                self._created, self._before = created, set()
             return
         raise WorkdirError(f"{self.shown} keeps being removed while this run starts")
-
-    def _note_created(self, created: Path | None) -> None:
-        self._created = created
-        self._before = set() if created is not None else set(os.listdir(self.path))
 
     def started(self) -> None:
         """Training began: what this run created is its output from here on; discard_new does nothing."""
@@ -331,8 +339,9 @@ class WorkdirLock:
 
     def discard_new(self) -> None:
         """Removes what this start created in the workdir (call it, holding the lock, when a start
-        fails): a folder it made (and the parent folders it made, while they are empty), or else the
-        entries it added to a folder that existed. Nothing that was there before."""
+        fails): the workdir when this start made it (and the parent folders it made, while they are
+        empty), or else the trainers' OUTPUTS it added to a workdir that existed. Nothing that was
+        there before, nothing another program wrote beside them."""
         if self._before is None:
             return
         if self._created is not None:
@@ -345,7 +354,7 @@ class WorkdirLock:
                     break
                 parent = parent.parent
         else:
-            for name in sorted(set(os.listdir(self.path)) - self._before - {self.NAME}):
+            for name in sorted((set(os.listdir(self.path)) & self.OUTPUTS) - self._before):
                 target = self.path / name
                 if target.is_dir() and not target.is_symlink():
                     shutil.rmtree(target, ignore_errors=True)

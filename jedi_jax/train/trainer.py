@@ -533,9 +533,11 @@ def _train(config, lock: ckpt_lib.WorkdirLock, mesh, guard: ckpt_lib.PreemptionG
         raise ConfigError("no tokenizer: set model.tokenizer to a CLIP tokenizer folder")
     try:
         loader = _make_loader(config, bundle)
-    except (ValueError, OSError, RuntimeError, ModuleNotFoundError) as e:
-        # what the data source names: a stale data.pool_cache, unreadable array_record files, a factory
-        # module that is not there (a missing path was already refused by check_inputs)
+    except (ValueError, OSError, ModuleNotFoundError) as e:
+        # what the data source names: a stale data.pool_cache, unreadable files, a factory module that
+        # is not there (a missing path was already refused by check_inputs). Not RuntimeError: the
+        # latent pool encodes on the device here, and a device's failure (JaxRuntimeError, out of
+        # memory) is no mistake in the config: it keeps its traceback
         raise ConfigError(f"data.source={str(config.data.source)!r}: {e}") from e
     opened.append(lambda: _close(loader))
     if latest is not None:
@@ -733,25 +735,32 @@ def flags_parser(config_flag):
                 raise SystemExit(0) from None
             raise
         except (flags.Error, OSError, ValueError, TypeError, KeyError, AttributeError) as e:
-            print(f"error: {_flag_error_line(e, argv, config_flag.name)}", file=sys.stderr)
+            line = _flag_error_line(e, argv, config_flag.name)
+            if line is None:  # not the command line's mistake: a config file's own bug keeps its traceback
+                raise
+            print(f"error: {line}", file=sys.stderr)
             raise SystemExit(2) from None
 
     return parse
 
 
-def _flag_error_line(e: Exception, argv, name: str) -> str:
-    """One line for a flag-parsing error (their messages span lines: tracebacks, tried paths)."""
+def _flag_error_line(e: Exception, argv, name: str) -> str | None:
+    """One line for a flag-parsing error (their messages span lines: tracebacks, tried paths); None
+    for a KeyError / AttributeError that no --config.* override explains (a config file's bug)."""
     text = str(e)
     context = e if isinstance(e, KeyError) else e.__context__
-    if isinstance(e, (KeyError, AttributeError)) and isinstance(context, KeyError) and context.args:
+    if isinstance(e, (KeyError, AttributeError)):
+        if not (isinstance(context, KeyError) and context.args):
+            return None
         # ml_collections: an override of a key the locked config lacks ("'step'\nDid you mean ...")
         key, *hint = str(context.args[0]).splitlines()
         key = key.strip("'\"")
         overrides = [a.lstrip("-").split("=", 1)[0] for a in argv[1:] if a.lstrip("-").startswith(name + ".")]
         named = [o for o in overrides if key in o.split(".")[1:]]
-        where = f"--{named[0]}" if named else f"a --{name}.* override"
+        if not named:
+            return None
         hint = " ".join(hint)
-        return f"{where}: the config has no key {key!r}" + (f" ({hint[:1].lower()}{hint[1:]})" if hint else "")
+        return f"--{named[0]}: the config has no key {key!r}" + (f" ({hint[:1].lower()}{hint[1:]})" if hint else "")
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if "Traceback (most recent call last):" in text:  # config_flags wraps a config file's ValueError / TypeError
         head = text.split(": Error whilst parsing config file", 1)[0]

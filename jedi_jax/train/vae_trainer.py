@@ -39,7 +39,6 @@ import dataclasses
 import json
 import logging
 import math
-import multiprocessing
 import sys
 import time
 from pathlib import Path
@@ -104,7 +103,9 @@ def make_renders(split: str, num: int, *, set_size: int = 8, workers: int = 0, f
     per = max(1, min(64, -(-num_sets // max(1, 4 * workers))))
     jobs = [(split, first_set + s, min(per, num_sets - s), set_size) for s in range(0, num_sets, per)]
     if workers and workers > 1 and len(jobs) > 1:
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        from jedi_jax.data.pool import spawn_pool
+
+        with spawn_pool(workers) as pool:
             parts = pool.map(_render_chunk, jobs, chunksize=1)
     else:
         parts = [_render_chunk(j) for j in jobs]
@@ -436,12 +437,12 @@ def _train(config, lock: WorkdirLock, say, allow_config_change: bool) -> dict[st
     t_train0 = time.time()
     guard = PreemptionGuard(sync_every=1)  # SIGTERM / SIGHUP / Ctrl-C: save the step reached, then stop
     preempted = False
-    lock.started()  # from here on what the run wrote stays, whatever happens
     try:
         if step < total:
             t0 = time.time()
             compiled = step_fn.lower(state, pool, step_key).compile()
             compile_s = time.time() - t0
+            lock.started()  # compiled: from here on what the run wrote stays, whatever happens
             say(f"compiled train step in {compile_s:.1f}s; training steps {step}..{total}")
             t_log, step_log = time.time(), step
             run_start, run_start_step = None, step
@@ -484,6 +485,7 @@ def _train(config, lock: WorkdirLock, say, allow_config_change: bool) -> dict[st
                     break
             manager.wait_until_finished()
         else:
+            lock.started()  # a finished run: its outputs stay
             say(f"checkpoint step {step} >= train.steps {total}: nothing to train, re-exporting")
     finally:
         guard.restore_handlers()
