@@ -448,6 +448,12 @@ def test_render_pool_workers_ignore_ctrl_c():
 
     from jedi_jax.data.pool import spawn_pool
 
-    with spawn_pool(2) as pool:
-        assert pool.map(_sigint_ignored, range(4)) == [True] * 4
-    assert signal.getsignal(signal.SIGINT) != signal.SIG_IGN
+    # Python's own handler first: a suite run as a background job ignores SIGINT, and spawned workers
+    # would inherit that whatever spawn_pool does
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with spawn_pool(2) as pool:
+            assert pool.map(_sigint_ignored, range(4)) == [True] * 4
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
