@@ -12,7 +12,6 @@ strictly: a folder that does not match its config raises `ConversionError` namin
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -56,14 +55,7 @@ def load_component(model_dir: str | Path, name: str, *, dtype=jnp.float32, atten
     if name not in kinds:
         raise ConversionError(f"{model_dir} has no component {name!r} (has {sorted(kinds)})")
     kind = kinds[name]
-    kwargs: dict = {"dtype": dtype}
-    if kind == "vae" and jnp.dtype(dtype) != jnp.float32:
-        from jedi_jax.convert import components as comp
-
-        # diffusers' rule: a VAE whose config sets force_upcast (SD's) decodes in float32 whatever
-        # the rest runs in (half-precision decoding loses detail, fp16 overflows)
-        if comp.config_from_dict("vae", comp.read_config(Path(model_dir) / name)).force_upcast:
-            kwargs["dtype"] = jnp.float32
+    kwargs: dict = {"dtype": dtype}  # (a force_upcast VAE runs in float32 whatever: load_component_params)
     if kind == "unet":
         kwargs.update(attention_kernel=attention_kernel, remat=remat)
     config, functional, params = load_component_params(model_dir, name, kind, shardings=shardings, **kwargs)

@@ -19,7 +19,6 @@ the whole denoising loop and decoding run inside one jax.jit.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import re
 import time

@@ -17,6 +17,7 @@ import json
 import shutil
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 
 from jedi_jax.convert import components as comp
@@ -24,7 +25,7 @@ from jedi_jax.convert.param_io import atomic_directory, check_destination, resto
 from jedi_jax.convert.torch_naming import ConversionError, params_to_torch, torch_to_params
 from jedi_jax.models.clip_text import TEXT_LAYERS
 from jedi_jax.models.functional import Functional
-from jedi_jax.models.jedi_inputs import widen_conv_in
+from jedi_jax.models.jedi_inputs import num_input_channels, widen_conv_in
 from jedi_jax.sampling.guidance import ORDERS as GUIDANCE_ORDERS
 
 FORMAT = {"format": "jedi_jax", "version": 1}
@@ -169,7 +170,7 @@ def convert_diffusers_folder(src: str | Path, dst: str | Path, *, unet_in_channe
         if sc.kind == "unet" and unet_in_channels is not None and unet_in_channels != config.in_channels:
             params = widen_conv_in(params, unet_in_channels)
             config = dataclasses.replace(config, in_channels=unet_in_channels)
-        elif sc.kind == "unet" and config.in_channels == 2 * config.out_channels + 1:
+        elif sc.kind == "unet" and config.in_channels == num_input_channels(config.out_channels):
             log(f"  note: {sc.name} already takes {config.in_channels} input channels, e.g. an SD-inpainting UNet: "
                 "its mask channel marks the region to generate, JeDi's (models/jedi_inputs.py) the known "
                 "members, and its last channels hold the masked image; train it as JeDi before sampling")
@@ -236,7 +237,7 @@ def check_unet_in_channels(src: Path, sources: list, configs: dict, unet_in_chan
         unet = configs[name]
         # the latents the UNet denoises: the VAE's, or (no VAE in the source) what the UNet predicts
         latent = configs[vaes[0]].latent_channels if vaes else unet.out_channels
-        jedi = 2 * latent + 1
+        jedi = num_input_channels(latent)
         if unet_in_channels not in (unet.in_channels, jedi):
             allowed = (f"{jedi} (2*latent_channels+1, the JeDi layout)" if unet.in_channels == jedi else
                        f"{unet.in_channels} (as is) or {jedi} (2*latent_channels+1, the JeDi layout: widened with "
@@ -282,10 +283,14 @@ def load_component_params(model_dir: str | Path, name: str, kind: str, *, shardi
     """(config, Functional, params) of one component of a jedi_jax model folder.
 
     model_kwargs go to the model (dtype; attention_kernel/remat for the UNet); shardings, a tree
-    matching the params, places them (e.g. FSDP-sharded on a mesh).
+    matching the params, places them (e.g. FSDP-sharded on a mesh). A VAE whose config sets
+    force_upcast (SD's) computes in float32 whatever dtype asks: diffusers' rule (half-precision
+    decoding loses detail, fp16 overflows).
     """
     folder = Path(model_dir) / name
     config = comp.config_from_dict(kind, comp.read_config(folder), source=folder / "config.json")
+    if kind == "vae" and "dtype" in model_kwargs and getattr(config, "force_upcast", False):
+        model_kwargs["dtype"] = jnp.float32
     functional = Functional.abstract(comp.model_factory(kind, config, **model_kwargs))
     params = restore_params(folder / "params", functional.param_shapes(), what=name, shardings=shardings)
     return config, functional, params

@@ -29,12 +29,12 @@ def cli_evaluators(parser: argparse.ArgumentParser, arg: str | None) -> None:
     if arg is None:
         return
     from jedi_jax.eval import context_classifier, identity_encoder
+    from jedi_jax.eval.cnn import weight_files
 
-    folder = Path(arg)
-    if not folder.is_dir():
+    if not Path(arg).is_dir():
         parser.error(f"--evaluators {arg}: no such folder")
-    missing = [f"{name}{ext}" for name in (identity_encoder.NAME, context_classifier.NAME) for ext in (".npz", ".json")
-               if not (folder / f"{name}{ext}").is_file()]
+    missing = [path.name for name in (identity_encoder.NAME, context_classifier.NAME)
+               for path in weight_files(name, arg) if not path.is_file()]
     if missing:
         parser.error(f"--evaluators {arg}: lacks {', '.join(missing)} (train them with "
                      "python -m jedi_jax.eval.identity_encoder --train / jedi_jax.eval.context_classifier --train)")

@@ -139,21 +139,25 @@ def augment(rng: np.random.Generator, x: np.ndarray, *, flip: bool) -> tuple[np.
 # ---------------------------------------------------------------------------------- weights I/O
 
 
+def weight_files(name: str, folder: str | Path = WEIGHTS_DIR) -> tuple[Path, Path]:
+    """(NAME.npz, NAME.json) of an evaluator in `folder`: its weights and its meta (with 'config')."""
+    folder = Path(folder)
+    return folder / f"{name}.npz", folder / f"{name}.json"
+
+
 def save(name: str, params: dict, meta: dict, folder: str | Path = WEIGHTS_DIR) -> Path:
     """Writes folder/NAME.npz (float16) and folder/NAME.json (meta must hold 'config')."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    npz, js = weight_files(name, folder)
+    npz.parent.mkdir(parents=True, exist_ok=True)
     flat = traverse_util.flatten_dict(jax.tree.map(np.asarray, params))
-    np.savez_compressed(folder / f"{name}.npz",
-                        **{"/".join(map(str, k)): v.astype(np.float16) for k, v in flat.items()})
-    (folder / f"{name}.json").write_text(json.dumps(meta, indent=1) + "\n")
-    return folder / f"{name}.npz"
+    np.savez_compressed(npz, **{"/".join(map(str, k)): v.astype(np.float16) for k, v in flat.items()})
+    js.write_text(json.dumps(meta, indent=1) + "\n")
+    return npz
 
 
 def load(name: str, folder: str | Path = WEIGHTS_DIR) -> tuple[Functional, dict, dict]:
     """(functional, float32 params, meta) of a shipped evaluator; strict about every parameter."""
-    folder = Path(folder)
-    npz, js = folder / f"{name}.npz", folder / f"{name}.json"
+    npz, js = weight_files(name, folder)
     if not npz.exists() or not js.exists():
         raise FileNotFoundError(f"no evaluator weights {npz} (+ .json); train them with "
                                 f"python -m jedi_jax.eval.{name} --train")

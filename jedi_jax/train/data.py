@@ -19,15 +19,21 @@ from typing import Any, Callable
 import numpy as np
 
 
+def array_record_path(data_cfg) -> str | None:
+    """PATH of `data.source = "array_record:PATH"`, None for any other source."""
+    src = str(data_cfg.source)
+    return src.split(":", 1)[1] if src.startswith("array_record:") else None
+
+
 def renders_mini_world(data_cfg) -> bool:
     """Whether `data.source` holds mini-world renders (`mini_world`, the jedi_jax.data.pool factories,
     or array_record data written from the mini world): such sources must not be mirrored (their
     `flip_safe = False`), checked before anything is built."""
     src = str(data_cfg.source)
-    if src.startswith("array_record:"):
+    if (path := array_record_path(data_cfg)) is not None:
         from jedi_jax.data.set_source import path_flip_safe
 
-        return not path_flip_safe(src.split(":", 1)[1])
+        return not path_flip_safe(path)
     return src == "mini_world" or src.startswith("jedi_jax.data.pool:")
 
 
@@ -40,10 +46,10 @@ def make_source(data_cfg, with_masks: bool = False) -> Any:
         n = int(data_cfg.source_set_size) or int(data_cfg.set_size)
         return MiniWorldSource(data_cfg.split, int(data_cfg.num_sets), n, int(data_cfg.num_subjects) or None,
                                with_masks=with_masks, first_set=int(data_cfg.get("first_set", 0)))
-    if src.startswith("array_record:"):
+    if (path := array_record_path(data_cfg)) is not None:
         from jedi_jax.data.set_source import ArrayRecordSetSource
 
-        return ArrayRecordSetSource(src.split(":", 1)[1], split=str(data_cfg.split))
+        return ArrayRecordSetSource(path, split=str(data_cfg.split))
     if ":" in src and not src.startswith("/"):
         module, attr = src.split(":", 1)
         return getattr(importlib.import_module(module), attr)(data_cfg)

@@ -61,7 +61,7 @@ def export_run(workdir: str | Path, dst: str | Path, *, step: int | None = None,
         bundle = models_lib.build(config.model, mesh=mesh, rules=rules, seed=config.seed, load_unet=False)
         models = bundle.models
         rebuilt = models_lib.frozen_fingerprints(bundle.frozen)
-        differ = sorted(n for n in (stored_frozen or {}) if rebuilt.get(n) != stored_frozen[n])
+        differ = models_lib.frozen_mismatch(stored_frozen, rebuilt)
         if differ and allow_frozen_change:  # e.g. a random frozen encoder rebuilt on another platform
             log(f"warning: the rebuilt frozen {', '.join(differ)} differ from the weights the run trained with "
                 "(--allow-frozen-change): exporting the rebuilt ones")

@@ -87,7 +87,7 @@ class Bundle:
     unet_init: Callable[[jax.Array], Any] | None  # key -> params (traceable), for random init
     frozen: dict  # {'vae': ..., 'text_encoder': ...}
     frozen_shardings: dict
-    tokenizer: Callable[[list[str]], Any] | None
+    tokenizer: Callable[[list[str]], Any]
     source: str  # "random" or the folder
     # the same networks with the UNet on the "xla" attention kernel, when the run uses another: what
     # the MFU's FLOPs are counted on (step.compile_train_step); None when the run's kernel is "xla"
@@ -138,6 +138,12 @@ def frozen_fingerprints(frozen: dict) -> dict[str, str]:
     from jedi_jax.convert.param_io import params_fingerprint
 
     return {name: params_fingerprint(frozen[name], to_numpy=_host_value) for name in sorted(frozen)}
+
+
+def frozen_mismatch(stored: dict | None, rebuilt: dict) -> list[str]:
+    """The frozen components a checkpoint's fingerprints (`stored`, None: written before they were
+    recorded) name whose rebuilt fingerprint differs (resume: trainer.check_frozen; train.export)."""
+    return sorted(n for n in (stored or {}) if rebuilt.get(n) != stored[n])
 
 
 def _host_value(x):

@@ -81,10 +81,9 @@ def validate_config(config) -> None:
     """Checks that do not need the models (run before anything is built). Raises ConfigError."""
     t, d, m, c = config.train, config.data, config.mesh, config.checkpoint
     errors = []
-    source = str(d.source)
     for name, value in (("model.pretrained", config.model.pretrained), ("model.tokenizer", config.model.get("tokenizer", "")),
                         ("data.latent_vae", d.get("latent_vae", "")), ("data.pool_cache", d.get("pool_cache", "")),
-                        ("data.source", source.split(":", 1)[1] if source.startswith("array_record:") else "")):
+                        ("data.source", data_lib.array_record_path(d) or "")):
         if error := url_error(name, value):
             errors.append(error)
     if t.steps < 1:
@@ -195,9 +194,9 @@ def check_inputs(config, *, data: bool = True):
                          ("data.latent_vae", config.data.get("latent_vae", ""))):
         if folder and (problem := model_folder_problem(folder)):
             errors.append(f"{name}={str(folder)!r}: {problem}")
-    source = str(config.data.source)
-    if data and source.startswith("array_record:") and not os.path.exists(path := source.split(":", 1)[1]):
-        errors.append(f"data.source={source!r}: {path} does not exist")
+    path = data_lib.array_record_path(config.data)
+    if data and path is not None and not os.path.exists(path):
+        errors.append(f"data.source={str(config.data.source)!r}: {path} does not exist")
     mesh = None
     try:
         mesh = shd.mesh_from_config(config.mesh)
@@ -215,15 +214,13 @@ def check_frozen(config, frozen_fp: dict, stored_fp: dict | None, latest: int | 
     pretrained folder) is refused like a config change. data.latent_vae must be the model's own VAE:
     the UNet learns latents that its samples and its export decode with model.pretrained's VAE.
     Runs on every process; they see the same config and digests, so all raise or none does."""
-    if latest is not None and stored_fp:
-        differ = sorted(n for n in frozen_fp if stored_fp.get(n) not in (None, frozen_fp[n]))
-        if differ:
-            msg = (f"checkpoint {latest} was trained with other frozen weights than this start rebuilds: "
-                   f"{', '.join(differ)} (model.pretrained={config.model.pretrained!r}, seed={config.seed}); "
-                   "pass --allow_config_change to continue with the new ones")
-            if not allow:
-                raise ConfigChangeError(msg)
-            log.warning("%s: continuing (--allow_config_change)", msg.split("; pass")[0])
+    if latest is not None and (differ := models_lib.frozen_mismatch(stored_fp, frozen_fp)):
+        msg = (f"checkpoint {latest} was trained with other frozen weights than this start rebuilds: "
+               f"{', '.join(differ)} (model.pretrained={config.model.pretrained!r}, seed={config.seed}); "
+               "pass --allow_config_change to continue with the new ones")
+        if not allow:
+            raise ConfigChangeError(msg)
+        log.warning("%s: continuing (--allow_config_change)", msg.split("; pass")[0])
     latent_vae = str(config.data.get("latent_vae", "") or "")
     if latent_vae and not _is_pretrained_vae(latent_vae, str(config.model.pretrained or "")):
         from jedi_jax.convert.param_io import params_fingerprint
@@ -292,12 +289,11 @@ def default_config(module: str = "configs.common") -> dict:
         return {}
 
 
-def _leaves(tree: dict, prefix: str = "") -> dict[str, Any]:
+def _leaves(tree: dict) -> dict[str, Any]:
     """{dotted key: leaf} of a nested dict, keyed as config_changes names them."""
-    out = {}
-    for k, v in tree.items():
-        out.update(_leaves(v, prefix + k + ".") if isinstance(v, dict) else {prefix + k: v})
-    return out
+    from jedi_jax.convert.torch_naming import flatten
+
+    return {".".join(path): leaf for path, leaf in flatten(tree).items()}
 
 
 def refused_changes(changes: list[tuple[str, Any, Any]], current: dict, *, defaults: dict,
@@ -529,8 +525,6 @@ def _train(config, lock: ckpt_lib.WorkdirLock, mesh, guard: ckpt_lib.PreemptionG
              models_lib.count(abstract.params) / 1e6, bundle.source,
              models_lib.count(bundle.frozen["vae"]) / 1e6, models_lib.count(bundle.frozen["text_encoder"]) / 1e6)
 
-    if bundle.tokenizer is None:
-        raise ConfigError("no tokenizer: set model.tokenizer to a CLIP tokenizer folder")
     try:
         loader = _make_loader(config, bundle)
     except (ValueError, OSError, ModuleNotFoundError) as e:
