@@ -346,3 +346,21 @@ def test_a_stale_pool_cache_is_a_config_error(tmp_path):
     with pytest.raises(trainer.ConfigError, match=r"data.source='jedi_jax.data.pool:from_config': pool cache .* delete"):
         trainer.train(c, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_cli_exit_codes_map_start_up_mistakes_to_2_and_a_second_ctrl_c_to_130(capsys):
+    """Both trainers' CLIs run `train` inside trainer.cli_exit_codes: a user's mistake is one line and
+    exit 2, a KeyboardInterrupt (the second Ctrl-C) one line and 130, any other error its traceback."""
+    from jedi_jax.train.checkpoint import WorkdirError
+    from jedi_jax.train.trainer import ConfigChangeError, ConfigError, cli_exit_codes
+
+    for error, code in ((ConfigError("bad key x"), 2), (ConfigChangeError("train.lr (1 -> 2)"), 2),
+                        (WorkdirError("DIR is in use"), 2), (KeyboardInterrupt(), 130)):
+        with pytest.raises(SystemExit) as e, cli_exit_codes():
+            raise error
+        err = capsys.readouterr().err.splitlines()
+        assert e.value.code == code and len(err) == 1 and err[0].startswith("error: "), (error, err)
+        assert str(error) in err[0] if code == 2 else "without saving" in err[0]
+    with pytest.raises(ZeroDivisionError), cli_exit_codes():  # a bug is not a user's mistake
+        1 / 0
+    assert capsys.readouterr().err == ""

@@ -80,16 +80,10 @@ def main(argv) -> int:
 
     if jax.process_index() != 0:  # keep other processes' logs to warnings
         logging.getLogger().setLevel(logging.WARNING)
-    from jedi_jax.train.trainer import USER_ERRORS, train
+    from jedi_jax.train.trainer import cli_exit_codes, train
 
-    try:
+    with cli_exit_codes():  # a start-up mistake: one line, exit 2; a second Ctrl-C: exit 130
         summary = train(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
-    except USER_ERRORS as e:  # a user's mistake at start-up, not a crash: no traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # a second Ctrl-C (the first one saves and stops), or one before training
-        print("error: interrupted: stopped without saving the step reached", file=sys.stderr)
-        return 130
     logging.getLogger("jedi_jax.train").info("finished: %s", {k: summary[k] for k in ("status", "step") if k in summary})
     return 0
 

@@ -33,6 +33,7 @@ refused the same way (check_frozen), as is an export (train/export.py).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -709,6 +710,21 @@ def _close(loader) -> None:
 # Mistakes in what a user asked for, found at start-up: the CLIs print them as one `error:` line, exit 2.
 USER_ERRORS = (ConfigError, ConfigChangeError, ckpt_lib.WorkdirError)
 _HELP_FLAGS = ("help", "helpshort", "helpfull", "helpxml", "?")
+
+
+@contextlib.contextmanager
+def cli_exit_codes():
+    """Around a trainer's run in its CLI: a user's mistake at start-up (USER_ERRORS) is one `error:`
+    line and exit status 2; a second Ctrl-C (the first one saves and stops), or one before training,
+    is one line and 130. Anything else keeps its traceback."""
+    try:
+        yield
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("error: interrupted: stopped without saving the step reached", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def flags_parser(config_flag):

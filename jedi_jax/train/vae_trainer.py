@@ -566,21 +566,15 @@ def main(argv=None) -> int:
     flags.mark_flags_as_required(["config", "workdir"])
 
     def _main(args):
-        from jedi_jax.train.trainer import USER_ERRORS
+        from jedi_jax.train.trainer import cli_exit_codes
 
         if len(args) > 1:
             print(f"error: unexpected arguments: {args[1:]}", file=sys.stderr)
             sys.exit(2)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout, force=True)
         logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save at INFO
-        try:
+        with cli_exit_codes():  # a start-up mistake: one line, exit 2; a second Ctrl-C: exit 130
             summary = train(config_flag.value, workdir_flag.value, allow_config_change=allow_flag.value)
-        except USER_ERRORS as e:  # a user's mistake, not a crash: one line
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-        except KeyboardInterrupt:  # a second Ctrl-C (the first one saves and stops), or one before training
-            print("error: interrupted: stopped without saving the step reached", file=sys.stderr)
-            sys.exit(130)
         keys = ("status", "step") if summary.get("status") == "preempted" else \
             ("step", "test_psnr", "scaling_factor", "export_dir", "png")
         print(json.dumps({k: summary[k] for k in keys}))
