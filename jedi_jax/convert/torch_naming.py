@@ -47,9 +47,12 @@ def unflatten(flat: Mapping[tuple, object]) -> dict:
     return tree
 
 
-def torch_key(path: tuple) -> str:
-    """Flax param path -> PyTorch state-dict key."""
+def torch_key(path: tuple, raw: Iterable[str] = ()) -> str:
+    """Flax param path -> PyTorch state-dict key. Leaves named in `raw` are bare torch nn.Parameters
+    (ViT's cls_token): their key is the path itself, their layout torch's."""
     leaf = path[-1]
+    if leaf in raw:
+        return ".".join(str(p) for p in path)
     if leaf not in _LEAF_TO_TORCH:
         raise ConversionError(f"parameter {'.'.join(map(str, path))}: leaf name {leaf!r} has no PyTorch equivalent")
     return ".".join(str(p) for p in path[:-1]) + "." + _LEAF_TO_TORCH[leaf]
@@ -78,6 +81,7 @@ def torch_to_params(
     what: str,
     rename: Callable[[str], str] | None = None,
     ignore: Iterable[str] = (),
+    raw: Iterable[str] = (),
 ) -> dict:
     """Builds our params from PyTorch tensors (numpy arrays, any float dtype) for the model `what`.
 
@@ -88,10 +92,11 @@ def torch_to_params(
       rename: maps a checkpoint key to the current naming (legacy checkpoints), applied first.
       ignore: checkpoint keys known to carry no parameters we model (e.g. buffers); exact match
         or prefix ending in '.'.
+      raw: leaf names of bare nn.Parameters, kept under their own name and layout (torch_key).
     Returns:
       nested dict of float32 numpy arrays with the structure of `shapes`.
     """
-    ignore = tuple(ignore)
+    ignore, raw = tuple(ignore), tuple(raw)
     renamed: dict[str, np.ndarray] = {}
     for key, value in tensors.items():
         new = rename(key) if rename else key
@@ -103,7 +108,7 @@ def torch_to_params(
     used: set[str] = set()
     flat_out: dict[tuple, np.ndarray] = {}
     for path, spec in flatten(shapes).items():
-        key = torch_key(path)
+        key = torch_key(path, raw)
         if key not in renamed:
             problems.append(f"missing tensor {key!r} (expected shape {tuple(spec.shape)})")
             continue

@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 from jedi_jax.convert import components as comp
-from jedi_jax.convert.torch_naming import ConversionError, flatten, torch_to_params, unflatten
+from jedi_jax.convert.torch_naming import ConversionError, torch_to_params
 from jedi_jax.models.functional import Functional
 from jedi_jax.models.tokenizer import tokenize
 from jedi_jax.models.vit import (CLIP_DEFAULTS, RAW_PARAMETERS, VIT_DEFAULTS, CLIPVisionModelWithProjection, ViTConfig,
@@ -163,23 +163,12 @@ def _tensors(folder: Path) -> dict[str, np.ndarray]:
 
 def checkpoint_params(tensors: dict[str, np.ndarray], functional: Functional, *, what: str,
                       ignore: Sequence[str] = ()) -> dict:
-    """`torch_to_params` for a model with bare torch nn.Parameters (models.vit.RAW_PARAMETERS), whose
-    key is their parameter path and whose layout is torch's. Strict as torch_to_params."""
-    flat = flatten(functional.param_shapes())
-    raw = {".".join(map(str, p)): p for p in flat if p[-1] in RAW_PARAMETERS}
-    problems = [f"missing tensor {k!r} (expected shape {tuple(flat[p].shape)})"
-                for k, p in raw.items() if k not in tensors]
-    problems += [f"tensor {k!r} has shape {tuple(tensors[k].shape)} but the model needs {tuple(flat[p].shape)}"
-                 for k, p in raw.items() if k in tensors and tuple(tensors[k].shape) != tuple(flat[p].shape)]
-    if problems:
-        raise ConversionError(f"{what}: checkpoint does not match the model: {'; '.join(problems)}")
-    rest = unflatten({p: s for p, s in flat.items() if p[-1] not in RAW_PARAMETERS})
+    """`torch_to_params` with the bare torch nn.Parameters of models.vit (RAW_PARAMETERS), its list
+    of problems on one line."""
     try:
-        params = flatten(torch_to_params(tensors, rest, what=what, ignore=(*ignore, *raw)))
+        return torch_to_params(tensors, functional.param_shapes(), what=what, ignore=ignore, raw=RAW_PARAMETERS)
     except ConversionError as e:  # its list of problems, one a line -> one line
         raise ConversionError(str(e).replace(":\n  ", ": ", 1).replace("\n  ", "; ")) from None
-    params.update({p: np.asarray(tensors[k], np.float32) for k, p in raw.items()})
-    return unflatten(params)
 
 
 def _unit(x: jax.Array) -> jax.Array:  # (B, D) -> (B, D), L2-normalized in float32
