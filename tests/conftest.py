@@ -76,3 +76,19 @@ def tiny_pipeline(tiny_model_dir):
     from jedi_jax.pipeline import JeDiPipeline
 
     return JeDiPipeline.from_pretrained(tiny_model_dir, max_references=2)
+
+
+@pytest.fixture(scope="session")
+def clip_folder(tmp_path_factory):
+    """(folder, torch model): a tiny CLIPModel folder as openai/clip-vit-large-patch14 has it."""
+    from scorer_folders import write_clip_folder
+
+    return write_clip_folder(tmp_path_factory.mktemp("clip"))
+
+
+@pytest.fixture(scope="session")
+def dino_folder(tmp_path_factory):
+    """(folder, torch model): a tiny ViTModel folder as facebook/dino-vits16 has it."""
+    from scorer_folders import write_dino_folder
+
+    return write_dino_folder(tmp_path_factory.mktemp("dino"))

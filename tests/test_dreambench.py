@@ -10,6 +10,7 @@ import json
 import shutil
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -143,13 +144,13 @@ def test_scores_follow_the_metric_definitions(first_run):
     s = MeanColour()
     for r in results["images"][::5]:
         subject = next(x for x in bench.subjects if x.name == r["subject"])
-        real = s.image_embeds(np.stack([db._square(db.load_rgb(p)) for p in subject.photos]))
+        real = np.concatenate([s.image_embeds(db.load_rgb(p)[None]) for p in subject.photos])  # each at its size
         gen = s.image_embeds(db.load_rgb(root / "out" / r["image"])[None])[0]
         assert r["dino"] == pytest.approx(float(np.mean(real @ gen)), abs=1e-5)  # mean over all real photos
         assert r["clip_i"] == pytest.approx(r["dino"], abs=1e-6)  # the same toy scorer for both
         assert r["clip_t"] == pytest.approx(float(gen @ s.text_embeds([r["prompt"]])[0]), abs=1e-5)
     # the real-photo ceiling: red_cartoon's two photos against each other; mean over pairs for the dog
-    red = s.image_embeds(np.stack([db._square(db.load_rgb(p)) for p in bench.subjects[1].photos]))
+    red = db.real_photo_embeds(s, [db.load_rgb(p) for p in bench.subjects[1].photos])
     assert results["real_photos"]["red_cartoon"]["dino"] == pytest.approx(float(red[0] @ red[1]), abs=1e-6)
     rows = results["rows"]
     per_subject = [np.mean([r["dino"] for r in results["images"] if r["k"] == 1 and r["subject"] == n])
@@ -170,10 +171,18 @@ def test_rerun_resumes_without_generating_and_a_cut_record_is_redone(first_run, 
     lines = (out / "records.jsonl").read_text().splitlines()
     last = json.loads(lines[-1])
     (out / last["image"]).unlink()
-    (out / "records.jsonl").write_text("\n".join(lines[:-1] + [lines[-1][:20]]) + "\n")
+    (out / "records.jsonl").write_text("\n".join(lines[:-1] + [lines[-1][:20]]))  # no newline: killed mid-line
     redone = db.run(pipe, bench, out, SETTINGS, scorers=scorers, log=lambda *a: None)
     assert pipe.calls == 1 and (out / last["image"]).is_file()
     assert redone["rows"] == results["rows"]  # the same seed gives the same image
+    # the redone record was logged on a line of its own: a third run has nothing to do
+    assert [json.loads(x) for x in (out / "records.jsonl").read_text().splitlines()][-1]["image"] == last["image"]
+    db.run(pipe, bench, out, SETTINGS, scorers=scorers, log=lambda *a: None)
+    assert pipe.calls == 1
+    # resuming through a link to the run folder works too
+    (tmp_path / "link").symlink_to(out)
+    db.run(pipe, bench, tmp_path / "link", SETTINGS, scorers=scorers, log=lambda *a: None)
+    assert pipe.calls == 1
 
 
 def test_another_protocol_in_the_same_out_is_refused_and_overwrite_starts_again(first_run, tiny_pipeline, tmp_path):
@@ -181,7 +190,8 @@ def test_another_protocol_in_the_same_out_is_refused_and_overwrite_starts_again(
     out = tmp_path / "out"
     shutil.copytree(root / "out", out)
     other = db.Settings(k=(1,), prompts=1, seeds=1, steps=2)
-    with pytest.raises(db.DreamBenchError, match=r"another protocol \(differs in k, prompts, seeds\)"):
+    with pytest.raises(db.DreamBenchError, match=r"another protocol, differing in k \(\[1, 2\] -> \[1\]\); "
+                                                r"prompts \(2 -> 1\); seeds \(2 -> 1\):"):
         db.run(tiny_pipeline, bench, out, other, log=lambda *a: None)
     pipe = CountingPipeline(tiny_pipeline)
     results = db.run(pipe, bench, out, other, overwrite=True, log=lambda *a: None)
@@ -189,9 +199,38 @@ def test_another_protocol_in_the_same_out_is_refused_and_overwrite_starts_again(
     assert results["rows"] == {} and "No metrics" in (out / "report.md").read_text()
     (tmp_path / "theirs").mkdir()
     (tmp_path / "theirs" / "notes.txt").write_text("keep")
-    with pytest.raises(db.DreamBenchError, match="not an earlier output"):
-        db.run(tiny_pipeline, bench, tmp_path / "theirs", other, overwrite=True, log=lambda *a: None)
+    for overwrite in (False, True):
+        with pytest.raises(db.DreamBenchError, match="holds no earlier DreamBench run"):
+            db.run(tiny_pipeline, bench, tmp_path / "theirs", other, overwrite=overwrite, log=lambda *a: None)
     assert (tmp_path / "theirs" / "notes.txt").read_text() == "keep"
+
+
+def test_other_weights_or_other_photos_are_another_protocol(first_run, tiny_pipeline, tmp_path, monkeypatch):
+    """A resume must not mix images of two models, or score old images against new photos."""
+    import types
+
+    root, bench, _, _ = first_run
+    model = tiny_pipeline.model
+    assert db.model_fingerprint(model) == db.model_fingerprint(model)
+    components = {name: types.SimpleNamespace(params=c.params) for name, c in model.components.items()}
+    bumped = jax.tree.map(lambda x: x, components["unet"].params)
+    path, leaf = next(iter(jax.tree_util.tree_flatten_with_path(bumped)[0]))
+    bumped = jax.tree_util.tree_map_with_path(lambda p, x: x + 1e-3 if p == path else x, bumped)
+    other = types.SimpleNamespace(components=dict(components, unet=types.SimpleNamespace(params=bumped)))
+    assert db.model_fingerprint(other) != db.model_fingerprint(model)
+
+    photos = make_bench(tmp_path / "bench2")
+    assert db.data_fingerprint(db.read_benchmark(photos)) == db.data_fingerprint(bench)
+    shutil.copy(DATA / "dog_04.jpg", photos / "red_cartoon" / "01.jpg")  # another photo under the same name
+    assert db.data_fingerprint(db.read_benchmark(photos)) != db.data_fingerprint(bench)
+
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    with pytest.raises(db.DreamBenchError, match=r"differing in data \("):
+        db.run(tiny_pipeline, db.read_benchmark(photos), out, SETTINGS, log=lambda *a: None)
+    monkeypatch.setattr(db, "model_fingerprint", lambda m: "other weights")
+    with pytest.raises(db.DreamBenchError, match=r"differing in model_weights \("):
+        db.run(tiny_pipeline, bench, out, SETTINGS, log=lambda *a: None)
 
 
 @pytest.mark.parametrize("args, problem", [
@@ -199,22 +238,51 @@ def test_another_protocol_in_the_same_out_is_refused_and_overwrite_starts_again(
     (["--subjects", "dog,unicorn"], "--subjects: unicorn not in the benchmark folder"),
     (["--k", "3", "--subjects", "red_cartoon"], "--k 3: subject red_cartoon has only 2 photos"),
     (["--seeds", "0"], "--seeds must be >= 1"),
+    (["--prompts", "26"], "--prompts 26: the benchmark's prompt lists hold 25"),
+    (["--subjects", "dog", "--out", "FOREIGN"], "exists and holds no earlier DreamBench run (run.json): give a new or empty folder"),
     (["--clip", "NOWHERE"], "--clip NOWHERE: no config.json there"),
 ])
 def test_cli_mistakes_are_one_line_before_anything_loads(args, problem, tmp_path, capsys):
     bench = make_bench(tmp_path / "bench")
-    argv = ["--data", str(bench), "--out", str(tmp_path / "out")] + [a.replace("MISSING", str(tmp_path / "x")) for a in args]
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("keep")
+    argv = ["--data", str(bench), "--out", str(tmp_path / "out")] + \
+        [a.replace("MISSING", str(tmp_path / "x")).replace("FOREIGN", str(tmp_path / "foreign")) for a in args]
     with pytest.raises(SystemExit) as e:
         db.main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and problem in err[-1], err
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() and (tmp_path / "foreign" / "notes.txt").read_text() == "keep"
 
 
-from test_image_text_embedders import clip_folder, dino_folder  # noqa: E402,F401  (fixtures: tiny HF folders)
+def test_cli_k_rows_are_distinct_and_sorted_and_ctrl_c_keeps_what_was_written(tiny_pipeline, tmp_path, capsys,
+                                                                             monkeypatch):
+    """--k 2,1,1 gives the rows k=1 and k=2 once each; a Ctrl-C in the middle is one line and exit
+    130, keeps every image written, and the same command resumes from there."""
+    from jedi_jax.pipeline import JeDiPipeline
+
+    class InterruptedAfter(CountingPipeline):
+        def __call__(self, *args, **kwargs):
+            if self.calls == 3:
+                raise KeyboardInterrupt
+            return super().__call__(*args, **kwargs)
+
+    pipe = InterruptedAfter(tiny_pipeline)
+    monkeypatch.setattr(JeDiPipeline, "from_pretrained", classmethod(lambda cls, *a, **k: pipe))
+    argv = ["--data", str(make_bench(tmp_path / "bench")), "--out", str(tmp_path / "out"), "--k", "2,1,1",
+            "--subjects", "red_cartoon", "--prompts", "2", "--seeds", "1", "--steps", "2"]
+    assert db.main(argv) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"error: interrupted: the images written are kept in {tmp_path / 'out'}; re-run the same " \
+                      "command to resume"
+    assert len((tmp_path / "out" / "records.jsonl").read_text().splitlines()) == 3
+    pipe.calls = 10  # no more interruptions
+    assert db.main(argv) == 0 and pipe.calls == 11  # only the fourth image was left
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["protocol"]["k"] == [1, 2] and len(results["images"]) == 4
 
 
-def test_cli_scores_with_dino_and_clip_folders(tiny_model_dir, clip_folder, dino_folder, tmp_path):  # noqa: F811
+def test_cli_scores_with_dino_and_clip_folders(tiny_model_dir, clip_folder, dino_folder, tmp_path):
     """The command line end to end with real (tiny, random) DINO and CLIP folders: every metric is
     there and equals the scorers' own cosines on the written images."""
     from jedi_jax.eval.image_text_embedders import ClipScorer, DinoScorer
@@ -227,10 +295,11 @@ def test_cli_scores_with_dino_and_clip_folders(tiny_model_dir, clip_folder, dino
     results = json.loads((out / "results.json").read_text())
     assert results["scorers"] == ["clip", "dino"] and set(results["rows"]["JeDi k=1"]) == set(db.METRICS)
     dino, clip = DinoScorer.from_folder(dino_folder[0]), ClipScorer.from_folder(clip_folder[0])
-    photos = np.stack([db._square(db.load_rgb(p)) for p in sorted((bench / "red_cartoon").iterdir())])
+    photos = [db.load_rgb(p) for p in sorted((bench / "red_cartoon").iterdir())]
     for r in results["images"]:
         image = db.load_rgb(out / r["image"])[None]
-        assert r["dino"] == pytest.approx(float((dino.image_embeds(image) @ dino.image_embeds(photos).T).mean()), abs=1e-5)
+        real = np.concatenate([dino.image_embeds(photo[None]) for photo in photos])  # 2048 and 687 px: as they are
+        assert r["dino"] == pytest.approx(float((dino.image_embeds(image) @ real.T).mean()), abs=1e-5)
         assert r["clip_t"] == pytest.approx(float(clip.image_embeds(image)[0] @ clip.text_embeds([r["prompt"]])[0]),
                                             abs=1e-5)
     assert "| JeDi k=1 |" in (out / "report.md").read_text()

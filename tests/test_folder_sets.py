@@ -245,7 +245,26 @@ ERRORS = {  # name: (change to the source, extra args, what the one error line s
     "test leaves no train": (lambda s: None, ("--test-subjects", 3), "leaves no train subject"),
     "resolution": (lambda s: None, ("--resolution", 30), "--resolution 30 must be a positive multiple of 8"),
     "resolution 0": (lambda s: None, ("--resolution", 0), "positive multiple of 8"),
+    "caption file of no image": (lambda s: (s / "a1" / "7.txt").write_text("a typo's caption"), (),
+                                 "7.txt belongs to no image"),
+    "test fraction": (lambda s: None, ("--test-fraction", 1.5), "--test-fraction must be in [0, 1), got 1.5"),
+    "min images": (lambda s: None, ("--min-images", 0), "--min-images must be >= 1, got 0"),
 }
+
+
+def test_sidecar_captions_match_their_image_whatever_the_case(tmp_path, capsys):
+    """Cameras write IMG_1.JPG; its caption IMG_1.TXT (or .txt) belongs to it, as its mask would."""
+    from jedi_jax.data.set_source import ArrayRecordSetSource
+
+    src = tmp_path / "src"
+    (src / "mug").mkdir(parents=True)
+    for j, (image, caption) in enumerate((("IMG_1.JPG", "IMG_1.TXT"), ("img_2.png", "IMG_2.txt"))):
+        photo(src / "mug" / image, (16, 12), j)
+        (src / "mug" / caption).write_text(f"the mug, photo {j}")
+    rc, _, err = run(capsys, "--src", src, "--dst", tmp_path / "out", "--resolution", 8)
+    assert rc == 0, err
+    record = ArrayRecordSetSource(str(tmp_path / "out" / "train.array_record"))[0]
+    assert list(record["captions"]) == ["the mug, photo 0", "the mug, photo 1"]
 
 
 @pytest.mark.parametrize("case", ERRORS)

@@ -208,6 +208,9 @@ def scan_subject(folder: Path, captions: str, classes: dict[str, str]) -> Subjec
     for p in files:
         if p.name.lower().endswith(MASK_SUFFIX) and p.name[: -len(MASK_SUFFIX)].lower() not in lower_stems:
             raise UserError(f"mask {p} belongs to no image (expected {p.name[: -len(MASK_SUFFIX)]}.jpg/.png/...)")
+        # a caption file that names no image would be dropped without a word (a typo, an image deleted)
+        if p.suffix.lower() == ".txt" and p.name.lower() != "class.txt" and p.stem.lower() not in lower_stems:
+            raise UserError(f"caption file {p} belongs to no image (expected {p.stem}.jpg/.png/...)")
     cls = classes.get(folder.name)
     if cls is None and (folder / "class.txt").is_file():
         cls = _read_caption_file(folder / "class.txt", "class file")
@@ -215,12 +218,12 @@ def scan_subject(folder: Path, captions: str, classes: dict[str, str]) -> Subjec
     table = _caption_table(folder, images) if captions != "class" else {}
     out = Subject(folder.name, cls, [], [], [])
     for name, path in sorted(images.items()):
-        sidecar = path.with_suffix(".txt")
+        sidecar = lower.get(path.stem.lower() + ".txt")  # IMG_1.JPG's caption may be IMG_1.TXT
         caption = None
         if captions != "class":
-            caption = _read_caption_file(sidecar) if sidecar.is_file() else table.get(name)
+            caption = _read_caption_file(sidecar) if sidecar is not None else table.get(name)
         if caption is None and captions == "files":
-            raise UserError(f"--captions files: {path} has no caption (no {sidecar.name}, no captions.json(l) entry)")
+            raise UserError(f"--captions files: {path} has no caption (no {path.stem}.txt, no captions.json(l) entry)")
         out.images.append(path)
         out.captions.append(caption or f"a photo of a {cls}")
         out.masks.append(lower.get((path.stem + MASK_SUFFIX).lower()))
@@ -319,8 +322,11 @@ def build(src: str | os.PathLike, dst: str | os.PathLike, resolution: int, *, ca
         raise UserError(f"--resolution {resolution} must be a positive multiple of 8")
     if captions not in CAPTION_MODES:
         raise UserError(f"--captions {captions!r} must be one of {', '.join(CAPTION_MODES)}")
-    if min_images < 1 or test_subjects < 0 or not 0 <= test_fraction < 1:
-        raise UserError("--min-images must be >= 1, --test-subjects >= 0, --test-fraction in [0, 1)")
+    for flag, value, ok, rule in (("--min-images", min_images, min_images >= 1, ">= 1"),
+                                  ("--test-subjects", test_subjects, test_subjects >= 0, ">= 0"),
+                                  ("--test-fraction", test_fraction, 0 <= test_fraction < 1, "in [0, 1)")):
+        if not ok:  # `not (0 <= x < 1)` also catches a NaN fraction
+            raise UserError(f"{flag} must be {rule}, got {value}")
     src_p, dst_p = Path(src).absolute(), Path(dst).absolute()
     if dst_p.resolve() == src_p.resolve() or src_p.resolve() in dst_p.resolve().parents \
             or dst_p.resolve() in src_p.resolve().parents:
@@ -333,7 +339,7 @@ def build(src: str | os.PathLike, dst: str | os.PathLike, resolution: int, *, ca
     train, test = split_subjects([s.name for s in subjects], test_subjects, test_fraction, seed)
     by_name = {s.name: s for s in subjects}
     manifest: dict[str, Any] = {
-        "tool": "jedi_jax.data.folder_sets", "source": str(src_p), "resolution": resolution, "captions": captions,
+        "tool": "jedi_jax.data.folder_sets", "source": str(src_p.resolve()), "resolution": resolution, "captions": captions,
         "classes_file": str(Path(classes_file).absolute()) if classes_file else None,
         "masks": subjects[0].masks[0] is not None, "seed": seed, "min_images": min_images, "skipped": skipped,
         "splits": {}, "command": command, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

@@ -22,8 +22,9 @@ generates and writes grids only, and says so.
         --out out/dreambench --k 1,3 --clip /models/clip-vit-large-patch14 --dino /models/dino-vits16
 
 The run is resumable: every image is written whole (temporary file, then rename) and logged in
-OUT/records.jsonl; re-running the same command continues where it stopped, and a different protocol
-in the same OUT is refused (pass --overwrite to start again). Outputs: OUT/images/k<K>/<subject>/,
+OUT/records.jsonl; re-running the same command continues where it stopped (Ctrl-C says so), and a
+different protocol in the same OUT is refused, naming what differs (pass --overwrite to start again):
+the settings, the model's weights (a hash of every component) and the benchmark's prompts and photos. Outputs: OUT/images/k<K>/<subject>/,
 OUT/grids/k<K>_<subject>.png (references on top, one row per prompt), OUT/results.json,
 OUT/report.md (mean over subjects with 95% bootstrap intervals, eval/metrics.py).
 """
@@ -43,7 +44,7 @@ import numpy as np
 
 from jedi_jax.data.folder_sets import IMAGE_EXTS, MASK_SUFFIX
 from jedi_jax.eval.cli import cli_at_least, cli_list, cli_model, cli_scales
-from jedi_jax.eval.metrics import bootstrap_indices, fmt_ci, mean_ci
+from jedi_jax.eval.metrics import bootstrap_indices, fmt_ci, mean_ci, subject_means
 
 PROMPTS_FILE = "prompts_and_classes.txt"
 LIVE_CLASSES = ("cat", "dog")  # DreamBooth's 9 live subjects are its cats and dogs
@@ -168,7 +169,9 @@ def load_rgb(path: Path) -> np.ndarray:
 
 
 def _read_records(out: Path) -> list[dict]:
-    """OUT/records.jsonl; a last line cut short by a crash is dropped (its image is generated again)."""
+    """OUT/records.jsonl, which is then rewritten (atomically) with only these records: a last line
+    cut short by a crash is dropped, with no fragment left for the next append to run on from (its
+    image is generated again), and so is a record whose image is gone."""
     path = out / "records.jsonl"
     records = []
     if path.exists():
@@ -177,8 +180,9 @@ def _read_records(out: Path) -> list[dict]:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if (out / rec["image"]).is_file():
+            if isinstance(rec, dict) and (out / str(rec.get("image"))).is_file():
                 records.append(rec)
+        _write_atomic(path, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in records)))
     return records
 
 
@@ -193,14 +197,29 @@ def _write_atomic(path: Path, write) -> None:
             tmp.unlink()
 
 
-def open_run(out: Path, protocol: dict, overwrite: bool) -> list[dict]:
-    """Creates OUT (or resumes it when its run.json holds the same protocol); returns the records done."""
+def check_out(out: Path, overwrite: bool) -> None:
+    """OUT must be new, an empty folder, or an earlier run (it holds run.json: resumed, or replaced
+    with --overwrite); checked before anything loads."""
     from jedi_jax.convert.param_io import check_destination
 
-    try:
-        check_destination(out, overwrite=True, marker=RUN_FILE)  # OUT is new, empty, or an earlier run
-    except FileExistsError as e:
-        raise DreamBenchError(f"--out {out}: {e}") from None
+    if overwrite and (out / RUN_FILE).exists():
+        try:
+            check_destination(out, overwrite=True, marker=RUN_FILE)  # never replace the cwd, a link, ...
+        except FileExistsError as e:
+            raise DreamBenchError(f"--out {out}: {e}") from None
+    elif out.exists() and not (out.is_dir() and ((out / RUN_FILE).exists() or not any(out.iterdir()))):
+        raise DreamBenchError(f"--out {out} exists and holds no earlier DreamBench run ({RUN_FILE}): "
+                              "give a new or empty folder")
+
+
+def _shown(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def open_run(out: Path, protocol: dict, overwrite: bool) -> list[dict]:
+    """Creates OUT (or resumes it when its run.json holds the same protocol); returns the records done."""
+    check_out(out, overwrite)
     run_file = out / RUN_FILE
     if run_file.exists() and overwrite:
         import shutil
@@ -209,13 +228,33 @@ def open_run(out: Path, protocol: dict, overwrite: bool) -> list[dict]:
     elif run_file.exists():
         before = json.loads(run_file.read_text())
         if before != protocol:
-            changed = sorted(k for k in set(before) | set(protocol) if before.get(k) != protocol.get(k))
-            raise DreamBenchError(f"--out {out} holds a run of another protocol (differs in {', '.join(changed)}): "
+            changed = [f"{k} ({_shown(before.get(k))} -> {_shown(protocol.get(k))})"
+                       for k in sorted(set(before) | set(protocol)) if before.get(k) != protocol.get(k)]
+            raise DreamBenchError(f"--out {out} holds a run of another protocol, differing in {'; '.join(changed)}: "
                                   "re-run with its settings to resume, or pass --overwrite to start again")
         return _read_records(out)
     out.mkdir(parents=True, exist_ok=True)
     _write_atomic(run_file, lambda p: p.write_text(json.dumps(protocol, indent=1) + "\n"))
     return []
+
+
+def model_fingerprint(model) -> str:
+    """sha256 of every component's weights: a resume with other weights in the same folder is refused."""
+    from jedi_jax.convert.param_io import params_fingerprint
+
+    return params_fingerprint({name: c.params for name, c in model.components.items()})
+
+
+def data_fingerprint(bench: Benchmark) -> str:
+    """sha256 of the prompt lists, the classes and every photo's bytes, in order (references included)."""
+    import hashlib
+
+    h = hashlib.sha256(json.dumps([bench.object_templates, bench.live_templates]).encode())
+    for s in bench.subjects:
+        h.update(f"{s.name}:{s.cls}:{len(s.photos)}".encode())
+        for photo in s.photos:
+            h.update(photo.name.encode() + photo.read_bytes())
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------- generation
@@ -280,12 +319,12 @@ def score(records: list[dict], bench: Benchmark, out: Path, scorers: dict) -> tu
     real_embeds = {}  # (scorer name, subject) -> (M, D) unit rows
     ceiling: dict[str, dict] = {}
     for subject in bench.subjects:
-        photos = np.stack([_square(load_rgb(p)) for p in subject.photos]) if len(subject.photos) else None
+        photos = [load_rgb(p) for p in subject.photos]  # sizes differ: each one preprocessed as it is
         ceiling[subject.name] = {}
         for name, metric in (("dino", "dino"), ("clip", "clip_i")):
             if name not in scorers:
                 continue
-            e = real_embeds[name, subject.name] = scorers[name].image_embeds(photos)  # (M, D)
+            e = real_embeds[name, subject.name] = real_photo_embeds(scorers[name], photos)  # (M, D)
             m = len(e)
             if m > 1:  # mean cosine over ordered pairs of distinct photos
                 ceiling[subject.name][metric] = float(((e @ e.T).sum() - np.trace(e @ e.T)) / (m * (m - 1)))
@@ -307,14 +346,10 @@ def score(records: list[dict], bench: Benchmark, out: Path, scorers: dict) -> tu
     return scored, ceiling
 
 
-def _square(image: np.ndarray) -> np.ndarray:
-    """Photos come in several sizes: a centre square at 512 px so they stack (both scorers crop a
-    centre square anyway)."""
-    from PIL import Image
-
-    from jedi_jax.sampling.images import center_crop_resize
-
-    return np.asarray(center_crop_resize(Image.fromarray(image), 512))
+def real_photo_embeds(scorer, photos: list[np.ndarray]) -> np.ndarray:
+    """(M, D) unit rows: each photo (uint8 (H, W, 3), sizes differ) through the scorer's own
+    preprocessing as it is, as transformers' processor would take it."""
+    return np.concatenate([scorer.image_embeds(photo[None]) for photo in photos])
 
 
 def summarize(scored: list[dict], ceiling: dict, bench: Benchmark, settings: Settings) -> dict:
@@ -324,16 +359,11 @@ def summarize(scored: list[dict], ceiling: dict, bench: Benchmark, settings: Set
     rows = {}
     for k in settings.k:
         recs = [r for r in scored if r["k"] == k]
-        rows[f"JeDi k={k}"] = {m: mean_ci(_per_subject(recs, m, names), idx) for m in METRICS
+        rows[f"JeDi k={k}"] = {m: mean_ci(subject_means(recs, m, names), idx) for m in METRICS
                                if any(m in r for r in recs)}
     real = {m: np.array([ceiling[n].get(m, np.nan) for n in names]) for m in ("dino", "clip_i")}
     rows["Real photos"] = {m: mean_ci(v, idx) for m, v in real.items() if not np.isnan(v).all()}
     return rows
-
-
-def _per_subject(records: list[dict], metric: str, names: list[str]) -> np.ndarray:
-    return np.array([np.mean([r[metric] for r in records if r["subject"] == n and metric in r] or [np.nan])
-                     for n in names])
 
 
 def write_grids(records: list[dict], bench: Benchmark, settings: Settings, out: Path) -> None:
@@ -364,7 +394,7 @@ def report(rows: dict, bench: Benchmark, settings: Settings, scorers: dict, seco
     present = [m for m in METRICS if any(m in r for r in rows.values())]
     lines = ["# DreamBench", "",
              f"{len(bench.subjects)} subjects ({sum(s.live for s in bench.subjects)} live), "
-             f"{settings.prompts or 25} prompts x {settings.seeds} seeds, {settings.steps} steps; "
+             f"{settings.prompts or len(bench.object_templates)} prompts x {settings.seeds} seeds, {settings.steps} steps; "
              f"mean over subjects with 95% bootstrap CI; {seconds:.0f} s.", ""]
     if not present:
         lines += ["No metrics: pass --dino and/or --clip (Hugging Face folders) to score the images.", ""]
@@ -389,6 +419,9 @@ def select(bench: Benchmark, settings: Settings) -> Benchmark:
         if unknown:
             raise DreamBenchError(f"--subjects: {', '.join(unknown)} not in the benchmark folder")
         bench = dataclasses.replace(bench, subjects=tuple(s for s in bench.subjects if s.name in settings.subjects))
+    most = min(len(bench.object_templates), len(bench.live_templates))
+    if settings.prompts is not None and settings.prompts > most:
+        raise DreamBenchError(f"--prompts {settings.prompts}: the benchmark's prompt lists hold {most}")
     short = [s for s in bench.subjects if len(s.photos) < max(settings.k)]
     if short:
         raise DreamBenchError(f"--k {max(settings.k)}: subject {short[0].name} has only {len(short[0].photos)} photos")
@@ -406,6 +439,7 @@ def run(pipe, bench: Benchmark, out: str | Path, settings: Settings, *, scorers:
     settings.guidance_scale, settings.image_guidance_scale = pipe.guidance_scales(settings.guidance_scale,
                                                                                  settings.image_guidance_scale)
     protocol = dict(settings.protocol(), model=str(Path(pipe.model.folder).resolve()),
+                    model_weights=model_fingerprint(pipe.model), data=data_fingerprint(bench),
                     subjects=[s.name for s in bench.subjects])
     records = generate(pipe, bench, settings, out, open_run(out, protocol, overwrite), log=log)
     write_grids(records, bench, settings, out)
@@ -441,7 +475,7 @@ def main(argv=None) -> int:
                         "generator) or JAX's default device")
     p.add_argument("--overwrite", action="store_true", help="start again in an --out holding another run")
     args = p.parse_args(argv)
-    ks = cli_list(p, "--k", args.k, int)
+    ks = tuple(sorted(set(cli_list(p, "--k", args.k, int))))  # a row per distinct k, in order
     cli_at_least(p, prompts=(args.prompts, 1), seeds=(args.seeds, 1), steps=(args.steps, 1), k=(min(ks), 0))
     cli_scales(p, guidance_scale=args.guidance_scale, image_guidance_scale=args.image_guidance_scale)
     for flag, folder in (("--dino", args.dino), ("--clip", args.clip)):
@@ -450,8 +484,9 @@ def main(argv=None) -> int:
     settings = Settings(k=ks, prompts=args.prompts, seeds=args.seeds, steps=args.steps,
                         guidance_scale=args.guidance_scale, image_guidance_scale=args.image_guidance_scale,
                         subjects=tuple(x.strip() for x in args.subjects.split(",") if x.strip()) if args.subjects else None)
-    try:  # the benchmark folder and the subjects are checked before anything loads
+    try:  # the benchmark folder, the subjects and --out are checked before anything loads
         bench = select(read_benchmark(args.data), settings)
+        check_out(Path(args.out), args.overwrite)
     except DreamBenchError as e:
         p.error(str(e))
     model = cli_model(args.model)
@@ -475,6 +510,10 @@ def main(argv=None) -> int:
     except (DreamBenchError, ConversionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # every image written so far is whole and logged
+        print(f"error: interrupted: the images written are kept in {args.out}; re-run the same command to resume",
+              file=sys.stderr)
+        return 130
     return 0
 
 

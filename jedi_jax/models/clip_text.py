@@ -24,7 +24,7 @@ from flax import nnx, struct
 
 from jedi_jax.models.layers import layer_norm, linear
 
-_ACTS = ("quick_gelu", "gelu")
+ACTIVATIONS = ("quick_gelu", "gelu")  # of transformers' CLIP and ViT configs (hidden_act)
 _FIELDS_FROM_TRANSFORMERS = (
     "vocab_size", "hidden_size", "intermediate_size", "projection_dim", "num_hidden_layers",
     "num_attention_heads", "max_position_embeddings", "hidden_act", "layer_norm_eps",
@@ -55,8 +55,8 @@ class CLIPTextConfig:
     pad_token_id: int = 1
 
     def __post_init__(self):
-        if self.hidden_act not in _ACTS:
-            raise ValueError(f"CLIP text config: unsupported hidden_act={self.hidden_act!r} (supported: {_ACTS})")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"CLIP text config: unsupported hidden_act={self.hidden_act!r} (supported: {ACTIVATIONS})")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError("hidden_size must be a multiple of num_attention_heads")
         if not isinstance(self.eos_token_id, int):
@@ -123,12 +123,34 @@ class CLIPTextEmbeddings(nnx.Module):
         return self.token_embedding(input_ids) + self.position_embedding(jnp.arange(t))[None]
 
 
+def activation(name: str, h: jax.Array) -> jax.Array:
+    """hidden_act of CLIP / ViT: transformers' QuickGELUActivation or GELUActivation (exact, erf)."""
+    if name == "quick_gelu":
+        return h * jax.nn.sigmoid(1.702 * h)
+    return jax.nn.gelu(h, approximate=False)
+
+
+def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int,
+                         mask: jax.Array | None = None) -> jax.Array:
+    """Scaled dot-product attention over heads, float32 softmax (transformers' eager CLIP / ViT path).
+    q, k, v (B, T, D); mask (B, 1, T, T) bool, True = query may attend to key, or None -> (B, T, D)."""
+    b, t, d = q.shape
+    head_dim = d // num_heads
+    split = lambda y: y.reshape(b, t, num_heads, head_dim)  # noqa: E731  (B, T, H, Dh)
+    q, k, v = split(q), split(k), split(v)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * head_dim ** -0.5
+    if mask is not None:  # a finite fill (transformers' eager path adds finfo.min) keeps masked rows NaN-free
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)  # (B, H, T, T)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, t, d)
+
+
 class CLIPAttention(nnx.Module):
     """Multi-head self-attention, scale head_dim**-0.5, float32 softmax (transformers `CLIPAttention`)."""
 
     def __init__(self, cfg: CLIPTextConfig, *, dtype, rngs: nnx.Rngs):
         d = cfg.hidden_size
-        self.num_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
+        self.num_heads = cfg.num_attention_heads
         self.k_proj = _linear(d, d, dtype, rngs)
         self.v_proj = _linear(d, d, dtype, rngs)
         self.q_proj = _linear(d, d, dtype, rngs)
@@ -136,15 +158,8 @@ class CLIPAttention(nnx.Module):
 
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
         """x (B, T, D); mask (B, 1, T, T) bool, True = query may attend to key -> (B, T, D)."""
-        b, t, _ = x.shape
-        split = lambda y: y.reshape(b, t, self.num_heads, self.head_dim)  # (B, T, H, Dh)
-        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * self.head_dim ** -0.5
-        # A finite fill (transformers' eager path adds finfo.min) keeps fully-masked rows NaN-free.
-        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)  # (B, H, T, T)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, t, -1)
-        return self.out_proj(out)
+        out = multi_head_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.num_heads, mask)
+        return self.out_proj(out)  # (B, T, D)
 
 
 class CLIPMLP(nnx.Module):
@@ -154,12 +169,7 @@ class CLIPMLP(nnx.Module):
         self.fc2 = _linear(cfg.intermediate_size, cfg.hidden_size, dtype, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = self.fc1(x)
-        if self.hidden_act == "quick_gelu":  # transformers QuickGELUActivation
-            h = h * jax.nn.sigmoid(1.702 * h)
-        else:  # transformers GELUActivation: exact (erf) gelu
-            h = jax.nn.gelu(h, approximate=False)
-        return self.fc2(h)
+        return self.fc2(activation(self.hidden_act, self.fc1(x)))
 
 
 class CLIPEncoderLayer(nnx.Module):

@@ -27,12 +27,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jedi_jax.models.clip_text import CLIPEncoder
+from jedi_jax.models.clip_text import ACTIVATIONS, CLIPEncoder, activation, multi_head_attention
 from jedi_jax.models.layers import layer_norm, linear
 
 # Leaf names of bare torch nn.Parameters: their state-dict key is the parameter path as it is.
 RAW_PARAMETERS = ("class_embedding", "cls_token", "position_embeddings")
-_ACTS = ("quick_gelu", "gelu")
 _FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
            "patch_size", "num_channels", "hidden_act", "layer_norm_eps", "qkv_bias", "projection_dim")
 # transformers' defaults: CLIPVisionConfig (with CLIPConfig's projection_dim) and ViTConfig.
@@ -61,8 +60,8 @@ class ViTConfig:
     projection_dim: int | None = None  # CLIP only: visual_projection's output size
 
     def __post_init__(self):
-        if self.hidden_act not in _ACTS:
-            raise ValueError(f"vision config: unsupported hidden_act={self.hidden_act!r} (supported: {_ACTS})")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"vision config: unsupported hidden_act={self.hidden_act!r} (supported: {ACTIVATIONS})")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError("vision config: hidden_size must be a multiple of num_attention_heads")
         ints = isinstance(self.image_size, int) and isinstance(self.patch_size, int)
@@ -195,18 +194,13 @@ class ViTSelfAttention(nnx.Module):
 
     def __init__(self, cfg: ViTConfig, *, dtype, rngs: nnx.Rngs):
         d = cfg.hidden_size
-        self.num_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
+        self.num_heads = cfg.num_attention_heads
         self.query = linear(d, d, dtype=dtype, rngs=rngs, use_bias=cfg.qkv_bias)
         self.key = linear(d, d, dtype=dtype, rngs=rngs, use_bias=cfg.qkv_bias)
         self.value = linear(d, d, dtype=dtype, rngs=rngs, use_bias=cfg.qkv_bias)
 
     def __call__(self, x: jax.Array) -> jax.Array:  # (B, T, D) -> (B, T, D), before the output projection
-        b, t, _ = x.shape
-        split = lambda y: y.reshape(b, t, self.num_heads, self.head_dim)  # (B, T, H, Dh)
-        q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * self.head_dim ** -0.5
-        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)  # (B, H, T, T)
-        return jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, t, -1)
+        return multi_head_attention(self.query(x), self.key(x), self.value(x), self.num_heads)
 
 
 class ViTAttention(nnx.Module):
@@ -231,11 +225,7 @@ class ViTLayer(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:  # (B, T, D) -> (B, T, D)
         x = x + self.attention(self.layernorm_before(x))
-        h = self.intermediate(self.layernorm_after(x))  # (B, T, I)
-        if self.hidden_act == "quick_gelu":
-            h = h * jax.nn.sigmoid(1.702 * h)
-        else:  # transformers GELUActivation: exact (erf) gelu
-            h = jax.nn.gelu(h, approximate=False)
+        h = activation(self.hidden_act, self.intermediate(self.layernorm_after(x)))  # (B, T, I)
         return x + self.output(h)
 
 
