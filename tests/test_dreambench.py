@@ -150,7 +150,7 @@ def test_scores_follow_the_metric_definitions(first_run):
         assert r["clip_i"] == pytest.approx(r["dino"], abs=1e-6)  # the same toy scorer for both
         assert r["clip_t"] == pytest.approx(float(gen @ s.text_embeds([r["prompt"]])[0]), abs=1e-5)
     # the real-photo ceiling: red_cartoon's two photos against each other; mean over pairs for the dog
-    red = db.real_photo_embeds(s, [db.load_rgb(p) for p in bench.subjects[1].photos])
+    red = np.concatenate([s.image_embeds(db.load_rgb(p)[None]) for p in bench.subjects[1].photos])
     assert results["real_photos"]["red_cartoon"]["dino"] == pytest.approx(float(red[0] @ red[1]), abs=1e-6)
     rows = results["rows"]
     per_subject = [np.mean([r["dino"] for r in results["images"] if r["k"] == 1 and r["subject"] == n])

@@ -391,3 +391,41 @@ def test_the_written_train_file_drives_the_training_loader(tmp_path, capsys, set
         assert (batch["images"][b][~batch["member_mask"][b]] == 0).all()
         cls = "abc"[int(batch["set_index"][b])]  # folders a1, b2, c3: classes a, b, c
         assert set(batch["captions"][b][batch["member_mask"][b]]) == {f"a photo of a {cls}"}
+
+
+def test_dino_consistency_is_recorded_and_inconsistent_subjects_are_filtered(tmp_path, capsys, dino_folder):
+    """S³'s filter with a (tiny, random) DINO: a subject whose photos are one picture three times has
+    consistency 1 whatever the weights, one of three different pictures less; --min-consistency
+    between the two keeps the first only. The recorded values are the scorer's own pairwise cosines."""
+    from jedi_jax.data.set_source import ArrayRecordSetSource
+    from jedi_jax.eval.image_text_embedders import DinoScorer, embed_each, mean_pairwise_cosine
+
+    src = small_src(tmp_path, names=("mixed", "same"), n=3, size=(40, 40))
+    for j in (1, 2):
+        shutil.copy(src / "same" / "0.png", src / "same" / f"{j}.png")
+    folder = str(dino_folder[0])
+    rc, _, err = run(capsys, "--src", src, "--dst", tmp_path / "all", "--resolution", 8, "--dino", folder)
+    assert rc == 0, err
+    scores = json.loads((tmp_path / "all" / "folder_sets.json").read_text())["consistency"]["per_subject"]
+    assert scores["same"] == pytest.approx(1.0, abs=1e-6) and scores["mixed"] < 1 - 1e-5  # random tiny weights:
+    threshold = (1 + scores["mixed"]) / 2  # different pictures come out close, not equal
+    scorer = DinoScorer.from_folder(folder)
+    mixed = embed_each(scorer, [np.asarray(to_rgb(open_image(p))) for p in sorted((src / "mixed").iterdir())])
+    assert scores["mixed"] == pytest.approx(mean_pairwise_cosine(mixed), abs=1e-6)
+
+    rc, _, err = run(capsys, "--src", src, "--dst", tmp_path / "kept", "--resolution", 8, "--dino", folder,
+                     "--min-consistency", threshold)
+    assert rc == 0 and "leaving out subject 'mixed': DINO consistency" in err
+    manifest = json.loads((tmp_path / "kept" / "folder_sets.json").read_text())
+    assert [f["name"] for f in manifest["consistency"]["filtered"]] == ["mixed"]
+    assert len(ArrayRecordSetSource(str(tmp_path / "kept" / "train.array_record"))) == 1
+
+
+@pytest.mark.parametrize("args, says", [
+    (("--min-consistency", 0.5), "--min-consistency 0.5 needs --dino DIR"),
+    (("--dino", "NOWHERE"), "--dino NOWHERE: no config.json there"),
+])
+def test_consistency_mistakes_are_one_line(tmp_path, capsys, args, says):
+    rc, out, err = run(capsys, "--src", small_src(tmp_path), "--dst", tmp_path / "out", "--resolution", 8, *args)
+    assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and says in err, err
+    assert not (tmp_path / "out").exists()

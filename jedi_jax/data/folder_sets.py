@@ -46,6 +46,10 @@ set, N = data.set_size; smaller sets are padded and their member_mask says so):
     python -m jedi_jax.train --config configs/sd15.py --workdir runs/mine \
         --config.data.source=array_record:OUT_DIR/train.array_record --config.data.hflip=0.5
 
+S³'s filter of inconsistent sets (Zeng et al., CVPR 2024, Sec. 3): --dino DIR (a Hugging Face DINO
+ViT folder, facebook/dino-vits16) records each subject's consistency, the mean DINO cosine over pairs of
+its photos, in the manifest; --min-consistency C also leaves out (with a warning) the subjects below C.
+
 Mistakes (missing --src, no subject folders, a subject with fewer than --min-images photos, an
 unreadable image, an empty caption, masks on some images only, a test split that leaves no train
 subject, a resolution that is no positive multiple of 8) end with one `error:` line and exit status
@@ -284,6 +288,37 @@ def _open(path: Path) -> Image.Image:
         raise UserError(f"{path} is not a readable image{cause}") from e
 
 
+def filter_inconsistent(subjects: list[Subject], dino: str, min_consistency: float | None,
+                        progress: bool = True) -> tuple[list[Subject], dict]:
+    """S³'s last step (Zeng et al., CVPR 2024, Sec. 3): sets whose images do not show one subject
+    are filtered out. A subject's consistency is the mean DINO cosine over pairs of its photos (each
+    photo as it is, DreamBench's DINO); below `min_consistency` (None: keep all, record only) it is
+    left out with a warning. Returns (kept subjects, the manifest's "consistency" entry)."""
+    from jedi_jax.convert.torch_naming import ConversionError
+    from jedi_jax.eval.image_text_embedders import DinoScorer, embed_each, mean_pairwise_cosine
+
+    try:
+        scorer = DinoScorer.from_folder(dino)
+    except ConversionError as e:
+        raise UserError(f"--dino {dino}: {e}") from None
+    scores: dict[str, float | None] = {}  # None: a subject of one photo, nothing to compare
+    for s in tqdm(subjects, desc="folder_sets: DINO consistency", unit="subject", disable=None if progress else True):
+        scores[s.name] = mean_pairwise_cosine(embed_each(scorer, [np.asarray(to_rgb(_open(p))) for p in s.images]))
+    dropped = [s for s in subjects if min_consistency is not None and scores[s.name] is not None
+               and scores[s.name] < min_consistency]
+    for s in dropped:
+        print(f"warning: leaving out subject {s.name!r}: DINO consistency {scores[s.name]:.3f} < --min-consistency "
+              f"{min_consistency}", file=sys.stderr)
+    kept = [s for s in subjects if s not in dropped]
+    if not kept:
+        best = max(v for v in scores.values() if v is not None)
+        raise UserError(f"--min-consistency {min_consistency} leaves no subject (highest {best:.3f})")
+    entry = {"dino": str(Path(dino).resolve()), "min": min_consistency,
+             "per_subject": {k: None if v is None else round(v, 6) for k, v in scores.items()},
+             "filtered": [{"name": s.name, "consistency": round(scores[s.name], 6)} for s in dropped]}
+    return kept, entry
+
+
 def load_subject(subject: Subject, resolution: int, progress=None) -> dict[str, Any]:
     """A subject -> set record, every image (and mask) centre-cropped and resized to `resolution`."""
     images, masks = [], []
@@ -316,7 +351,8 @@ def _preview(rows: list[tuple[str, dict]], path: str, resolution: int) -> None:
 def build(src: str | os.PathLike, dst: str | os.PathLike, resolution: int, *, captions: str = "auto",
           classes_file: str | None = None, test_subjects: int = 0, test_fraction: float = 0.0, seed: int = 0,
           min_images: int = 2, skip_small: bool = False, overwrite: bool = False, preview: str | None = None,
-          command: str = "", progress: bool = True) -> dict:
+          dino: str | None = None, min_consistency: float | None = None, command: str = "",
+          progress: bool = True) -> dict:
     """Builds OUT_DIR (see the module docstring) atomically; returns the manifest. UserError on mistakes."""
     if resolution <= 0 or resolution % 8:
         raise UserError(f"--resolution {resolution} must be a positive multiple of 8")
@@ -333,16 +369,23 @@ def build(src: str | os.PathLike, dst: str | os.PathLike, resolution: int, *, ca
         raise UserError(f"--dst {dst} and --src {src} must not hold one another")
     if preview is not None and (not preview.lower().endswith(".png") or not Path(preview).absolute().parent.is_dir()):
         raise UserError(f"--preview {preview} must be a .png file in an existing folder")
+    if min_consistency is not None and (dino is None or not -1 <= min_consistency <= 1):
+        raise UserError(f"--min-consistency {min_consistency} needs --dino DIR and a value in [-1, 1]")
+    if dino is not None and not (Path(dino) / "config.json").is_file():
+        raise UserError(f"--dino {dino}: no config.json there (a Hugging Face ViT folder: facebook/dino-vits16)")
     start = time.time()
     classes = read_classes(classes_file) if classes_file else {}
     subjects, skipped = scan(src_p, captions, classes, min_images, skip_small)
+    consistency = None
+    if dino is not None:
+        subjects, consistency = filter_inconsistent(subjects, dino, min_consistency, progress)
     train, test = split_subjects([s.name for s in subjects], test_subjects, test_fraction, seed)
     by_name = {s.name: s for s in subjects}
     manifest: dict[str, Any] = {
         "tool": "jedi_jax.data.folder_sets", "source": str(src_p.resolve()), "resolution": resolution, "captions": captions,
         "classes_file": str(Path(classes_file).absolute()) if classes_file else None,
         "masks": subjects[0].masks[0] is not None, "seed": seed, "min_images": min_images, "skipped": skipped,
-        "splits": {}, "command": command, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        "consistency": consistency, "splits": {}, "command": command, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     total = sum(len(s.images) for s in subjects)
     from jedi_jax.convert.param_io import atomic_directory  # imports jax: after the checks, so mistakes fail fast
     rows: list[tuple[str, dict]] = []
@@ -397,13 +440,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--skip-small", action="store_true", help="leave out (warning) subjects under --min-images")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier output once the new one is done")
     p.add_argument("--preview", default=None, metavar="PNG", help="also write a grid of the first sets and captions")
+    p.add_argument("--dino", default=None, metavar="DIR",
+                   help="Hugging Face DINO ViT folder (facebook/dino-vits16): record each subject's consistency")
+    p.add_argument("--min-consistency", type=float, default=None, metavar="C",
+                   help="leave out subjects whose photos' mean pairwise DINO cosine is below C (needs --dino)")
     args = p.parse_args(argv)
     command = f"{p.prog} {shlex.join(list(sys.argv[1:] if argv is None else argv))}"
     try:
         m = build(args.src, args.dst, args.resolution, captions=args.captions, classes_file=args.classes,
                   test_subjects=args.test_subjects, test_fraction=args.test_fraction, seed=args.seed,
                   min_images=args.min_images, skip_small=args.skip_small, overwrite=args.overwrite,
-                  preview=args.preview, command=command)
+                  preview=args.preview, dino=args.dino, min_consistency=args.min_consistency, command=command)
     except (UserError, OSError) as e:  # OSError: FileExistsError (--dst), a folder that cannot be written
         print(f"error: {e}", file=sys.stderr)
         return 2

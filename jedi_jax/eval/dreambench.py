@@ -316,6 +316,8 @@ def score(records: list[dict], bench: Benchmark, out: Path, scorers: dict) -> tu
     and the real-photo ceiling per subject {subject: {"dino": ..., "clip_i": ...}}.
 
     scorers: {"dino": DinoScorer, "clip": ClipScorer} (either may be absent)."""
+    from jedi_jax.eval.image_text_embedders import embed_each, mean_pairwise_cosine
+
     real_embeds = {}  # (scorer name, subject) -> (M, D) unit rows
     ceiling: dict[str, dict] = {}
     for subject in bench.subjects:
@@ -324,10 +326,9 @@ def score(records: list[dict], bench: Benchmark, out: Path, scorers: dict) -> tu
         for name, metric in (("dino", "dino"), ("clip", "clip_i")):
             if name not in scorers:
                 continue
-            e = real_embeds[name, subject.name] = real_photo_embeds(scorers[name], photos)  # (M, D)
-            m = len(e)
-            if m > 1:  # mean cosine over ordered pairs of distinct photos
-                ceiling[subject.name][metric] = float(((e @ e.T).sum() - np.trace(e @ e.T)) / (m * (m - 1)))
+            e = real_embeds[name, subject.name] = embed_each(scorers[name], photos)  # (M, D)
+            if (pairs := mean_pairwise_cosine(e)) is not None:  # over ordered pairs of distinct photos
+                ceiling[subject.name][metric] = pairs
     scored = []
     for subject in bench.subjects:
         mine = [r for r in records if r["subject"] == subject.name]
@@ -344,12 +345,6 @@ def score(records: list[dict], bench: Benchmark, out: Path, scorers: dict) -> tu
         for i, r in enumerate(mine):
             scored.append(dict(r, **{m: float(v[i]) for m, v in values.items()}))
     return scored, ceiling
-
-
-def real_photo_embeds(scorer, photos: list[np.ndarray]) -> np.ndarray:
-    """(M, D) unit rows: each photo (uint8 (H, W, 3), sizes differ) through the scorer's own
-    preprocessing as it is, as transformers' processor would take it."""
-    return np.concatenate([scorer.image_embeds(photo[None]) for photo in photos])
 
 
 def summarize(scored: list[dict], ceiling: dict, bench: Benchmark, settings: Settings) -> dict:

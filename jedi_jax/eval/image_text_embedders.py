@@ -185,6 +185,24 @@ def _embed_fn(functional: Functional, head: Callable) -> Callable:
     return jax.jit(f)
 
 
+def embed_each(scorer, images: Sequence[np.ndarray]) -> np.ndarray:
+    """(M, D) unit rows: each uint8 (H, W, 3) image (sizes may differ, as photos do) through the
+    scorer's own preprocessing as it is, as transformers' processor would take it."""
+    if not len(images):
+        return np.zeros((0, scorer.dim), np.float32)
+    return np.concatenate([scorer.image_embeds(np.asarray(image)[None]) for image in images])
+
+
+def mean_pairwise_cosine(embeds: np.ndarray) -> float | None:
+    """Mean cosine over the ordered pairs of distinct rows of unit embeddings (M, D): DreamBench's
+    real-photo ceiling, and how alike a set's images are (None below 2 rows)."""
+    m = len(embeds)
+    if m < 2:
+        return None
+    gram = embeds @ embeds.T  # (M, M)
+    return float((gram.sum() - np.trace(gram)) / (m * (m - 1)))
+
+
 class _Embedder:
     """Batching shared by the scorers: rows of at most `batch_size`, each padded up to a power of two (a few
     compiled shapes), on `device` (None: the host CPU; on an accelerator matmuls still run at float32
