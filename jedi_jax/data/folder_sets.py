@@ -69,7 +69,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -424,6 +424,21 @@ def build(src: str | os.PathLike, dst: str | os.PathLike, resolution: int, *, ca
     return manifest
 
 
+def run_tool(prog: str, argv: Sequence[str] | None, build_fn: Callable[[str], dict]) -> tuple[int, dict | None]:
+    """(0, manifest) of build_fn(the command line, for the manifest); a user's mistake (UserError, or
+    an OSError such as an existing --dst) is one `error:` line and (2, None), a Ctrl-C one line and
+    (130, None): the builders write atomically, so nothing is left either way. Shared by the data tools."""
+    command = f"{prog} {shlex.join(list(sys.argv[1:] if argv is None else argv))}"
+    try:
+        return 0, build_fn(command)
+    except (UserError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2, None
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written (an existing --dst is unchanged)", file=sys.stderr)
+        return 130, None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m jedi_jax.data.folder_sets", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -445,18 +460,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--min-consistency", type=float, default=None, metavar="C",
                    help="leave out subjects whose photos' mean pairwise DINO cosine is below C (needs --dino)")
     args = p.parse_args(argv)
-    command = f"{p.prog} {shlex.join(list(sys.argv[1:] if argv is None else argv))}"
-    try:
-        m = build(args.src, args.dst, args.resolution, captions=args.captions, classes_file=args.classes,
-                  test_subjects=args.test_subjects, test_fraction=args.test_fraction, seed=args.seed,
-                  min_images=args.min_images, skip_small=args.skip_small, overwrite=args.overwrite,
-                  preview=args.preview, dino=args.dino, min_consistency=args.min_consistency, command=command)
-    except (UserError, OSError) as e:  # OSError: FileExistsError (--dst), a folder that cannot be written
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing was written (an existing --dst is unchanged)", file=sys.stderr)
-        return 130
+    rc, m = run_tool(p.prog, argv, lambda command: build(
+        args.src, args.dst, args.resolution, captions=args.captions, classes_file=args.classes,
+        test_subjects=args.test_subjects, test_fraction=args.test_fraction, seed=args.seed,
+        min_images=args.min_images, skip_small=args.skip_small, overwrite=args.overwrite,
+        preview=args.preview, dino=args.dino, min_consistency=args.min_consistency, command=command))
+    if rc:
+        return rc
     counts = ", ".join(f"{k} {v['num_subjects']} subjects / {v['num_images']} images" for k, v in m["splits"].items())
     print(f"folder_sets: {counts} at {args.resolution} px -> {Path(args.dst).absolute()} in {m['seconds']:.1f} s; "
           f"train with --config.data.source={m['train_source']}")
