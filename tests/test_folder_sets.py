@@ -5,6 +5,7 @@ rotation, a PNG with alpha, sidecar captions, captions.json/jsonl, class.txt, a 
 classes file, masks) plus the repo's three DreamBench fixture photos. Built in-process through main()
 (one subprocess checks the exit status and stderr of a real run)."""
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -419,6 +420,22 @@ def test_dino_consistency_is_recorded_and_inconsistent_subjects_are_filtered(tmp
     manifest = json.loads((tmp_path / "kept" / "folder_sets.json").read_text())
     assert [f["name"] for f in manifest["consistency"]["filtered"]] == ["mixed"]
     assert len(ArrayRecordSetSource(str(tmp_path / "kept" / "train.array_record"))) == 1
+
+    # a subject of one photo has no pair to measure: recorded as None, left out under --min-consistency
+    (src / "lonely").mkdir()
+    photo(src / "lonely" / "0.png", (40, 40), 99)
+    rc, _, err = run(capsys, "--src", src, "--dst", tmp_path / "one", "--resolution", 8, "--dino", folder,
+                     "--min-images", 1, "--min-consistency", threshold)
+    assert rc == 0 and "leaving out subject 'lonely': DINO consistency none (one photo)" in err
+    manifest = json.loads((tmp_path / "one" / "folder_sets.json").read_text())["consistency"]
+    assert manifest["per_subject"]["lonely"] is None
+    assert sorted(f["name"] for f in manifest["filtered"]) == ["lonely", "mixed"]
+    # a threshold no subject meets is an error naming the best score at full precision
+    two = small_src(tmp_path / "two", names=("a", "b"), n=2, size=(40, 40))  # different pictures: below 1
+    rc, _, err = run(capsys, "--src", two, "--dst", tmp_path / "none", "--resolution", 8, "--dino", folder,
+                     "--min-consistency", 1.0)
+    assert rc == 2 and re.search(r"--min-consistency 1.0 leaves no subject \(highest 0\.\d{4,}\)$", err.strip()), err
+    assert not (tmp_path / "none").exists()
 
 
 @pytest.mark.parametrize("args, says", [

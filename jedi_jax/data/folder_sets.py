@@ -48,7 +48,8 @@ set, N = data.set_size; smaller sets are padded and their member_mask says so):
 
 S³'s filter of inconsistent sets (Zeng et al., CVPR 2024, Sec. 3): --dino DIR (a Hugging Face DINO
 ViT folder, facebook/dino-vits16) records each subject's consistency, the mean DINO cosine over pairs of
-its photos, in the manifest; --min-consistency C also leaves out (with a warning) the subjects below C.
+its photos, in the manifest; --min-consistency C also leaves out (with a warning) the subjects below C,
+and those of one photo (no pair to measure; --min-images 1 lets them in).
 
 Mistakes (missing --src, no subject folders, a subject with fewer than --min-images photos, an
 unreadable image, an empty caption, masks on some images only, a test split that leaves no train
@@ -293,7 +294,8 @@ def filter_inconsistent(subjects: list[Subject], dino: str, min_consistency: flo
     """S³'s last step (Zeng et al., CVPR 2024, Sec. 3): sets whose images do not show one subject
     are filtered out. A subject's consistency is the mean DINO cosine over pairs of its photos (each
     photo as it is, DreamBench's DINO); below `min_consistency` (None: keep all, record only) it is
-    left out with a warning. Returns (kept subjects, the manifest's "consistency" entry)."""
+    left out with a warning, and so is a subject of one photo (no pair to measure: None). Returns
+    (kept subjects, the manifest's "consistency" entry)."""
     from jedi_jax.convert.torch_naming import ConversionError
     from jedi_jax.eval.image_text_embedders import DinoScorer, embed_each, mean_pairwise_cosine
 
@@ -304,18 +306,20 @@ def filter_inconsistent(subjects: list[Subject], dino: str, min_consistency: flo
     scores: dict[str, float | None] = {}  # None: a subject of one photo, nothing to compare
     for s in tqdm(subjects, desc="folder_sets: DINO consistency", unit="subject", disable=None if progress else True):
         scores[s.name] = mean_pairwise_cosine(embed_each(scorer, [np.asarray(to_rgb(_open(p))) for p in s.images]))
-    dropped = [s for s in subjects if min_consistency is not None and scores[s.name] is not None
-               and scores[s.name] < min_consistency]
+    shown = lambda v: "none (one photo)" if v is None else f"{v:.6g}"  # noqa: E731  (0.99999 is not 1.000)
+    dropped = [s for s in subjects if min_consistency is not None
+               and (scores[s.name] is None or scores[s.name] < min_consistency)]
     for s in dropped:
-        print(f"warning: leaving out subject {s.name!r}: DINO consistency {scores[s.name]:.3f} < --min-consistency "
-              f"{min_consistency}", file=sys.stderr)
+        print(f"warning: leaving out subject {s.name!r}: DINO consistency {shown(scores[s.name])} < "
+              f"--min-consistency {min_consistency}", file=sys.stderr)
     kept = [s for s in subjects if s not in dropped]
     if not kept:
-        best = max(v for v in scores.values() if v is not None)
-        raise UserError(f"--min-consistency {min_consistency} leaves no subject (highest {best:.3f})")
+        best = max((v for v in scores.values() if v is not None), default=None)
+        raise UserError(f"--min-consistency {min_consistency} leaves no subject (highest {shown(best)})")
     entry = {"dino": str(Path(dino).resolve()), "min": min_consistency,
              "per_subject": {k: None if v is None else round(v, 6) for k, v in scores.items()},
-             "filtered": [{"name": s.name, "consistency": round(scores[s.name], 6)} for s in dropped]}
+             "filtered": [{"name": s.name, "consistency": None if scores[s.name] is None
+                           else round(scores[s.name], 6)} for s in dropped]}
     return kept, entry
 
 
