@@ -25,10 +25,13 @@ line a collage (what an LLM-written S3 prompt list gives):
 
 "file" (the collage's file name, or its stem) is required; "subject" names the output folder (default:
 the collage's stem); "class" is written as the folder's class.txt; "captions", in the cells' reading
-order (row-major), become the cells' <NN>.txt sidecars; "prompt" (the collage prompt) may be there
-and is ignored; any other key is an error (a typo would drop captions without a word). With
---captions, every collage needs a line. Without it: no sidecars and no class.txt (folder_sets then
-captions each photo "a photo of a {class}", the class from the folder name).
+order (row-major), become the cells' <NN>.txt sidecars, and under --grid auto their count is the
+number of cells the collage must have; "prompt" (the collage prompt) may be there and is ignored; any
+other key is an error (a typo would drop captions without a word). With --captions, every collage
+needs a line. Without it: no sidecars and no class.txt, and the folder is the collage's file stem,
+which folder_sets turns into the class ("a photo of a {class}", trailing digits dropped, "_" and "-"
+read as spaces): name the collages by subject (red_backpack.png -> "a photo of a red backpack"), or
+pass --captions; c001.png would give "a photo of a c".
 
 Written (beside PHOTOS under a hidden temporary name, renamed into place when complete):
 
@@ -36,44 +39,54 @@ Written (beside PHOTOS under a hidden temporary name, renamed into place when co
                                   100 or more); lossless PNG
     PHOTOS/<subject>/<NN>.txt     a cell's caption, when --captions gives them
     PHOTOS/<subject>/class.txt    the subject's class, when --captions gives one
-    PHOTOS/collages.json          manifest: per collage the grid found, how (gutters / edges / given),
+    PHOTOS/collages.json          manifest: per collage the grid found, how (gutters / given),
                                   each cell's box in the collage (x0, y0, x1, y1, before --trim),
-                                  file and caption, its subject; the collages skipped; the command
+                                  file and caption, its subject; the collages skipped and why;
+                                  the command
 
 Collages that name the same subject go into one folder, numbered on in the order of their file
 names (their classes must agree). --overwrite replaces only an earlier output of this tool (a folder
 with collages.json), once the new one is complete.
 
 Grid (--grid): "RxC" (e.g. 2x2, 1x3) cuts every collage into R rows and C columns of equal size (the
-whole image; --trim removes gutter remnants). "auto" (default) finds it per collage, each axis on its
-own, on the luminance:
-  1. gutters: a row (column) is uniform when its mean absolute deviation from its median is small
-     (under 6 levels and under a fifth of the image's median row deviation). Uniform runs touching the
-     border are outer margins and are cut off; for n = the most cells down to 2, the grid of n cells
-     is taken when each of the n - 1 evenly spaced cut positions lies in (or within 2% of) a uniform
-     run and the n cells between those runs are equal in size (within max(2 px, 2%)); or, when cell
-     backgrounds of the gutter's colour widen the runs, when equal cells with equal gutters (as wide
-     as fits) put each gutter inside its run. Border runs that may be cell background rather than
-     margin are tried both ways.
-  2. edges, where an axis has no such gutters (collages drawn edge to edge): the mean absolute
-     gradient across each column (row), averaged over the whole height (width), is a profile; the
-     columns far above its median (median + 8 MADs, and 2.5 x the median) are the strong lines. The
-     grid of n cells is taken when every one of the n - 1 evenly spaced positions has a strong line
-     within max(2 px, 1%) and no strong line lies anywhere else.
-  Otherwise the axis has one cell. A collage with 1 x 1 cells, or whose cells would be smaller than
-  --min-cell px, has no consistent grid: it is skipped with a `warning:` line naming the file and
-  listed under "skipped" in the manifest (a guess would put two subjects' halves or one photo's
-  quarters into a set); when every collage is skipped, that is an error. Limits: white-background
-  product shots whose backgrounds touch a gutter of the same colour widen or hide it (the cells then
-  come out unequal and the collage is skipped, or cut short), and a photo with one uniform band or
-  one sharp straight line exactly at its middle looks like a 2-cell collage: check the --preview.
+whole image; --trim removes gutter remnants). "auto" (default) cuts only where GUTTERS determine the
+grid, and skips the collage otherwise; a grid is never guessed. Per axis, on the luminance:
+  1. a line (row or column) is uniform when its mean absolute deviation from a quadratic trend along
+     it is small (under 6 levels and under a fifth of the median line's), so flat and shaded (200 ->
+     255) gutters both count. Uniform runs at the border are outer margins, the others gutters.
+  2. a grid is n equal cells with n - 1 equal gutters of >= 1 line, each gutter inside a uniform run,
+     the margins inside the border runs. A run's edge is a photo's edge when >= 30% of the next line
+     differs from the run by > 16 levels; such an edge is a cell edge. The gutters are all interior
+     runs of >= 2 lines, or for n cells the run nearest each evenly spaced cut. Of the grids that fit,
+     every cell edge not at a photo's edge must be determined within the tolerance, max(2 px, 2% of a
+     cell) (so white-background photos whose white meets white gutters or margins are skipped unless
+     the other cells pin the grid); the cells must be equal within it, at least --min-cell, and cover
+     >= 90% of the span from the first cell to the last; where an outer cell reaches into a border
+     run, the two outer margins may differ by at most max(tolerance, twice the widest gutter) (else
+     it is photo background taken for margin on one side). An axis without
+     interior runs of >= 2 lines is one cell; an axis with such runs and no grid that fits means skip
+     (never "one cell on that axis").
+  3. the whole collage: with --captions, a grid whose cell count differs from the caption count is
+     skipped (with both counts named); 1 x 1 (no gutters at all, e.g. a collage drawn edge to edge) is
+     skipped with a hint to pass --grid RxC; the same gutter test inside each row and column of cells
+     must not find more cells there (one big photo beside two small ones), nor an uniform run at an
+     even cut without a grid; and along an axis of one cell, a sharp straight line crossing every cell
+     at the same evenly spaced place (photos stacked edge to edge, their gutter missing) means skip.
+     Such lines only ever skip a collage, never cut it.
+A skipped collage gets a `warning:` line naming the file and why, and is listed under "skipped" in
+the manifest; when every collage is skipped, that is an error. Limits: collages drawn edge to edge
+need --grid RxC; white-background product shots on white (or any gutter colour matching the photos'
+backgrounds) are often skipped; a photo with a uniform band of >= 2 lines at an even cut in one cell
+gets its collage skipped; a gutter that is not uniform (a pattern, a texture) is not found; a photo
+whose gutter-coloured background reaches one edge in every cell in the same way can still move that
+edge within the tolerance. Check the --preview.
 
 --min-cell (default 64) is the smallest cell side, in px, before --trim; --trim F (default 0.02,
 < 0.25) crops F of each cell's width from its left and right and F of its height from top and bottom.
 
 Mistakes (missing --src, no collages in it, bad --grid text, a --captions line that is no JSON object
 of the keys above (its line number named), captions for a file that is not there, a collage without a
-line, a caption count that differs from the cells found, --grid cells under --min-cell, two classes
+line, a caption count that differs from --grid RxC's cells, --grid cells under --min-cell, two classes
 for one subject, an unreadable image) end with one `error:` line and exit status 2, and nothing is
 written; Ctrl-C (exit 130) leaves nothing either.
 """
@@ -94,14 +107,16 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from jedi_jax.data.folder_sets import IMAGE_EXTS, UserError, _fold, _open, run_tool
+from jedi_jax.data.folder_sets import IMAGE_EXTS, UserError, fold_whitespace, open_photo, run_tool
 from jedi_jax.sampling.images import labeled_grid, to_rgb
 
 MANIFEST = "collages.json"
 LINE_KEYS = {"file", "subject", "class", "captions", "prompt"}
 PREVIEW_COLLAGES, PREVIEW_CELLS = 6, 8
-UNIFORM_LEVELS, UNIFORM_RELATIVE = 6.0, 0.2  # a gutter line: mean |x - median| under both
-EDGE_MADS, EDGE_TIMES_MEDIAN = 8.0, 2.5
+UNIFORM_LEVELS, UNIFORM_RELATIVE = 6.0, 0.2  # a gutter line: mean |x - trend| under both (the 2nd x the median line's)
+TOLERANCE, COVERAGE = 0.02, 0.9  # cells equal within 2% of a cell (>= 2 px); cells >= 90% of the span
+PIN_LEVELS, PIN_FRACTION = 16.0, 0.3  # a photo's edge: >= 30% of the line differs from the gutter by > 16 levels
+SEAM_LEVELS, SEAM_FRACTION, SEAM_MARGIN = 24.0, 0.5, 0.1  # a sharp line: that share of pixels differs by > 24
 
 
 @dataclasses.dataclass
@@ -127,105 +142,230 @@ def parse_grid(text: str) -> tuple[int, int] | None:
 
 # ---------------------------------------------------------------------------------------- detection
 
+Cells = list[tuple[int, int]]  # [(start, end)] along one axis
+
+
 def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
     """[start, end) of the runs of True."""
     edges = np.diff(np.concatenate([[0], mask.astype(np.int8), [0]]))
     return list(zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()))
 
 
-def _fit_gutters(runs: list[tuple[int, int]], lo: int, hi: int, min_cell: int) -> list[tuple[int, int]] | None:
-    """Equal cells [(start, end)] in [lo, hi) cut at uniform runs, or None (see the module docstring)."""
-    inner = [r for r in runs if r[0] > lo and r[1] < hi]
-    extent = hi - lo
-    tol = max(2.0, 0.02 * extent)
-    for n in range(extent // min_cell, 1, -1):
-        chosen: list[tuple[int, int]] = []
+def line_deviation(lines: np.ndarray) -> np.ndarray:
+    """Per line (row of `lines`): the mean |x - trend|, the trend a least-squares quadratic along the
+    line, so that a gutter shaded along its length (200 -> 255) is as uniform as a flat one."""
+    t = np.linspace(-1.0, 1.0, lines.shape[1], dtype=np.float32)
+    basis = np.stack([np.ones_like(t), t, t * t], axis=1)
+    return np.abs(lines - (lines @ np.linalg.pinv(basis).T) @ basis.T).mean(axis=1)
+
+
+def _pinned(lines: np.ndarray, run_line: int, content_line: int) -> bool:
+    """Whether the content line next to a uniform run is a photo's edge (most of it differs from the
+    run), not a subject on a background of the run's colour that merely touches the run."""
+    return float((np.abs(lines[content_line] - lines[run_line]) > PIN_LEVELS).mean()) >= PIN_FRACTION
+
+
+def _solve(gutters: list[tuple[int, int]], bounds: tuple[int, int, int], pins: dict[int, bool], min_cell: int,
+           slack: float, use_pins: bool = True) -> tuple[Cells, float] | None:
+    """Equal cells of size s between equal gutters of g >= 1 lines, each gutter inside its run
+    (within `slack` lines), the outer margins inside the border runs; a run edge that is a photo's edge
+    (pins) is a cell edge. Returns (cells, spread) -- a pinned cell edge is its run edge, any other
+    the middle of what the constraints allow, spread the most any such edge can move -- or None when
+    no such grid exists."""
+    lo_run, hi_run, size = bounds  # content lies in [lo_run, hi_run): the border runs are [0, lo_run), [hi_run, size)
+    n = len(gutters) + 1
+    p = slack + 1e-6
+    pins = pins if use_pins else dict.fromkeys(pins, False)
+    lo_pinned = lo_run == 0 or pins[lo_run]
+    hi_pinned = hi_run == size or pins[hi_run]
+    los = np.arange(max(0, int(np.floor(lo_run - p))) if lo_pinned else 0, int(np.floor(lo_run + p)) + 1, dtype=float)
+    g_max = min(b - a for a, b in gutters) + int(2 * slack) if gutters else 1
+    gs = np.arange(1, max(g_max, 1) + 1, dtype=float) if gutters else np.zeros(1)
+    lo, g = los[:, None], gs[None, :]
+    s_min = np.full(lo.shape[:1] + g.shape[1:], float(min_cell))
+    s_max = np.full_like(s_min, np.inf)
+    for k, (a, b) in enumerate(gutters, 1):  # gutter k: [lo + k s + (k-1) g, lo + k s + k g)
+        s_min = np.maximum(s_min, (a - p - lo - (k - 1) * g) / k)
+        s_max = np.minimum(s_max, (b + p - lo - k * g) / k)
+        if pins[a]:
+            s_max = np.minimum(s_max, (a + p - lo - (k - 1) * g) / k)
+        if pins[b]:
+            s_min = np.maximum(s_min, (b - p - lo - k * g) / k)
+    s_min = np.maximum(s_min, (hi_run - p - lo - (n - 1) * g) / n)  # hi = lo + n s + (n-1) g
+    hi_max = min(size, hi_run + p) if hi_pinned else size
+    s_max = np.minimum(s_max, (hi_max - lo - (n - 1) * g) / n)
+    ok = s_min <= s_max
+    if not ok.any():
+        return None
+    lo_f, g_f = np.broadcast_to(lo, ok.shape)[ok], np.broadcast_to(g, ok.shape)[ok]
+
+    def edges(s: np.ndarray, lo: np.ndarray, g: np.ndarray) -> np.ndarray:  # (points, 2n): starts, then ends
+        starts = lo[:, None] + np.arange(n)[None, :] * (s + g)[:, None]
+        return np.concatenate([starts, starts + s[:, None]], axis=1)
+
+    every = np.concatenate([edges(s_min[ok], lo_f, g_f), edges(s_max[ok], lo_f, g_f)])
+    low, high = every.min(axis=0), every.max(axis=0)
+    widest = np.flatnonzero(g_f == g_f.max())  # of the grids that fit, one with the widest gutters
+    pick = widest[len(widest) // 2]
+    chosen = edges(np.array([(s_min[ok][pick] + s_max[ok][pick]) / 2]), lo_f[pick:pick + 1], g_f[pick:pick + 1])[0]
+    runs_at = [lo_run] + [b for _, b in gutters] + [a for a, _ in gutters] + [hi_run]  # starts, then ends
+    pinned = [lo_pinned] + [pins[b] for _, b in gutters] + [pins[a] for a, _ in gutters] + [hi_pinned]
+    final, spread = [], 0.0
+    for j, (at, pin) in enumerate(zip(runs_at, pinned)):
+        if pin and low[j] - 0.5 <= at <= high[j] + 0.5:
+            final.append(at)
+            continue
+        final.append(int(round(chosen[j])))
+        spread = max(spread, float(high[j] - low[j]))
+    return list(zip(final[:n], final[n:])), spread
+
+
+def _axis_fits(lines: np.ndarray, min_cell: int) -> list[Cells] | str:
+    """The cell grids [(start, end)] along one axis (lines[i]: line i across the collage) that its
+    uniform runs determine, most cells first; a str says why there is none (see the module docstring)."""
+    size = lines.shape[0]
+    dev = line_deviation(lines)
+    limit = min(UNIFORM_LEVELS, UNIFORM_RELATIVE * max(float(np.median(dev)), 1e-6))
+    runs = _runs(dev < limit)
+    if runs == [(0, size)]:
+        return "it is blank"
+    lo_run = runs[0][1] if runs and runs[0][0] == 0 else 0
+    hi_run = runs[-1][0] if runs and runs[-1][1] == size else size
+    interior = [r for r in runs if r[0] > 0 and r[1] < size]
+    pins: dict[int, bool] = {}
+    for a, b in runs:
+        if a > 0:
+            pins[a] = _pinned(lines, a, a - 1)
+        if b < size:
+            pins[b] = _pinned(lines, b - 1, b)
+    evidence = [r for r in interior if r[1] - r[0] >= 2]  # one uniform line is common inside a photo
+    # which runs are the gutters: all of them, or for n cells the one nearest each evenly spaced cut
+    candidates = [evidence, interior] if evidence else [[], interior]
+    for n in range(2, (hi_run - lo_run) // min_cell + 1):
+        step, chosen = (hi_run - lo_run) / n, []
         for k in range(1, n):
-            pos = lo + k * extent / n
-            hit = [r for r in inner if r[0] - tol <= pos <= r[1] + tol and (not chosen or r[0] >= chosen[-1][1])]
-            if not hit:
+            pos = lo_run + k * step
+            near = [r for r in interior if r[0] - step / 4 <= pos <= r[1] + step / 4
+                    and (not chosen or r[0] >= chosen[-1][1])]
+            if not near:
                 break
-            chosen.append(min(hit, key=lambda r: abs((r[0] + r[1]) / 2 - pos)))
+            chosen.append(min(near, key=lambda r: abs((r[0] + r[1]) / 2 - pos)))
         else:
-            cells = list(zip([lo] + [r[1] for r in chosen], [r[0] for r in chosen] + [hi]))
-            sizes = [b - a for a, b in cells]
-            if min(sizes) >= min_cell and max(sizes) - min(sizes) <= tol:
-                return cells
-            # runs widened by cell backgrounds of the gutter's colour: equal cells and equal gutters, each
-            # inside its run, the gutters as wide as that allows
-            for g in range(min(b - a for a, b in chosen), 0, -1):
-                s = (extent - (n - 1) * g) / n
-                gaps = [(lo + round(k * (s + g) - g), lo + round(k * (s + g))) for k in range(1, n)]
-                if s >= min_cell and all(r[0] <= a and b <= r[1] for r, (a, b) in zip(chosen, gaps)):
-                    return list(zip([lo] + [b for _, b in gaps], [a for a, _ in gaps] + [hi]))
+            candidates.append(chosen)
+    fits, why = [], ""
+    for gutters in dict.fromkeys(map(tuple, candidates)):
+        gutters = list(gutters)
+        n = len(gutters) + 1
+        inner = hi_run - lo_run - sum(b - a for a, b in gutters)
+        tol = max(2.0, TOLERANCE * inner / n)
+        bounds = (lo_run, hi_run, size)
+        solved = None  # a straight edge inside a photo pins wrongly: then without the pins
+        for use_pins, slack in ((True, 0.0), (True, tol / 2), (False, 0.0), (False, tol / 2)):
+            if (x := _solve(gutters, bounds, pins, min_cell, slack, use_pins)) is not None:
+                solved = solved or x
+                if x[1] <= tol + 0.01:
+                    solved = x
+                    break
+        if solved is None:
+            why = why or f"no {n} equal cells of at least --min-cell {min_cell} px fit its {n - 1} uniform band(s)"
+            continue
+        cells, spread = solved
+        sizes = [b - a for a, b in cells]
+        if spread > tol + 0.01:
+            why = why or (f"where its {n} cells start and end is not determined (cell backgrounds of the "
+                          f"gutter's colour hide the gutters or margins)")
+        elif max(sizes) - min(sizes) > tol or min(sizes) < min_cell:
+            why = why or f"its {n} cells are unequal ({min(sizes)} to {max(sizes)} px)"
+        elif sum(sizes) < COVERAGE * (cells[-1][1] - cells[0][0]):
+            why = why or f"its {n} cells cover under {COVERAGE:.0%} of it (gutters wider than photos allow)"
+        elif cells[0][0] < 0 or cells[-1][1] > size:
+            why = why or "its cells would reach past its border"
+        elif (cells[0][0] != lo_run or cells[-1][1] != hi_run) and abs(cells[0][0] - (size - cells[-1][1])) > \
+                max(tol, 2 * max([b - a for (_, a), (b, _) in zip(cells, cells[1:])], default=0)):
+            why = why or (f"its outer margins would be {cells[0][0]} and {size - cells[-1][1]} px, photo "
+                          "background taken for margin on one side (cells of unequal size?)")
+        else:
+            fits.append(cells)
+    # more than one cell first, then the most equal cells, then the most cells
+    fits.sort(key=lambda c: (len(c) == 1, (max(b - a for a, b in c) - min(b - a for a, b in c)) / (c[0][1] - c[0][0]), -len(c)))
+    return fits or why
+
+
+def _at_a_cut(a: int, b: int, size: int, min_cell: int) -> bool:
+    """Whether [a, b) holds a cut of [0, size) into m equal parts (m >= 2), within 2% of a part."""
+    return any(a - max(2.0, TOLERANCE * size / m) <= j * size / m <= b + max(2.0, TOLERANCE * size / m)
+               for m in range(2, size // min_cell + 1) for j in range(1, m))
+
+
+def _split_band(luma: np.ndarray, rows: Cells, cols: Cells, min_cell: int) -> str | None:
+    """The gutter test again inside each column of cells (and each row): a column that its own gutters
+    split into more cells than the whole collage has rows holds photos of other sizes (one big photo
+    beside two small ones), so the grid is wrong: why, or None."""
+    for (lines, along, across, what) in ((luma, rows, cols, "column"), (luma.T, cols, rows, "row")):
+        for a, b in across:
+            band = lines[along[0][0]:along[-1][1], a:b]
+            fits = _axis_fits(band, min_cell)
+            if isinstance(fits, str):  # uniform runs but no grid: one at an even cut is a gutter of its own
+                dev = line_deviation(band)
+                limit = min(UNIFORM_LEVELS, UNIFORM_RELATIVE * max(float(np.median(dev)), 1e-6))
+                for y0, y1 in along:
+                    inner = [(r0, r1) for r0, r1 in _runs(dev[y0 - along[0][0]:y1 - along[0][0]] < limit)
+                             if r0 >= min_cell and y1 - y0 - r1 >= min_cell and r1 - r0 >= 2]
+                    if any(_at_a_cut(r0, r1, y1 - y0, min_cell) for r0, r1 in inner):
+                        return f"the {what} of cells at {a}-{b}: {fits}"
+            elif len(fits[0]) > len(along):
+                return (f"the {what} of cells at {a}-{b} splits into {len(fits[0])} cells, the collage into "
+                        f"{len(along)}: photos of unequal size")
     return None
 
 
-def _gutter_cuts(dev: np.ndarray, min_cell: int) -> tuple[int, int, list[tuple[int, int]] | None]:
-    """(lo, hi, cells) along one axis from the per-line deviation `dev`: lo/hi bound the content inside
-    the outer margins (uniform runs at the border); cells [(start, end)] split by gutters, or None when
-    no gutter grid fits. Uniform runs at the border may also be cell backgrounds: the bounds without
-    them are tried too."""
-    size = len(dev)
-    runs = _runs(dev < min(UNIFORM_LEVELS, UNIFORM_RELATIVE * max(float(np.median(dev)), 1e-6)))
-    lo = runs[0][1] if runs and runs[0][0] == 0 else 0
-    hi = runs[-1][0] if runs and runs[-1][1] == size else size
-    if hi - lo < min_cell:
-        lo, hi = 0, size  # (nearly) all uniform: no margins to speak of
-    for bounds in dict.fromkeys([(lo, hi), (0, hi), (lo, size), (0, size)]):
-        if bounds[1] - bounds[0] >= 2 * min_cell and (cells := _fit_gutters(runs, *bounds, min_cell)):
-            return bounds[0], bounds[1], cells
-    return lo, hi, None
-
-
-def _edge_cuts(grad: np.ndarray, lo: int, hi: int, min_cell: int) -> list[tuple[int, int]] | None:
-    """cells [(start, end)] in [lo, hi) cut at strong straight lines; grad[i] is the mean absolute
-    difference between lines lo + i and lo + i + 1. None when they form no even grid."""
-    if len(grad) < 3:
-        return None
-    med = float(np.median(grad))
-    mad = float(np.median(np.abs(grad - med))) * 1.4826
-    strong = np.flatnonzero(grad > max(med + EDGE_MADS * mad, EDGE_TIMES_MEDIAN * med, 2.0))
-    if not len(strong):
-        return None
+def _seam(luma: np.ndarray, one: tuple[int, int], others: Cells, min_cell: int) -> bool:
+    """Whether every cell along an axis found to hold one cell shows a sharp straight line at the same
+    evenly spaced positions: photos drawn edge to edge along it, their gutter missing."""
+    lo, hi = one
     extent = hi - lo
-    tol = max(2.0, 0.01 * extent)
-    for n in range(extent // min_cell, 1, -1):
-        ideal = [k * extent / n - 1 for k in range(1, n)]  # the gradient index between cells k-1 and k
-        near = [strong[np.abs(strong - p) <= tol] for p in ideal]
-        covered = np.zeros(len(strong), bool)
-        for p in ideal:
-            covered |= np.abs(strong - p) <= tol
-        if all(len(s) for s in near) and covered.all():
-            cuts = [lo + int(s[np.argmax(grad[s])]) + 1 for s in near]
-            cells = list(zip([lo] + cuts, cuts + [hi]))
-            if min(b - a for a, b in cells) >= min_cell:
-                return cells
-    return None
+    tol = max(2, round(TOLERANCE * extent / 2))
+    strengths = []
+    for a, b in others:
+        diff = np.abs(np.diff(luma[lo:hi, a:b], axis=0)) > SEAM_LEVELS
+        frac = diff.mean(axis=1)
+        strengths.append((frac, float(np.quantile(frac, 0.98))))
+    for n in range(2, extent // min_cell + 1):
+        def strong(k: int) -> bool:
+            p = round(k * extent / n) - 1
+            window = slice(max(0, p - tol), p + tol + 1)
+            return all(frac[window].max() >= max(SEAM_FRACTION, q + SEAM_MARGIN) for frac, q in strengths)
+        if all(strong(k) for k in range(1, n)):
+            return True
+    return False
 
 
-Cells = list[tuple[int, int]]  # [(start, end)] along one axis
-
-
-def detect_grid(image: np.ndarray, min_cell: int = 64) -> tuple[str, Cells, Cells] | None:
-    """(method, row cells [(y0, y1)], column cells [(x0, x1)]) of a collage (uint8 (H, W, 3)), found
-    from gutters or, without them, strong straight lines (see the module docstring); None when it
-    finds no consistent grid of at least two cells."""
+def detect_grid(image: np.ndarray, min_cell: int = 64, cells: int | None = None) -> tuple[Cells, Cells] | str:
+    """(row cells [(y0, y1)], column cells [(x0, x1)]) of a collage (uint8 (H, W, 3)) split by gutters,
+    or why it has no determined grid (a str); `cells`, when given (the caption count), is the number of
+    cells the grid must have. See the module docstring."""
     luma = image[..., :3].astype(np.float32) @ np.float32([0.299, 0.587, 0.114])
-    found, methods = [], []
-    for lines in (luma, luma.T):  # lines[i]: row i (horizontal gutters), then column i
-        dev = np.abs(lines - np.median(lines, axis=1, keepdims=True)).mean(axis=1)
-        lo, hi, cells = _gutter_cuts(dev, min_cell)
-        method = "gutters"
-        if cells is None:
-            cells, method = _edge_cuts(np.abs(np.diff(lines[lo:hi], axis=0)).mean(axis=1), lo, hi, min_cell), "edges"
-        if cells is not None and method not in methods:
-            methods.append(method)
-        found.append(cells if cells is not None else [(lo, hi)])
-    rows, cols = found
-    if len(rows) * len(cols) < 2 or min(b - a for a, b in rows + cols) < min_cell:
-        return None
-    return "+".join(methods), rows, cols
+    rows_fit, cols_fit = _axis_fits(luma, min_cell), _axis_fits(luma.T, min_cell)
+    for fit, what in ((rows_fit, "rows"), (cols_fit, "columns")):
+        if isinstance(fit, str):
+            return f"its {what}: {fit}"
+    pairs = [(r, c) for r in rows_fit for c in cols_fit if len(r) * len(c) >= 2]
+    if not pairs:
+        return "no gutters found (a collage drawn edge to edge needs --grid RxC)"
+    if cells is not None:
+        matching = [(r, c) for r, c in pairs if len(r) * len(c) == cells]
+        if not matching:
+            r, c = pairs[0]
+            return f"--captions gives {cells} caption(s) but the grid found has {len(r) * len(c)} cells ({len(r)}x{len(c)})"
+        pairs = matching
+    rows, cols = pairs[0]
+    if (why := _split_band(luma, rows, cols, min_cell)) is not None:
+        return why
+    if len(rows) == 1 and _seam(luma, rows[0], cols, min_cell) or \
+            len(cols) == 1 and _seam(luma.T, cols[0], rows, min_cell):
+        return ("a sharp straight line crosses every cell at the same place, as where photos drawn edge to "
+                "edge meet (pass --grid RxC)")
+    return rows, cols
 
 
 def even_cells(size: int, n: int) -> list[tuple[int, int]]:
@@ -277,14 +417,14 @@ def read_captions(path: str | os.PathLike, files: dict[str, Path]) -> dict[str, 
             raise UserError(f"{where} names {name!r} again (line {table[name]['line']})")
         captions = row.get("captions")
         if captions is not None and (not isinstance(captions, list)
-                                     or not all(isinstance(c, str) and _fold(c) for c in captions)):
+                                     or not all(isinstance(c, str) and fold_whitespace(c) for c in captions)):
             raise UserError(f'{where}: "captions" must be a list of non-empty strings')
         cls = row.get("class")
-        if cls is not None and (not isinstance(cls, str) or not _fold(cls)):
+        if cls is not None and (not isinstance(cls, str) or not fold_whitespace(cls)):
             raise UserError(f'{where}: "class" must be a non-empty string')
         table[name] = {"line": lineno, "subject": _check_subject(row.get("subject", Path(name).stem), where),
-                       "class": _fold(cls) if cls else None,
-                       "captions": [_fold(c) for c in captions] if captions is not None else None}
+                       "class": fold_whitespace(cls) if cls else None,
+                       "captions": [fold_whitespace(c) for c in captions] if captions is not None else None}
     return table
 
 
@@ -321,30 +461,31 @@ def scan(src: Path, captions_file: str | None) -> list[Collage]:
     return collages
 
 
-def _cells_of(c: Collage, image: np.ndarray, grid: tuple[int, int] | None, min_cell: int) -> bool:
-    """Sets c.grid, c.method, c.boxes; False when auto finds no grid (a UserError for RxC's mistakes)."""
+def _cells_of(c: Collage, image: np.ndarray, grid: tuple[int, int] | None, min_cell: int) -> str | None:
+    """Sets c.grid, c.method, c.boxes; under auto, returns why the collage is skipped instead (a
+    UserError for RxC's mistakes)."""
     h, w = image.shape[:2]
     if grid is None:
-        found = detect_grid(image, min_cell)
-        if found is None:
-            return False
-        c.method, rows, cols = found
+        found = detect_grid(image, min_cell, None if c.captions is None else len(c.captions))
+        if isinstance(found, str):
+            return found
+        (rows, cols), c.method = found, "gutters"
     else:
         rows, cols = even_cells(h, grid[0]), even_cells(w, grid[1])
         if min(b - a for a, b in rows + cols) < min_cell:
             raise UserError(f"{c.path}: --grid {grid[0]}x{grid[1]} gives {w // grid[1]}x{h // grid[0]} px cells "
                             f"of this {w}x{h} image, under --min-cell {min_cell}")
         c.method = "given"
+        if c.captions is not None and len(c.captions) != grid[0] * grid[1]:
+            raise UserError(f"{c.path}: --captions gives {len(c.captions)} caption(s) but --grid "
+                            f"{grid[0]}x{grid[1]} cuts {grid[0] * grid[1]} cells")
     c.grid = (len(rows), len(cols))
     c.boxes = [(x0, y0, x1, y1) for y0, y1 in rows for x0, x1 in cols]
-    if c.captions is not None and len(c.captions) != len(c.boxes):
-        raise UserError(f"{c.path}: --captions gives {len(c.captions)} caption(s) but the collage has "
-                        f"{len(c.boxes)} cells ({c.grid[0]}x{c.grid[1]}, {c.method})")
-    return True
+    return None
 
 
 def _load(path: Path) -> np.ndarray:
-    return np.asarray(to_rgb(_open(path)), np.uint8)
+    return np.asarray(to_rgb(open_photo(path)), np.uint8)
 
 
 # ------------------------------------------------------------------------------------------- build
@@ -371,14 +512,13 @@ def build(src: str | os.PathLike, dst: str | os.PathLike, *, grid: str = "auto",
     check_destination(dst_p, overwrite=overwrite, marker=MANIFEST)  # before the images are read, and again below
     kept, skipped = [], []
     for c in tqdm(collages, desc="collages: grids", unit="collage", disable=None if progress else True):
-        if _cells_of(c, _load(c.path), shape, min_cell):
+        if (why := _cells_of(c, _load(c.path), shape, min_cell)) is None:
             kept.append(c)
         else:
-            skipped.append(c.path.name)
-            print(f"warning: skipping {c.path}: no consistent grid found (pass --grid RxC if it is a collage)",
-                  file=sys.stderr)
+            skipped.append({"file": c.path.name, "why": why})
+            print(f"warning: skipping {c.path}: {why}", file=sys.stderr)
     if not kept:
-        raise UserError(f"--src {src}: no collage has a consistent grid ({len(skipped)} skipped); "
+        raise UserError(f"--src {src}: no collage has a determined grid ({len(skipped)} skipped); "
                         "pass --grid RxC")
     counts: dict[str, int] = {}
     for c in kept:
@@ -388,38 +528,40 @@ def build(src: str | os.PathLike, dst: str | os.PathLike, *, grid: str = "auto",
         "trim": trim, "captions_file": str(Path(captions).absolute()) if captions else None, "collages": [],
         "skipped": skipped, "subjects": counts, "command": command, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     shown: list[tuple[list[np.ndarray], list[str]]] = []
-    with atomic_directory(dst_p, overwrite=overwrite, marker=MANIFEST) as tmp:
-        numbered = dict.fromkeys(counts, 0)
-        for c in tqdm(kept, desc="collages: cells", unit="collage", disable=None if progress else True):
-            image, folder = _load(c.path), tmp / c.subject
-            folder.mkdir(exist_ok=True)
-            if c.cls:
-                (folder / "class.txt").write_text(c.cls + "\n")
-            width = max(2, len(str(counts[c.subject] - 1)))
-            entry = {"file": c.path.name, "subject": c.subject, "grid": f"{c.grid[0]}x{c.grid[1]}",
-                     "method": c.method, "cells": []}
-            cells, labels = [], []
-            for j, (x0, y0, x1, y1) in enumerate(c.boxes):
-                stem = f"{numbered[c.subject]:0{width}d}"
-                numbered[c.subject] += 1
-                cells.append(trimmed(image[y0:y1, x0:x1], trim))
-                Image.fromarray(cells[-1]).save(folder / f"{stem}.png")
-                caption = c.captions[j] if c.captions is not None else None
-                if caption is not None:
-                    (folder / f"{stem}.txt").write_text(caption + "\n")
-                entry["cells"].append({"file": f"{c.subject}/{stem}.png", "box": [x0, y0, x1, y1], "caption": caption})
-                labels.append(f"[{c.path.name} {entry['grid']}] " * (j == 0) + (caption or f"{c.subject}/{stem}"))
-            manifest["collages"].append(entry)
-            if preview is not None and len(shown) < PREVIEW_COLLAGES:
-                shown.append((cells[:PREVIEW_CELLS], labels[:PREVIEW_CELLS]))
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        grid_image = labeled_grid([r for r, _ in shown], [t for _, t in shown], cell=128) if shown else None
-    if grid_image is not None:  # written once the folders are in place, under a temporary name first
-        part = Path(preview).absolute().with_name(f".{Path(preview).name}.part-{os.getpid()}")
-        try:
-            grid_image.save(part, format="PNG")
+    part: Path | None = None
+    try:
+        with atomic_directory(dst_p, overwrite=overwrite, marker=MANIFEST) as tmp:
+            numbered = dict.fromkeys(counts, 0)
+            for c in tqdm(kept, desc="collages: cells", unit="collage", disable=None if progress else True):
+                image, folder = _load(c.path), tmp / c.subject
+                folder.mkdir(exist_ok=True)
+                if c.cls:
+                    (folder / "class.txt").write_text(c.cls + "\n")
+                width = max(2, len(str(counts[c.subject] - 1)))
+                entry = {"file": c.path.name, "subject": c.subject, "grid": f"{c.grid[0]}x{c.grid[1]}",
+                         "method": c.method, "cells": []}
+                cells, labels = [], []
+                for j, (x0, y0, x1, y1) in enumerate(c.boxes):
+                    stem = f"{numbered[c.subject]:0{width}d}"
+                    numbered[c.subject] += 1
+                    cells.append(trimmed(image[y0:y1, x0:x1], trim))
+                    Image.fromarray(cells[-1]).save(folder / f"{stem}.png")
+                    caption = c.captions[j] if c.captions is not None else None
+                    if caption is not None:
+                        (folder / f"{stem}.txt").write_text(caption + "\n")
+                    entry["cells"].append({"file": f"{c.subject}/{stem}.png", "box": [x0, y0, x1, y1], "caption": caption})
+                    labels.append(f"[{c.path.name} {entry['grid']}] " * (j == 0) + (caption or f"{c.subject}/{stem}"))
+                manifest["collages"].append(entry)
+                if preview is not None and len(shown) < PREVIEW_COLLAGES:
+                    shown.append((cells[:PREVIEW_CELLS], labels[:PREVIEW_CELLS]))
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+            if shown:  # inside the block: an error or Ctrl-C here leaves nothing
+                part = Path(preview).absolute().with_name(f".{Path(preview).name}.part-{os.getpid()}")
+                labeled_grid([r for r, _ in shown], [t for _, t in shown], cell=128).save(part, format="PNG")
+        if part is not None:
             os.replace(part, preview)
-        finally:
+    finally:
+        if part is not None:
             part.unlink(missing_ok=True)
     manifest["seconds"] = round(time.time() - start, 2)
     return manifest
@@ -444,7 +586,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if rc:
         return rc
     cells = sum(len(c["cells"]) for c in m["collages"])
-    skipped = f" ({len(m['skipped'])} skipped: no grid)" if m["skipped"] else ""
+    skipped = f" ({len(m['skipped'])} skipped: no determined grid)" if m["skipped"] else ""
     print(f"collages: {len(m['collages'])} collages{skipped} -> {cells} photos of {len(m['subjects'])} subjects -> "
           f"{Path(args.dst).absolute()} in {m['seconds']:.1f} s; next: python -m jedi_jax.data.folder_sets "
           f"--src {shlex.quote(str(Path(args.dst).absolute()))} --dst SETS --resolution 512")

@@ -99,7 +99,7 @@ class Subject:
     masks: list[Path | None]
 
 
-def _fold(text: str) -> str:
+def fold_whitespace(text: str) -> str:
     return " ".join(text.split())
 
 
@@ -132,7 +132,7 @@ def parse_classes(text: str, what: str) -> dict[str, str]:
             continue
         if table.get(name, cls) != cls:
             raise UserError(f"{what}: subject {name!r} has two classes, {table[name]!r} and {cls!r}")
-        table[name] = _fold(cls)
+        table[name] = fold_whitespace(cls)
     if not table:
         raise UserError(f"{what}: no `subject_name,class` table in it")
     return table
@@ -141,12 +141,12 @@ def parse_classes(text: str, what: str) -> dict[str, str]:
 def folder_class(name: str) -> str:
     """The class phrase a folder name gives: underscores and hyphens as spaces, trailing digits dropped
     (dog2 -> dog, red_cartoon -> red cartoon); the name itself if nothing is left ("0001")."""
-    return _fold(re.sub(r"\d+$", "", name).replace("_", " ").replace("-", " ")) or name
+    return fold_whitespace(re.sub(r"\d+$", "", name).replace("_", " ").replace("-", " ")) or name
 
 
 def _read_caption_file(path: Path, what: str = "caption file") -> str:
     try:
-        text = _fold(path.read_text(encoding="utf-8-sig"))
+        text = fold_whitespace(path.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{what} {path} cannot be read ({type(e).__name__})") from e
     if not text:
@@ -191,9 +191,9 @@ def _caption_table(folder: Path, images: dict[str, Path]) -> dict[str, str]:
         name = key if key in images else by_stem.get(str(key))
         if name is None:
             raise UserError(f"{path} has a caption for {key!r}, which is no image of {folder.name!r}")
-        if not isinstance(caption, str) or not _fold(caption):
+        if not isinstance(caption, str) or not fold_whitespace(caption):
             raise UserError(f"{path}: the caption of {key!r} is empty")
-        table[name] = _fold(caption)
+        table[name] = fold_whitespace(caption)
     return table
 
 
@@ -281,7 +281,7 @@ def split_subjects(names: Sequence[str], test_subjects: int = 0, test_fraction: 
     return [n for n in names if n not in test], [n for n in names if n in test]
 
 
-def _open(path: Path) -> Image.Image:
+def open_photo(path: Path) -> Image.Image:
     try:
         return open_image(path)
     except ImageInputError as e:
@@ -305,7 +305,7 @@ def filter_inconsistent(subjects: list[Subject], dino: str, min_consistency: flo
         raise UserError(f"--dino {dino}: {e}") from None
     scores: dict[str, float | None] = {}  # None: a subject of one photo, nothing to compare
     for s in tqdm(subjects, desc="folder_sets: DINO consistency", unit="subject", disable=None if progress else True):
-        scores[s.name] = mean_pairwise_cosine(embed_each(scorer, [np.asarray(to_rgb(_open(p))) for p in s.images]))
+        scores[s.name] = mean_pairwise_cosine(embed_each(scorer, [np.asarray(to_rgb(open_photo(p))) for p in s.images]))
     shown = lambda v: "none (one photo)" if v is None else f"{v:.6g}"  # noqa: E731  (0.99999 is not 1.000)
     dropped = [s for s in subjects if min_consistency is not None
                and (scores[s.name] is None or scores[s.name] < min_consistency)]
@@ -327,10 +327,10 @@ def load_subject(subject: Subject, resolution: int, progress=None) -> dict[str, 
     """A subject -> set record, every image (and mask) centre-cropped and resized to `resolution`."""
     images, masks = [], []
     for path, mask in zip(subject.images, subject.masks):
-        opened = _open(path)
+        opened = open_photo(path)
         images.append(np.asarray(center_crop_resize(to_rgb(opened), resolution), np.uint8))
         if mask is not None:
-            m = _open(mask)
+            m = open_photo(mask)
             (w, h), (mw, mh) = opened.size, m.size
             if abs(mw * h - w * mh) > 0.01 * w * mh:  # each is centre-cropped on its own: frames must agree
                 raise UserError(f"mask {mask} is {mw}x{mh} but its image is {w}x{h} (after EXIF orientation)")
