@@ -467,3 +467,26 @@ def test_the_command_line_exit_status_and_stderr(tmp_path):
                         "--dst", str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: --src ")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("colour", [255, 236, 128])
+def test_wide_flat_margins_stay_outside_the_cells(colour):
+    """A strip of two photos on a canvas that is mostly margin: flat lines are then the median line, its
+    deviation ~0, and a limit relative to it once found no margin at all, so the cells took the margins
+    in (a wrong cut, written). Now the cells are exact."""
+    dog = Image.open(REPO / "tests" / "data" / "dreambench" / "dog_04.jpg").convert("RGB")
+    w, h = dog.size
+    tiles = [np.asarray(dog.crop(box).resize((200, 150), Image.BICUBIC)) for box in [(0, 0, w, h), (0, 0, w // 2, h // 2)]]
+    image, boxes = photo_collage(tiles, 1, 2, gutters=(0, 8), colour=colour, margins=(12, 125, 12, 125))
+    assert exact_or_skipped(image, boxes) == "exact"
+    assert exact_or_skipped(image.transpose(1, 0, 2), [(y0, x0, y1, x1) for x0, y0, x1, y1 in boxes]) == "exact"
+
+
+def test_fewer_captions_than_the_finest_grid_never_merge_two_photos():
+    """A 1x4 with 2 captions: a 1x2 of two photos per cell would match the count; the finest grid
+    the gutters allow is the one taken, so it is skipped, both counts named."""
+    dogs, _ = photos()
+    image, boxes = photo_collage(dogs, 1, 4, gutters=(0, 2))
+    assert exact_or_skipped(image, boxes) == "exact"
+    why = collages.detect_grid(image, 32, cells=2)
+    assert isinstance(why, str) and why.startswith("--captions gives 2 caption(s) but the grid found has 4 cells")

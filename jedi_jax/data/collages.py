@@ -66,8 +66,9 @@ grid, and skips the collage otherwise; a grid is never guessed. Per axis, on the
      it is photo background taken for margin on one side). An axis without
      interior runs of >= 2 lines is one cell; an axis with such runs and no grid that fits means skip
      (never "one cell on that axis").
-  3. the whole collage: with --captions, a grid whose cell count differs from the caption count is
-     skipped (with both counts named); 1 x 1 (no gutters at all, e.g. a collage drawn edge to edge) is
+  3. the whole collage: the finest grid the gutters allow is the one taken (a coarser one would put
+     two photos in a cell); with --captions, when its cell count differs from the caption count the
+     collage is skipped, both counts named; 1 x 1 (no gutters at all, e.g. a collage drawn edge to edge) is
      skipped with a hint to pass --grid RxC; the same gutter test inside each row and column of cells
      must not find more cells there (one big photo beside two small ones), nor an uniform run at an
      even cut without a grid; and along an axis of one cell, a sharp straight line crossing every cell
@@ -114,6 +115,7 @@ MANIFEST = "collages.json"
 LINE_KEYS = {"file", "subject", "class", "captions", "prompt"}
 PREVIEW_COLLAGES, PREVIEW_CELLS = 6, 8
 UNIFORM_LEVELS, UNIFORM_RELATIVE = 6.0, 0.2  # a gutter line: mean |x - trend| under both (the 2nd x the median line's)
+UNIFORM_FLOOR = 0.05  # ... and never a limit below this: when most lines are flat margin, the median line is ~0
 TOLERANCE, COVERAGE = 0.02, 0.9  # cells equal within 2% of a cell (>= 2 px); cells >= 90% of the span
 PIN_LEVELS, PIN_FRACTION = 16.0, 0.3  # a photo's edge: >= 30% of the line differs from the gutter by > 16 levels
 SEAM_LEVELS, SEAM_FRACTION, SEAM_MARGIN = 24.0, 0.5, 0.1  # a sharp line: that share of pixels differs by > 24
@@ -220,13 +222,19 @@ def _solve(gutters: list[tuple[int, int]], bounds: tuple[int, int, int], pins: d
     return list(zip(final[:n], final[n:])), spread
 
 
+def uniform_limit(dev: np.ndarray) -> float:
+    """The deviation below which a line (dev[i]: line_deviation) counts as uniform: a fifth of the
+    median line's, at most UNIFORM_LEVELS, at least UNIFORM_FLOOR (flat margins over most of the
+    axis make the median ~0, float rounding above it, and no margin line would count)."""
+    return min(UNIFORM_LEVELS, max(UNIFORM_RELATIVE * float(np.median(dev)), UNIFORM_FLOOR))
+
+
 def _axis_fits(lines: np.ndarray, min_cell: int) -> list[Cells] | str:
     """The cell grids [(start, end)] along one axis (lines[i]: line i across the collage) that its
     uniform runs determine, most cells first; a str says why there is none (see the module docstring)."""
     size = lines.shape[0]
     dev = line_deviation(lines)
-    limit = min(UNIFORM_LEVELS, UNIFORM_RELATIVE * max(float(np.median(dev)), 1e-6))
-    runs = _runs(dev < limit)
+    runs = _runs(dev < uniform_limit(dev))
     if runs == [(0, size)]:
         return "it is blank"
     lo_run = runs[0][1] if runs and runs[0][0] == 0 else 0
@@ -307,7 +315,7 @@ def _split_band(luma: np.ndarray, rows: Cells, cols: Cells, min_cell: int) -> st
             fits = _axis_fits(band, min_cell)
             if isinstance(fits, str):  # uniform runs but no grid: one at an even cut is a gutter of its own
                 dev = line_deviation(band)
-                limit = min(UNIFORM_LEVELS, UNIFORM_RELATIVE * max(float(np.median(dev)), 1e-6))
+                limit = uniform_limit(dev)
                 for y0, y1 in along:
                     inner = [(r0, r1) for r0, r1 in _runs(dev[y0 - along[0][0]:y1 - along[0][0]] < limit)
                              if r0 >= min_cell and y1 - y0 - r1 >= min_cell and r1 - r0 >= 2]
@@ -352,13 +360,10 @@ def detect_grid(image: np.ndarray, min_cell: int = 64, cells: int | None = None)
     pairs = [(r, c) for r in rows_fit for c in cols_fit if len(r) * len(c) >= 2]
     if not pairs:
         return "no gutters found (a collage drawn edge to edge needs --grid RxC)"
-    if cells is not None:
-        matching = [(r, c) for r, c in pairs if len(r) * len(c) == cells]
-        if not matching:
-            r, c = pairs[0]
-            return f"--captions gives {cells} caption(s) but the grid found has {len(r) * len(c)} cells ({len(r)}x{len(c)})"
-        pairs = matching
-    rows, cols = pairs[0]
+    rows, cols = pairs[0]  # the finest grid the gutters allow: a coarser one would put 2+ photos in a cell
+    if cells is not None and len(rows) * len(cols) != cells:
+        return (f"--captions gives {cells} caption(s) but the grid found has {len(rows) * len(cols)} cells "
+                f"({len(rows)}x{len(cols)})")
     if (why := _split_band(luma, rows, cols, min_cell)) is not None:
         return why
     if len(rows) == 1 and _seam(luma, rows[0], cols, min_cell) or \

@@ -49,7 +49,7 @@ set, N = data.set_size; smaller sets are padded and their member_mask says so):
 S³'s filter of inconsistent sets (Zeng et al., CVPR 2024, Sec. 3): --dino DIR (a Hugging Face DINO
 ViT folder, facebook/dino-vits16) records each subject's consistency, the mean DINO cosine over pairs of
 its photos, in the manifest; --min-consistency C also leaves out (with a warning) the subjects below C,
-and those of one photo (no pair to measure; --min-images 1 lets them in).
+and those of one photo (no pair to measure; such subjects exist only under --min-images 1).
 
 Mistakes (missing --src, no subject folders, a subject with fewer than --min-images photos, an
 unreadable image, an empty caption, masks on some images only, a test split that leaves no train
@@ -306,7 +306,7 @@ def filter_inconsistent(subjects: list[Subject], dino: str, min_consistency: flo
     scores: dict[str, float | None] = {}  # None: a subject of one photo, nothing to compare
     for s in tqdm(subjects, desc="folder_sets: DINO consistency", unit="subject", disable=None if progress else True):
         scores[s.name] = mean_pairwise_cosine(embed_each(scorer, [np.asarray(to_rgb(open_photo(p))) for p in s.images]))
-    shown = lambda v: "none (one photo)" if v is None else f"{v:.6g}"  # noqa: E731  (0.99999 is not 1.000)
+    shown = lambda v: "none (one photo)" if v is None else repr(v)  # noqa: E731  (0.9999996 is not 1)
     dropped = [s for s in subjects if min_consistency is not None
                and (scores[s.name] is None or scores[s.name] < min_consistency)]
     for s in dropped:
@@ -317,9 +317,8 @@ def filter_inconsistent(subjects: list[Subject], dino: str, min_consistency: flo
         best = max((v for v in scores.values() if v is not None), default=None)
         raise UserError(f"--min-consistency {min_consistency} leaves no subject (highest {shown(best)})")
     entry = {"dino": str(Path(dino).resolve()), "min": min_consistency,
-             "per_subject": {k: None if v is None else round(v, 6) for k, v in scores.items()},
-             "filtered": [{"name": s.name, "consistency": None if scores[s.name] is None
-                           else round(scores[s.name], 6)} for s in dropped]}
+             "per_subject": scores,
+             "filtered": [{"name": s.name, "consistency": scores[s.name]} for s in dropped]}
     return kept, entry
 
 
