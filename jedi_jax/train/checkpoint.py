@@ -196,6 +196,12 @@ class Checkpointer:
         if self._closed:
             return
         self.manager.wait_until_finished()
+        # orbax starts a thread at construction that clears unfinished tmp folders of earlier runs, and its
+        # close() does not wait for it: a failed start that then removes the workdir it made raced that
+        # thread (a FileNotFoundError traceback in the log). Wait for it here (private in orbax 0.11).
+        wait_cleanup = getattr(self.manager, "_maybe_await_cleanup_tmp_directory", None)
+        if wait_cleanup is not None:
+            wait_cleanup()
         self.manager.close()
         self._closed = True
 
