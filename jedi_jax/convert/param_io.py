@@ -203,6 +203,22 @@ def _discard(path: Path) -> None:
 
 
 @contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temporary path beside `path` (hidden, unique to this call, same ending, so writers
+    that read the format from it still do) for the caller to write; renames it to `path` if the block
+    succeeds and removes it otherwise: `path` is the old file or the new one, never half of one.
+    Nested outside an atomic_directory block, the file is renamed after that folder, and only if it was."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+
+
+@contextlib.contextmanager
 def atomic_directory(dst: str | os.PathLike, *, overwrite: bool = False, marker: str | None = None) -> Iterator[Path]:
     """Yields a temporary folder beside `dst`; renames it to `dst` only if the block succeeds.
 

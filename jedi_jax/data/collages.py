@@ -94,6 +94,7 @@ written; Ctrl-C (exit 130) leaves nothing either.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -512,7 +513,7 @@ def build(src: str | os.PathLike, dst: str | os.PathLike, *, grid: str = "auto",
         raise UserError(f"--preview {preview} must be a .png file in an existing folder")
     start = time.time()
     collages = scan(src_p, captions)
-    from jedi_jax.convert.param_io import atomic_directory, check_destination  # imports jax: after the checks
+    from jedi_jax.convert.param_io import atomic_directory, atomic_file, check_destination  # imports jax: after the checks
 
     check_destination(dst_p, overwrite=overwrite, marker=MANIFEST)  # before the images are read, and again below
     kept, skipped = [], []
@@ -533,41 +534,35 @@ def build(src: str | os.PathLike, dst: str | os.PathLike, *, grid: str = "auto",
         "trim": trim, "captions_file": str(Path(captions).absolute()) if captions else None, "collages": [],
         "skipped": skipped, "subjects": counts, "command": command, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     shown: list[tuple[list[np.ndarray], list[str]]] = []
-    part: Path | None = None
-    try:
-        with atomic_directory(dst_p, overwrite=overwrite, marker=MANIFEST) as tmp:
-            numbered = dict.fromkeys(counts, 0)
-            for c in tqdm(kept, desc="collages: cells", unit="collage", disable=None if progress else True):
-                image, folder = _load(c.path), tmp / c.subject
-                folder.mkdir(exist_ok=True)
-                if c.cls:
-                    (folder / "class.txt").write_text(c.cls + "\n")
-                width = max(2, len(str(counts[c.subject] - 1)))
-                entry = {"file": c.path.name, "subject": c.subject, "grid": f"{c.grid[0]}x{c.grid[1]}",
-                         "method": c.method, "cells": []}
-                cells, labels = [], []
-                for j, (x0, y0, x1, y1) in enumerate(c.boxes):
-                    stem = f"{numbered[c.subject]:0{width}d}"
-                    numbered[c.subject] += 1
-                    cells.append(trimmed(image[y0:y1, x0:x1], trim))
-                    Image.fromarray(cells[-1]).save(folder / f"{stem}.png")
-                    caption = c.captions[j] if c.captions is not None else None
-                    if caption is not None:
-                        (folder / f"{stem}.txt").write_text(caption + "\n")
-                    entry["cells"].append({"file": f"{c.subject}/{stem}.png", "box": [x0, y0, x1, y1], "caption": caption})
-                    labels.append(f"[{c.path.name} {entry['grid']}] " * (j == 0) + (caption or f"{c.subject}/{stem}"))
-                manifest["collages"].append(entry)
-                if preview is not None and len(shown) < PREVIEW_COLLAGES:
-                    shown.append((cells[:PREVIEW_CELLS], labels[:PREVIEW_CELLS]))
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-            if shown:  # inside the block: an error or Ctrl-C here leaves nothing
-                part = Path(preview).absolute().with_name(f".{Path(preview).name}.part-{os.getpid()}")
-                labeled_grid([r for r, _ in shown], [t for _, t in shown], cell=128).save(part, format="PNG")
-        if part is not None:
-            os.replace(part, preview)
-    finally:
-        if part is not None:
-            part.unlink(missing_ok=True)
+    # the preview is renamed into place after the folders, and only if they were
+    with (atomic_file(preview) if preview is not None else contextlib.nullcontext()) as part, \
+            atomic_directory(dst_p, overwrite=overwrite, marker=MANIFEST) as tmp:
+        numbered = dict.fromkeys(counts, 0)
+        for c in tqdm(kept, desc="collages: cells", unit="collage", disable=None if progress else True):
+            image, folder = _load(c.path), tmp / c.subject
+            folder.mkdir(exist_ok=True)
+            if c.cls:
+                (folder / "class.txt").write_text(c.cls + "\n")
+            width = max(2, len(str(counts[c.subject] - 1)))
+            entry = {"file": c.path.name, "subject": c.subject, "grid": f"{c.grid[0]}x{c.grid[1]}",
+                     "method": c.method, "cells": []}
+            cells, labels = [], []
+            for j, (x0, y0, x1, y1) in enumerate(c.boxes):
+                stem = f"{numbered[c.subject]:0{width}d}"
+                numbered[c.subject] += 1
+                cells.append(trimmed(image[y0:y1, x0:x1], trim))
+                Image.fromarray(cells[-1]).save(folder / f"{stem}.png")
+                caption = c.captions[j] if c.captions is not None else None
+                if caption is not None:
+                    (folder / f"{stem}.txt").write_text(caption + "\n")
+                entry["cells"].append({"file": f"{c.subject}/{stem}.png", "box": [x0, y0, x1, y1], "caption": caption})
+                labels.append(f"[{c.path.name} {entry['grid']}] " * (j == 0) + (caption or f"{c.subject}/{stem}"))
+            manifest["collages"].append(entry)
+            if preview is not None and len(shown) < PREVIEW_COLLAGES:
+                shown.append((cells[:PREVIEW_CELLS], labels[:PREVIEW_CELLS]))
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        if part is not None and shown:  # inside the block: an error or Ctrl-C here leaves nothing
+            labeled_grid([r for r, _ in shown], [t for _, t in shown], cell=128).save(part, format="PNG")
     manifest["seconds"] = round(time.time() - start, 2)
     return manifest
 

@@ -61,6 +61,7 @@ output (a folder with folder_sets.json) only once the new one is complete.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -390,39 +391,34 @@ def build(src: str | os.PathLike, dst: str | os.PathLike, resolution: int, *, ca
         "masks": subjects[0].masks[0] is not None, "seed": seed, "min_images": min_images, "skipped": skipped,
         "consistency": consistency, "splits": {}, "command": command, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     total = sum(len(s.images) for s in subjects)
-    from jedi_jax.convert.param_io import atomic_directory  # imports jax: after the checks, so mistakes fail fast
+    # imports jax: after the checks, so mistakes fail fast
+    from jedi_jax.convert.param_io import atomic_directory, atomic_file
     rows: list[tuple[str, dict]] = []
-    tmp_preview = None
-    try:
-        with atomic_directory(dst_p, overwrite=overwrite, marker=MANIFEST) as tmp, \
-                tqdm(total=total, desc="folder_sets", unit="image", disable=None if progress else True) as bar:
-            for split, names in (("train", train), ("test", test)):
-                if not names:
-                    continue
+    # the preview is renamed into place after the folder, and only if the folder was
+    with (atomic_file(preview) if preview is not None else contextlib.nullcontext()) as tmp_preview, \
+            atomic_directory(dst_p, overwrite=overwrite, marker=MANIFEST) as tmp, \
+            tqdm(total=total, desc="folder_sets", unit="image", disable=None if progress else True) as bar:
+        for split, names in (("train", train), ("test", test)):
+            if not names:
+                continue
 
-                def records(names=names):
-                    for name in names:
-                        record = load_subject(by_name[name], resolution, bar)
-                        if len(rows) < PREVIEW_SETS:
-                            rows.append((name, record))
-                        yield record
+            def records(names=names):
+                for name in names:
+                    record = load_subject(by_name[name], resolution, bar)
+                    if len(rows) < PREVIEW_SETS:
+                        rows.append((name, record))
+                    yield record
 
-                write_array_record(str(tmp / f"{split}.array_record"), records(), flip_safe=True)
-                manifest["splits"][split] = {
-                    "file": f"{split}.array_record", "num_subjects": len(names),
-                    "num_images": sum(len(by_name[n].images) for n in names),
-                    "subjects": [{"name": n, "subject": by_name[n].cls, "images": len(by_name[n].images)}
-                                 for n in names]}
-            manifest["train_source"] = f"array_record:{dst_p / 'train.array_record'}"
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-            if preview is not None:
-                tmp_preview = Path(preview).absolute().with_name(f".{Path(preview).name}.tmp-{os.getpid()}.png")
-                _preview(rows, str(tmp_preview), resolution)
+            write_array_record(str(tmp / f"{split}.array_record"), records(), flip_safe=True)
+            manifest["splits"][split] = {
+                "file": f"{split}.array_record", "num_subjects": len(names),
+                "num_images": sum(len(by_name[n].images) for n in names),
+                "subjects": [{"name": n, "subject": by_name[n].cls, "images": len(by_name[n].images)}
+                             for n in names]}
+        manifest["train_source"] = f"array_record:{dst_p / 'train.array_record'}"
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         if tmp_preview is not None:
-            os.replace(tmp_preview, preview)
-    finally:
-        if tmp_preview is not None and tmp_preview.exists():
-            tmp_preview.unlink()
+            _preview(rows, str(tmp_preview), resolution)
     manifest["seconds"] = round(time.time() - start, 2)
     return manifest
 

@@ -187,14 +187,11 @@ def _read_records(out: Path) -> list[dict]:
 
 
 def _write_atomic(path: Path, write) -> None:
-    """write(tmp_path) then rename: a crash leaves the old file or none, never half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    """write(tmp_path), then the rename of param_io.atomic_file: never half a file at `path`."""
+    from jedi_jax.convert.param_io import atomic_file
+
+    with atomic_file(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def check_out(out: Path, overwrite: bool) -> None:
@@ -438,11 +435,12 @@ def run(pipe, bench: Benchmark, out: str | Path, settings: Settings, *, scorers:
                     subjects=[s.name for s in bench.subjects])
     records = generate(pipe, bench, settings, out, open_run(out, protocol, overwrite), log=log)
     write_grids(records, bench, settings, out)
-    scored, ceiling = score(records, bench, out, scorers)
+    # no scorer, nothing to score: the photos and images are not decoded again
+    scored, ceiling = score(records, bench, out, scorers) if scorers else (records, {s.name: {} for s in bench.subjects})
     rows = summarize(scored, ceiling, bench, settings) if scorers else {}
     seconds = time.time() - start
-    results = dict(protocol=protocol, scorers=sorted(scorers), rows=rows, images=scored if scorers else records,
-                   real_photos=ceiling, seconds_generation=float(sum(r["seconds"] for r in records)))
+    results = dict(protocol=protocol, scorers=sorted(scorers), rows=rows, images=scored, real_photos=ceiling,
+                   seconds_generation=float(sum(r["seconds"] for r in records)))
     _write_atomic(out / "results.json", lambda p: p.write_text(json.dumps(results, indent=1) + "\n"))
     text = report(rows, bench, settings, scorers, seconds)
     _write_atomic(out / "report.md", lambda p: p.write_text(text))
